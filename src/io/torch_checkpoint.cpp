@@ -1,0 +1,270 @@
+// torch_checkpoint.cpp — torch.save state dicts and DTensor decoding (see torch_checkpoint.h).
+#include "io/torch_checkpoint.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "io/error.h"
+
+namespace verl {
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suf) {
+  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
+}
+std::string base_name(const std::string& cls) {
+  auto p = cls.rfind('.');
+  return p == std::string::npos ? cls : cls.substr(p + 1);
+}
+
+std::vector<int64_t> int_tuple(const ValuePtr& v, const std::string& what, const std::string& where) {
+  if (!v || !(v->is(Value::Kind::Tuple) || v->is(Value::Kind::List)))
+    fail(where, ": ", what, ": expected a tuple of integers, found ", v ? v->repr() : "nothing");
+  std::vector<int64_t> out;
+  for (const auto& it : v->items) out.push_back(it->as_int(what.c_str()));
+  return out;
+}
+
+Placement decode_placement(const ValuePtr& p, const std::string& where) {
+  Placement out;
+  if (!p || !p->is(Value::Kind::Object)) fail(where, ": placement is not an object: ", p ? p->repr() : "null");
+  out.cls = p->str;
+  const std::string b = base_name(p->str);
+  if (b == "Shard" || b == "_StridedShard") {
+    out.kind = b == "Shard" ? Placement::Kind::Shard : Placement::Kind::StridedShard;
+    auto d = p->attr("dim");
+    if (!d && p->args && !p->args->items.empty()) d = p->args->items[0];
+    if (!d) fail(where, ": ", b, " placement without a dim");
+    out.dim = d->as_int("Shard.dim");
+    if (out.kind == Placement::Kind::StridedShard) {
+      auto sf = p->attr("split_factor");
+      if (sf) out.split_factor = sf->as_int("split_factor");
+    }
+  } else if (b == "Replicate") {
+    out.kind = Placement::Kind::Replicate;
+  } else if (b == "Partial" || b == "_Partial" || b == "_NormPartial" || b == "MaskPartial") {
+    out.kind = Placement::Kind::Partial;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string Placement::str() const {
+  switch (kind) {
+    case Kind::Shard: return "Shard(" + std::to_string(dim) + ")";
+    case Kind::StridedShard:
+      return "_StridedShard(dim=" + std::to_string(dim) + ", split_factor=" + std::to_string(split_factor) + ")";
+    case Kind::Replicate: return "Replicate()";
+    case Kind::Partial: return "Partial()";
+    default: return cls.empty() ? "unknown placement" : cls;
+  }
+}
+
+CkptTensor decode_dtensor(const Value& obj, const std::string& key, const std::string& where,
+                          const std::function<std::vector<int64_t>(const TensorRef&)>& read_ints) {
+  const std::string w = where + ": key '" + key + "'";
+  CkptTensor out;
+  out.key = key;
+  auto local = obj.attr("_local_tensor");
+  if (!local || !local->is(Value::Kind::Tensor)) fail(w, ": DTensor without a _local_tensor");
+  out.local = *local->tensor;
+  auto spec = obj.attr("_spec");
+  if (!spec || !spec->is(Value::Kind::Object)) fail(w, ": DTensor without a _spec");
+  auto meta = std::make_shared<DTensorMeta>();
+
+  // Global shape: tensor_meta.shape, else the wrapper-subclass args (cls, dtype, size, ...).
+  auto tm = spec->attr("tensor_meta");
+  ValuePtr shape;
+  if (tm && tm->is(Value::Kind::Object)) {
+    shape = tm->attr("shape");
+    if (!shape && tm->args && !tm->args->items.empty()) shape = tm->args->items[0];
+  } else if (tm && tm->is(Value::Kind::Tuple) && !tm->items.empty()) {
+    shape = tm->items[0];
+  }
+  if (!shape && obj.args && obj.args->items.size() > 2) shape = obj.args->items[2];
+  meta->global_shape = int_tuple(shape, "DTensor global shape", w);
+
+  auto pl = spec->attr("placements");
+  if (!pl || !(pl->is(Value::Kind::Tuple) || pl->is(Value::Kind::List))) fail(w, ": DTensorSpec without placements");
+  for (const auto& p : pl->items) meta->placements.push_back(decode_placement(p, w));
+
+  auto mesh = spec->attr("mesh");
+  if (!mesh || !mesh->is(Value::Kind::Object)) fail(w, ": DTensorSpec without a device mesh");
+  auto names = mesh->attr("mesh_dim_names");
+  if (!names) names = mesh->attr("_mesh_dim_names");
+  if (names && (names->is(Value::Kind::Tuple) || names->is(Value::Kind::List)))
+    for (const auto& n : names->items) meta->mesh_dim_names.push_back(n->as_str("mesh dim name"));
+
+  if (auto mt = mesh->attr("mesh"); mt && mt->is(Value::Kind::Tensor)) {
+    // torch <= 2.8: the mesh is a tensor of rank ids.
+    meta->mesh_shape = mt->tensor->size;
+    if (read_ints) meta->mesh_ranks = read_ints(*mt->tensor);
+  } else if (auto layout = mesh->attr("_layout"); layout) {
+    // torch >= 2.9: _MeshLayout(shape, stride) indexing a flat _rank_map tensor.
+    auto lshape = int_tuple(layout->attr("shape"), "mesh layout shape", w);
+    auto lstride = int_tuple(layout->attr("stride"), "mesh layout stride", w);
+    if (lshape.size() != lstride.size()) fail(w, ": mesh layout shape and stride differ in length");
+    meta->mesh_shape = lshape;
+    auto rm = mesh->attr("_rank_map");
+    if (rm && rm->is(Value::Kind::Tensor) && read_ints) {
+      auto map = read_ints(*rm->tensor);
+      int64_t total = 1;
+      for (auto s : lshape) total *= s;
+      for (int64_t lin = 0; lin < total; ++lin) {
+        int64_t rem = lin, idx = 0;
+        for (size_t d = lshape.size(); d-- > 0;) {
+          idx += (rem % lshape[d]) * lstride[d];
+          rem /= lshape[d];
+        }
+        if (idx < 0 || idx >= static_cast<int64_t>(map.size())) fail(w, ": mesh layout indexes outside the rank map");
+        meta->mesh_ranks.push_back(map[static_cast<size_t>(idx)]);
+      }
+    }
+  } else {
+    fail(w, ": cannot read the device mesh shape (neither 'mesh' nor '_layout' present)");
+  }
+  if (meta->placements.size() != meta->mesh_shape.size())
+    fail(w, ": ", meta->placements.size(), " placements for a ", meta->mesh_shape.size(), "-D mesh");
+  out.dtensor = meta;
+  return out;
+}
+
+TorchCheckpoint::TorchCheckpoint(const std::string& path) : zip_(path) {
+  prefix_ = zip_.torch_prefix();
+  const std::string data_dir = prefix_ + "/data/";
+  for (const auto& e : zip_.entries())
+    if (e.name.compare(0, data_dir.size(), data_dir) == 0)
+      storages_[e.name.substr(data_dir.size())] = Rec{e.data_offset, e.size};
+  const ZipEntry* pkl = zip_.find(prefix_ + "/data.pkl");
+  if (!pkl) fail(path, ": no data.pkl record");
+  ValuePtr root = parse_pickle(zip_.read(*pkl, 1u << 30), path + ":data.pkl");
+  if (!root->is(Value::Kind::Dict) && !(root->is(Value::Kind::Object) && !root->items.empty()))
+    fail(path, ": expected a state dict (a dict of tensors) at the top level, found ", root->repr());
+  collect(root, "", 0);
+}
+
+void TorchCheckpoint::collect(const ValuePtr& v, const std::string& prefix, int depth) {
+  if (depth > 16) fail(path(), ": state dict nested too deeply at '", prefix, "'");
+  for (size_t i = 0; i + 1 < v->items.size(); i += 2) {
+    const auto& k = v->items[i];
+    const auto& val = v->items[i + 1];
+    std::string key = k->is(Value::Kind::Str) ? k->str : (k->is(Value::Kind::Int) ? std::to_string(k->i) : k->repr());
+    if (!prefix.empty()) key = prefix + "." + key;
+    if (val->is(Value::Kind::Tensor)) {
+      CkptTensor t;
+      t.key = key;
+      t.local = *val->tensor;
+      validate(t);
+      index_[key] = tensors_.size();
+      tensors_.push_back(std::move(t));
+    } else if (val->is(Value::Kind::Object) && ends_with(val->str, "DTensor")) {
+      // Meshes are memoised: decode each mesh's ranks once.
+      CkptTensor t = decode_dtensor(*val, key, path(), [this](const TensorRef& r) {
+        auto it = mesh_cache_.find(r.storage.key);
+        if (it == mesh_cache_.end()) it = mesh_cache_.emplace(r.storage.key, read_ints(r)).first;
+        return it->second;
+      });
+      validate(t);
+      index_[key] = tensors_.size();
+      tensors_.push_back(std::move(t));
+    } else if (val->is(Value::Kind::Dict)) {
+      collect(val, key, depth + 1);
+    } else {
+      other_keys_.push_back(key);
+    }
+  }
+}
+
+const TorchCheckpoint::Rec& TorchCheckpoint::storage(const TensorRef& t) const {
+  auto it = storages_.find(t.storage.key);
+  if (it == storages_.end()) fail(path(), ": storage record '", prefix_, "/data/", t.storage.key, "' is missing");
+  return it->second;
+}
+
+void TorchCheckpoint::validate(const CkptTensor& t) {
+  const TensorRef& r = t.local;
+  const Rec& rec = storage(r);
+  if (r.size.size() != r.stride.size()) fail(path(), ": key '", t.key, "': size and stride ranks differ");
+  const uint64_t es = dtype_size(r.dtype);
+  if (rec.size % es != 0)
+    fail(path(), ": key '", t.key, "': storage record size ", rec.size, " is not a multiple of the element size ", es);
+  const int64_t avail = static_cast<int64_t>(rec.size / es);
+  if (r.storage_offset < 0) fail(path(), ": key '", t.key, "': negative storage offset");
+  int64_t numel = 1, last = r.storage_offset;
+  for (size_t d = 0; d < r.size.size(); ++d) {
+    if (r.size[d] < 0 || r.stride[d] < 0) fail(path(), ": key '", t.key, "': negative size or stride");
+    if (r.size[d] == 0) numel = 0;
+    else { numel *= r.size[d]; last += (r.size[d] - 1) * r.stride[d]; }
+    if (numel > (int64_t(1) << 48)) fail(path(), ": key '", t.key, "': implausible tensor size");
+  }
+  if (numel > 0 && last >= avail)
+    fail(path(), ": key '", t.key, "': view reaches element ", last, " but its storage has ", avail,
+         " elements (truncated or corrupted file)");
+  if (t.dtensor) {
+    const auto& g = t.dtensor->global_shape;
+    if (g.size() != r.size.size())
+      fail(path(), ": key '", t.key, "': local tensor has ", r.size.size(), " dims but the global shape has ", g.size());
+  }
+}
+
+const CkptTensor* TorchCheckpoint::find(const std::string& key) const {
+  auto it = index_.find(key);
+  return it == index_.end() ? nullptr : &tensors_[it->second];
+}
+
+void TorchCheckpoint::read_elements(const TensorRef& t, int64_t first, int64_t n, void* dst) const {
+  if (n <= 0) return;
+  const Rec& rec = storage(t);
+  const size_t es = dtype_size(t.dtype);
+  const ZipEntry entry{"", rec.data_offset, rec.size, 0};
+  if (t.is_contiguous()) {
+    zip_.read_at(entry, static_cast<uint64_t>(t.storage_offset + first) * es, dst, static_cast<size_t>(n) * es);
+    return;
+  }
+  // Strided view: read the innermost runs one by one (or element by element if stride != 1).
+  const size_t nd = t.size.size();
+  std::vector<int64_t> idx(nd, 0);
+  int64_t rem = first;
+  for (size_t d = nd; d-- > 0;) {
+    idx[d] = rem % t.size[d];
+    rem /= t.size[d];
+  }
+  auto* out = static_cast<uint8_t*>(dst);
+  const int64_t inner = nd ? t.size[nd - 1] : 1;
+  const bool run = nd && t.stride[nd - 1] == 1;
+  while (n > 0) {
+    int64_t off = t.storage_offset;
+    for (size_t d = 0; d < nd; ++d) off += idx[d] * t.stride[d];
+    int64_t len = run ? std::min(n, inner - idx[nd - 1]) : 1;
+    zip_.read_at(entry, static_cast<uint64_t>(off) * es, out, static_cast<size_t>(len) * es);
+    out += len * es;
+    n -= len;
+    // Advance the multi-index by len elements.
+    int64_t carry = len;
+    for (size_t d = nd; d-- > 0 && carry > 0;) {
+      int64_t v = idx[d] + carry;
+      idx[d] = v % t.size[d];
+      carry = v / t.size[d];
+    }
+  }
+}
+
+std::vector<int64_t> TorchCheckpoint::read_ints(const TensorRef& t) const {
+  const int64_t n = t.numel();
+  if (n > (1 << 20)) fail(path(), ": integer tensor too large to be a mesh (", n, " elements)");
+  std::vector<int64_t> out(static_cast<size_t>(n));
+  std::vector<uint8_t> buf(static_cast<size_t>(n) * dtype_size(t.dtype));
+  read_elements(t, 0, n, buf.data());
+  for (int64_t i = 0; i < n; ++i) {
+    switch (t.dtype) {
+      case DType::I64: { int64_t v; std::memcpy(&v, &buf[i * 8], 8); out[i] = v; break; }
+      case DType::I32: { int32_t v; std::memcpy(&v, &buf[i * 4], 4); out[i] = v; break; }
+      default: fail(path(), ": expected an int32/int64 tensor, found ", dtype_st_name(t.dtype));
+    }
+  }
+  return out;
+}
+
+}  // namespace verl

@@ -1,0 +1,73 @@
+// torch_checkpoint.h — a torch.save file (zip container + data.pkl) read as a state dict,
+// without torch: each entry is a plain tensor or a DTensor (local shard + placements + mesh
+// + global shape). Bytes are read on demand with pread; nothing but the pickle is held.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "io/pickle.h"
+#include "io/zip.h"
+
+namespace verl {
+
+struct Placement {
+  enum class Kind { Shard, Replicate, Partial, StridedShard, Unknown };
+  Kind kind = Kind::Unknown;
+  int64_t dim = 0;           // Shard / StridedShard
+  int64_t split_factor = 1;  // StridedShard
+  std::string cls;           // class name as pickled, for messages
+  std::string str() const;
+};
+
+struct DTensorMeta {
+  std::vector<int64_t> global_shape;
+  std::vector<Placement> placements;  // one per mesh dim
+  std::vector<int64_t> mesh_shape;
+  std::vector<std::string> mesh_dim_names;
+  std::vector<int64_t> mesh_ranks;  // row-major rank ids of the mesh (may be empty if unreadable)
+};
+
+struct CkptTensor {
+  std::string key;
+  TensorRef local;                     // the plain tensor, or the DTensor's local shard
+  std::shared_ptr<DTensorMeta> dtensor;  // null for plain tensors
+};
+
+class TorchCheckpoint {
+ public:
+  explicit TorchCheckpoint(const std::string& path);
+
+  const std::string& path() const { return zip_.path(); }
+  const std::vector<CkptTensor>& tensors() const { return tensors_; }  // file order
+  const CkptTensor* find(const std::string& key) const;
+  // Keys whose value is not a tensor (skipped by the merger), e.g. "_extra_state" bytes.
+  const std::vector<std::string>& other_keys() const { return other_keys_; }
+
+  // Copies elements [first, first+n) of the row-major view `t` into dst (t.dtype, dense).
+  void read_elements(const TensorRef& t, int64_t first, int64_t n, void* dst) const;
+  std::vector<int64_t> read_ints(const TensorRef& t) const;  // small integer tensors
+
+ private:
+  ZipReader zip_;
+  std::string prefix_;
+  std::vector<CkptTensor> tensors_;
+  std::vector<std::string> other_keys_;
+  std::unordered_map<std::string, size_t> index_;
+  struct Rec { uint64_t data_offset, size; };
+  std::unordered_map<std::string, Rec> storages_;  // storage key -> record
+  std::unordered_map<std::string, std::vector<int64_t>> mesh_cache_;  // storage key -> ranks
+  void collect(const ValuePtr& v, const std::string& prefix, int depth);
+  void validate(const CkptTensor& t);
+  const Rec& storage(const TensorRef& t) const;
+};
+
+// Decodes a DTensor Object (as produced by parse_pickle) into its local tensor and meta;
+// `read_ints` fetches the mesh tensor's values. Throws Error naming `where`.
+CkptTensor decode_dtensor(const Value& obj, const std::string& key, const std::string& where,
+                          const std::function<std::vector<int64_t>(const TensorRef&)>& read_ints);
+
+}  // namespace verl

@@ -1,0 +1,311 @@
+// fsdp_source.cpp — see fsdp_source.h. Memory: each read task holds one chunk of one
+// rank's shard; the caller owns the output buffer.
+#include "merge/fsdp_source.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
+
+#include "io/error.h"
+#include "io/file.h"
+#include "io/torch_checkpoint.h"
+#include "merge/thread_pool.h"
+
+namespace fs = std::filesystem;
+
+namespace verl {
+
+namespace {
+
+constexpr int64_t kChunkElems = 4 << 20;  // elements per read task
+
+std::string rank_file(const std::string& dir, int world, int rank) {
+  return (fs::path(dir) / ("model_world_size_" + std::to_string(world) + "_rank_" + std::to_string(rank) + ".pt"))
+      .string();
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string o = "[";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + "]";
+}
+
+// Which mesh dim FSDP shards over: the one named like fsdp, else the last.
+int shard_mesh_dim(const DTensorMeta& m) {
+  for (size_t i = 0; i < m.mesh_dim_names.size(); ++i) {
+    const auto& n = m.mesh_dim_names[i];
+    if (n == "fsdp" || n == "dp_shard" || n == "shard" || n == "dp_shard_cp") return static_cast<int>(i);
+  }
+  return static_cast<int>(m.mesh_shape.size()) - 1;
+}
+
+}  // namespace
+
+FsdpSource::~FsdpSource() = default;
+
+int FsdpSource::detect_world_size(const std::string& dir) {
+  std::set<int> seen;
+  static const std::regex re(R"(model_world_size_(\d+)_rank_(\d+)\.pt)");
+  for (const auto& e : fs::directory_iterator(dir)) {
+    std::smatch m;
+    const std::string name = e.path().filename().string();
+    if (std::regex_match(name, m, re)) seen.insert(std::stoi(m[1]));
+  }
+  const fs::path cfg = fs::path(dir) / "fsdp_config.json";
+  if (fs::exists(cfg)) {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(read_text_file(cfg.string()));
+    } catch (const nlohmann::json::exception& e) {
+      fail(cfg.string(), ": invalid JSON: ", e.what());
+    }
+    if (!j.is_object() || !j.contains("world_size") || !j["world_size"].is_number_integer() ||
+        j["world_size"].get<int64_t>() < 1 || j["world_size"].get<int64_t>() > 1000000)
+      fail(cfg.string(), ": expected a positive integer \"world_size\"");
+    const int w = j["world_size"].get<int>();
+    if (!seen.empty() && !seen.count(w)) {
+      std::string found;
+      for (int s : seen) found += (found.empty() ? "" : ", ") + std::to_string(s);
+      fail(cfg.string(), ": says world_size ", w, " but the shard files are for world size ", found,
+           " (model_world_size_", *seen.begin(), "_rank_*.pt)");
+    }
+    return w;
+  }
+  if (seen.empty()) fail(dir, ": no model_world_size_*_rank_*.pt files and no fsdp_config.json: not a verl FSDP checkpoint");
+  if (seen.size() > 1) fail(dir, ": shard files for several world sizes and no fsdp_config.json to choose");
+  return *seen.begin();
+}
+
+FsdpSource::FsdpSource(const std::string& local_dir) : dir_(local_dir) {
+  if (!fs::is_directory(dir_)) fail(dir_, ": no such checkpoint folder");
+  world_ = detect_world_size(dir_);
+  std::vector<std::string> missing;
+  for (int r = 0; r < world_; ++r)
+    if (!fs::exists(rank_file(dir_, world_, r))) missing.push_back(fs::path(rank_file(dir_, world_, r)).filename());
+  if (!missing.empty()) {
+    std::string m;
+    for (size_t i = 0; i < missing.size() && i < 8; ++i) m += (i ? ", " : "") + missing[i];
+    if (missing.size() > 8) m += ", ...";
+    fail(dir_, ": world size ", world_, " but ", missing.size(), " rank file(s) missing: ", m);
+  }
+
+  auto rank0 = std::make_unique<TorchCheckpoint>(rank_file(dir_, world_, 0));
+  // Mesh from the first DTensor; a checkpoint without DTensors is world size 1 or replicated.
+  const DTensorMeta* mesh = nullptr;
+  for (const auto& t : rank0->tensors())
+    if (t.dtensor) { mesh = t.dtensor.get(); break; }
+
+  std::vector<int> ranks;  // the ranks of one replica, in shard order
+  if (!mesh) {
+    ranks = {0};
+    mesh_desc_ = "no DTensors (plain tensors, read from rank 0)";
+  } else {
+    int64_t total = 1;
+    for (auto s : mesh->mesh_shape) total *= s;
+    std::string dims;
+    for (size_t i = 0; i < mesh->mesh_shape.size(); ++i)
+      dims += (i ? ", " : "") + (i < mesh->mesh_dim_names.size() ? mesh->mesh_dim_names[i] + "=" : std::string()) +
+              std::to_string(mesh->mesh_shape[i]);
+    if (total != world_)
+      fail(rank_file(dir_, world_, 0), ": device mesh (", dims, ") has ", total, " ranks but the world size is ",
+           world_, " (check fsdp_config.json)");
+    const int sd = shard_mesh_dim(*mesh);
+    // Ranks with coordinate 0 on every mesh dim but the shard dim.
+    int64_t stride = 1;
+    for (size_t d = mesh->mesh_shape.size(); d-- > static_cast<size_t>(sd) + 1;) stride *= mesh->mesh_shape[d];
+    for (int64_t j = 0; j < mesh->mesh_shape[sd]; ++j) {
+      const int64_t lin = j * stride;
+      ranks.push_back(static_cast<int>(mesh->mesh_ranks.empty() ? lin : mesh->mesh_ranks[lin]));
+    }
+    for (int r : ranks)
+      if (r < 0 || r >= world_) fail(rank_file(dir_, world_, 0), ": device mesh names rank ", r, " outside the world");
+    mesh_desc_ = "mesh (" + dims + "), reading " + std::to_string(ranks.size()) + " of " + std::to_string(world_) +
+                 " rank files";
+  }
+
+  for (int r : ranks) {
+    if (r == 0 && rank0) files_.push_back(std::move(rank0));
+    else files_.push_back(std::make_unique<TorchCheckpoint>(rank_file(dir_, world_, r)));
+    file_rank_.push_back(r);
+    input_bytes_ += File(files_.back()->path()).size();
+  }
+  const TorchCheckpoint& first = *files_[0];
+  for (const auto& t : first.tensors()) plan_tensor(t.key);
+  // Keys present on another rank only are a malformed checkpoint.
+  for (size_t f = 1; f < files_.size(); ++f)
+    for (const auto& t : files_[f]->tensors())
+      if (!first.find(t.key))
+        fail(files_[f]->path(), ": key '", t.key, "' is not in ", first.path());
+}
+
+void FsdpSource::plan_tensor(const std::string& key) {
+  std::vector<const CkptTensor*> parts;
+  for (const auto& f : files_) {
+    const CkptTensor* t = f->find(key);
+    if (!t) fail(f->path(), ": key '", key, "' is missing (present in ", files_[0]->path(), ")");
+    parts.push_back(t);
+  }
+  const CkptTensor& t0 = *parts[0];
+  SourceTensor st{key, t0.local.dtype, {}};
+  Plan plan;
+  auto entry_of = [&](size_t f) {
+    const auto& v = files_[f]->tensors();
+    return static_cast<size_t>(parts[f] - v.data());
+  };
+  for (size_t f = 0; f < parts.size(); ++f) {
+    const CkptTensor& t = *parts[f];
+    if (static_cast<bool>(t.dtensor) != static_cast<bool>(t0.dtensor))
+      fail(files_[f]->path(), ": key '", key, "' is a ", t.dtensor ? "DTensor" : "plain tensor", " here but a ",
+           t0.dtensor ? "DTensor" : "plain tensor", " in ", files_[0]->path());
+    if (t.local.dtype != t0.local.dtype)
+      fail(files_[f]->path(), ": key '", key, "' has dtype ", dtype_st_name(t.local.dtype), " but ",
+           dtype_st_name(t0.local.dtype), " in ", files_[0]->path());
+  }
+  if (!t0.dtensor) {
+    // Replicated buffer / unwrapped parameter: one copy; every rank must agree on the shape.
+    for (size_t f = 1; f < parts.size(); ++f)
+      if (parts[f]->local.size != t0.local.size)
+        fail(files_[f]->path(), ": key '", key, "' has shape ", shape_str(parts[f]->local.size), " but ",
+             shape_str(t0.local.size), " in ", files_[0]->path(), " (a plain tensor must be identical on every rank)");
+    st.shape = t0.local.size;
+    plan.pieces.push_back({0, entry_of(0), 0});
+  } else {
+    const DTensorMeta& m0 = *t0.dtensor;
+    const int sd = shard_mesh_dim(m0);
+    std::string pl;
+    for (const auto& p : m0.placements) pl += (pl.empty() ? "" : ", ") + p.str();
+    for (size_t md = 0; md < m0.placements.size(); ++md) {
+      const Placement& p = m0.placements[md];
+      if (p.kind == Placement::Kind::Partial)
+        fail(files_[0]->path(), ": key '", key, "' has a Partial placement (unreduced values): cannot be merged");
+      if (p.kind == Placement::Kind::StridedShard)
+        fail(files_[0]->path(), ": key '", key, "' has placement ", p.str(),
+             " (FSDP combined with tensor parallelism): not supported by the FSDP merger");
+      if (p.kind == Placement::Kind::Unknown)
+        fail(files_[0]->path(), ": key '", key, "' has an unknown placement '", p.cls, "'");
+      if (static_cast<int>(md) != sd && p.kind != Placement::Kind::Replicate)
+        fail(files_[0]->path(), ": key '", key, "' is sharded over mesh dim ", md, " (", pl,
+             "): only one sharded mesh dim (FSDP / HSDP) is supported");
+    }
+    for (size_t f = 1; f < parts.size(); ++f) {
+      const DTensorMeta& m = *parts[f]->dtensor;
+      std::string plf;
+      for (const auto& p : m.placements) plf += (plf.empty() ? "" : ", ") + p.str();
+      if (plf != pl)
+        fail(files_[f]->path(), ": key '", key, "' has placements (", plf, ") but (", pl, ") in ", files_[0]->path());
+      if (m.global_shape != m0.global_shape)
+        fail(files_[f]->path(), ": key '", key, "' has global shape ", shape_str(m.global_shape), " but ",
+             shape_str(m0.global_shape), " in ", files_[0]->path());
+    }
+    const auto& g = m0.global_shape;
+    st.shape = g;
+    const Placement& p = m0.placements[sd];
+    if (p.kind == Placement::Kind::Replicate) {
+      if (t0.local.size != g)
+        fail(files_[0]->path(), ": key '", key, "' is replicated but its local shape ", shape_str(t0.local.size),
+             " differs from the global shape ", shape_str(g));
+      plan.pieces.push_back({0, entry_of(0), 0});
+    } else {
+      const int64_t d = p.dim < 0 ? p.dim + static_cast<int64_t>(g.size()) : p.dim;
+      if (d < 0 || d >= static_cast<int64_t>(g.size()))
+        fail(files_[0]->path(), ": key '", key, "' is sharded on dim ", p.dim, " of a ", g.size(), "-D tensor");
+      plan.shard_dim = static_cast<int>(d);
+      int64_t off = 0;
+      for (size_t f = 0; f < parts.size(); ++f) {
+        const auto& ls = parts[f]->local.size;
+        for (size_t k = 0; k < g.size(); ++k)
+          if (static_cast<int64_t>(k) != d && ls[k] != g[k])
+            fail(files_[f]->path(), ": key '", key, "' local shard shape ", shape_str(ls),
+                 " does not match the global shape ", shape_str(g), " outside the shard dim ", d);
+        if (ls[d] > 0 && off < g[d]) plan.pieces.push_back({static_cast<int>(f), entry_of(f), off});
+        off += ls[d];
+      }
+      if (off < g[d])
+        fail(dir_, ": key '", key, "': the shards cover ", off, " of ", g[d], " rows along dim ", d,
+             " (shapes disagree across ranks)");
+    }
+  }
+  tensors_.push_back(std::move(st));
+  plans_.push_back(std::move(plan));
+}
+
+void FsdpSource::read(size_t index, DType out, void* dst, ThreadPool& pool) const {
+  const SourceTensor& st = tensors_.at(index);
+  const Plan& plan = plans_[index];
+  const DType in = st.dtype;
+  if (!can_convert(in, out))
+    fail("key '", st.name, "': cannot convert ", dtype_st_name(in), " to ", dtype_st_name(out));
+  const size_t isz = dtype_size(in), osz = dtype_size(out);
+  auto* o = static_cast<uint8_t*>(dst);
+
+  // A task copies local elements [a, b) of one piece into place.
+  struct Task { size_t piece; int64_t a, b; };
+  std::vector<Task> tasks;
+  const auto& g = st.shape;
+  const int d = plan.shard_dim;
+  auto geometry = [&](const TensorRef& local, int64_t& outer, int64_t& inner, int64_t& keep) {
+    outer = 1;
+    inner = 1;
+    if (d < 0) { keep = 1; inner = local.numel(); return; }
+    for (int k = 0; k < d; ++k) outer *= g[k];
+    for (size_t k = d + 1; k < g.size(); ++k) inner *= g[k];
+    keep = local.size[d];
+  };
+  for (size_t pi = 0; pi < plan.pieces.size(); ++pi) {
+    const Piece& pc = plan.pieces[pi];
+    const TensorRef& local = files_[pc.file]->tensors()[pc.entry].local;
+    int64_t outer, inner, keep;
+    geometry(local, outer, inner, keep);
+    const int64_t rows = keep;
+    if (d >= 0) keep = std::min(keep, g[d] - pc.offset);
+    const int64_t rowlen = rows * inner;
+    auto add_range = [&](int64_t a, int64_t b) {
+      for (int64_t s = a; s < b; s += kChunkElems) tasks.push_back({pi, s, std::min(b, s + kChunkElems)});
+    };
+    if (keep == rows) add_range(0, outer * rowlen);
+    else
+      for (int64_t ob = 0; ob < outer; ++ob) add_range(ob * rowlen, ob * rowlen + keep * inner);
+  }
+
+  pool.parallel_for(tasks.size(), [&](size_t ti) {
+    thread_local std::vector<uint8_t> scratch;
+    const Task& t = tasks[ti];
+    const Piece& pc = plan.pieces[t.piece];
+    const TorchCheckpoint& file = *files_[pc.file];
+    const TensorRef& local = file.tensors()[pc.entry].local;
+    int64_t outer, inner, keep;
+    geometry(local, outer, inner, keep);
+    const int64_t n = t.b - t.a;
+    const bool direct = in == out && (d <= 0 || outer == 1);
+    if (direct) {  // same dtype, contiguous destination: read straight into place
+      const int64_t dpos = (d < 0) ? t.a : pc.offset * inner + t.a;
+      file.read_elements(local, t.a, n, o + dpos * osz);
+      return;
+    }
+    scratch.resize(static_cast<size_t>(n) * isz);
+    file.read_elements(local, t.a, n, scratch.data());
+    if (d < 0) {
+      convert(scratch.data(), in, o + t.a * osz, out, static_cast<size_t>(n));
+      return;
+    }
+    const int64_t rowlen = keep * inner;  // local elements per outer index
+    const int64_t gd = g[d];
+    for (int64_t pos = t.a; pos < t.b;) {
+      const int64_t ob = pos / rowlen, r = pos % rowlen;
+      const int64_t end = std::min(t.b, (ob + 1) * rowlen);
+      const int64_t dpos = (ob * gd + pc.offset) * inner + r;
+      convert(scratch.data() + (pos - t.a) * isz, in, o + dpos * osz, out, static_cast<size_t>(end - pos));
+      pos = end;
+    }
+  });
+}
+
+std::string FsdpSource::describe() const {
+  return "FSDP checkpoint " + dir_ + ": world size " + std::to_string(world_) + ", " + mesh_desc_ + ", " +
+         std::to_string(tensors_.size()) + " tensors";
+}
+
+}  // namespace verl

@@ -1,0 +1,531 @@
+// merger.cpp — see merger.h. Steps: open the source → name map (LoRA split, tied
+// embeddings dropped) → output plan (dtype, size-capped files) → stream tensors through a
+// reader/writer pair into a temporary folder → config, tokenizer, adapter → rename.
+#include "merge/merger.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <thread>
+
+#include "io/error.h"
+#include "io/file.h"
+#include "io/safetensors.h"
+#include "merge/fsdp_source.h"
+#include "merge/hf_folder.h"
+#include "merge/progress.h"
+#include "merge/thread_pool.h"
+
+namespace fs = std::filesystem;
+using ojson = nlohmann::ordered_json;
+
+namespace verl {
+
+uint64_t parse_size(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '.')) ++i;
+  if (i == 0) fail("--max-shard-size: expected a size like 5GB, 500MB or 2GiB, got '", s, "'");
+  double v = std::stod(s.substr(0, i));
+  std::string u = s.substr(i);
+  for (auto& c : u) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  static const std::map<std::string, double> units = {
+      {"", 1}, {"B", 1}, {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12},
+      {"KIB", 1024.0}, {"MIB", 1048576.0}, {"GIB", 1073741824.0}, {"TIB", 1099511627776.0}};
+  auto it = units.find(u);
+  if (it == units.end() || v <= 0) fail("--max-shard-size: unknown size '", s, "' (use B, KB, MB, GB, KiB, MiB, GiB)");
+  return static_cast<uint64_t>(v * it->second);
+}
+
+namespace {
+
+struct OutTensor {
+  std::string name;  // name in the output file
+  size_t src = 0;    // index into source.tensors()
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  int lora_a = -1, lora_b = -1;  // --fuse-lora: source indices of the adapter pair
+  uint64_t nbytes() const {
+    uint64_t n = dtype_size(dtype);
+    for (auto s : shape) n *= static_cast<uint64_t>(s);
+    return n;
+  }
+};
+
+std::string replace_all(std::string s, const std::string& from, const std::string& to) {
+  for (size_t p = 0; (p = s.find(from, p)) != std::string::npos; p += to.size()) s.replace(p, from.size(), to);
+  return s;
+}
+bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
+
+std::unique_ptr<uint8_t[]> alloc(uint64_t n) { return std::unique_ptr<uint8_t[]>(new uint8_t[std::max<uint64_t>(n, 1)]); }
+
+DType resolve_dtype(const std::string& flag, const ojson& config) {
+  if (flag == "bf16" || flag == "bfloat16") return DType::BF16;
+  if (flag == "fp16" || flag == "float16") return DType::F16;
+  if (flag == "fp32" || flag == "float32") return DType::F32;
+  if (flag != "auto") fail("--dtype: expected auto, bf16, fp16 or fp32, got '", flag, "'");
+  for (const char* k : {"torch_dtype", "dtype"})
+    if (config.contains(k) && config[k].is_string()) {
+      auto d = dtype_from_torch_name(config[k].get<std::string>());
+      if (d && dtype_is_float(*d) && *d != DType::F64) return *d;
+    }
+  return DType::BF16;
+}
+
+// Reads one source tensor converted to `dt` into a fresh buffer.
+std::unique_ptr<uint8_t[]> read_tensor(const CheckpointSource& src, size_t i, DType dt, ThreadPool& pool) {
+  const auto& t = src.tensors()[i];
+  auto buf = alloc(static_cast<uint64_t>(t.numel()) * dtype_size(dt));
+  src.read(i, dt, buf.get(), pool);
+  return buf;
+}
+
+// W + scale · B·A, in fp32, written to `dst` as `out`. W [o, i], A [r, i], B [o, r].
+void fuse_lora(const CheckpointSource& src, const OutTensor& ot, double scale, void* dst, ThreadPool& pool) {
+  const auto& w = src.tensors()[ot.src];
+  const auto& a = src.tensors()[ot.lora_a];
+  const auto& b = src.tensors()[ot.lora_b];
+  if (w.shape.size() != 2 || a.shape.size() != 2 || b.shape.size() != 2 || a.shape[1] != w.shape[1] ||
+      b.shape[0] != w.shape[0] || b.shape[1] != a.shape[0])
+    fail("--fuse-lora: shapes of '", w.name, "' and its lora_A / lora_B do not fit W[o,i] + B[o,r]·A[r,i]");
+  auto W = read_tensor(src, ot.src, DType::F32, pool);
+  auto A = read_tensor(src, ot.lora_a, DType::F32, pool);
+  auto B = read_tensor(src, ot.lora_b, DType::F32, pool);
+  float* wf = reinterpret_cast<float*>(W.get());
+  const float* af = reinterpret_cast<const float*>(A.get());
+  const float* bf = reinterpret_cast<const float*>(B.get());
+  const int64_t O = w.shape[0], I = w.shape[1], R = a.shape[0];
+  const float s = static_cast<float>(scale);
+  pool.parallel_for(static_cast<size_t>(O), [&](size_t o) {
+    std::vector<float> row(static_cast<size_t>(I), 0.f);
+    for (int64_t k = 0; k < R; ++k) {
+      const float bk = bf[o * R + k];
+      const float* ar = af + k * I;
+      for (int64_t i = 0; i < I; ++i) row[i] += bk * ar[i];
+    }
+    float* wr = wf + o * I;
+    for (int64_t i = 0; i < I; ++i) wr[i] += row[i] * s;
+  });
+  convert(W.get(), DType::F32, dst, ot.dtype, static_cast<size_t>(O * I));
+}
+
+// Streams `tensors` into safetensors files: file k holds tensors [bounds[k], bounds[k+1]).
+// The calling thread assembles tensor i+1 while a writer thread writes tensor i.
+void write_files(const CheckpointSource& src, const std::vector<OutTensor>& tensors, const std::vector<size_t>& bounds,
+                 const std::vector<std::string>& paths, double lora_scale, ThreadPool& pool, Progress& progress) {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::unique_ptr<uint8_t[]> slot;
+  size_t slot_idx = 0;
+  bool have = false, done = false;
+  std::exception_ptr werr;
+
+  std::thread writer([&] {
+    try {
+      size_t file = 0;
+      std::unique_ptr<SafetensorsWriter> w;
+      for (size_t i = 0; i < tensors.size(); ++i) {
+        std::unique_ptr<uint8_t[]> buf;
+        {
+          std::unique_lock<std::mutex> lk(mu);
+          cv.wait(lk, [&] { return have || done; });
+          if (!have) return;  // producer failed
+          buf = std::move(slot);
+          have = false;
+        }
+        cv.notify_all();
+        while (bounds[file + 1] <= i) ++file;
+        if (!w || i == bounds[file]) {
+          if (w) w->finish();
+          std::vector<StSpec> specs;
+          for (size_t k = bounds[file]; k < bounds[file + 1]; ++k)
+            specs.push_back({tensors[k].name, tensors[k].dtype, tensors[k].shape});
+          w = std::make_unique<SafetensorsWriter>(paths[file], specs);
+        }
+        w->write(buf.get(), tensors[i].nbytes());
+        buf.reset();
+        progress.add(1, tensors[i].nbytes());
+      }
+      if (w) w->finish();
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(mu);
+      werr = std::current_exception();
+      cv.notify_all();
+    }
+  });
+
+  std::exception_ptr perr;
+  try {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const OutTensor& ot = tensors[i];
+      auto buf = alloc(ot.nbytes());
+      if (ot.lora_a >= 0) fuse_lora(src, ot, lora_scale, buf.get(), pool);
+      else src.read(ot.src, ot.dtype, buf.get(), pool);
+      std::unique_lock<std::mutex> lk(mu);
+      cv.wait(lk, [&] { return !have || werr; });
+      if (werr) break;
+      slot = std::move(buf);
+      slot_idx = i;
+      have = true;
+      cv.notify_all();
+    }
+  } catch (...) {
+    perr = std::current_exception();
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    done = true;
+  }
+  cv.notify_all();
+  if (perr) {
+    // Unblock the writer if it waits for a tensor that will never come.
+    writer.join();
+    std::rethrow_exception(perr);
+  }
+  writer.join();
+  (void)slot_idx;
+  if (werr) std::rethrow_exception(werr);
+}
+
+// Greedy size-capped grouping, as transformers' save_pretrained does.
+std::vector<size_t> shard_bounds(const std::vector<OutTensor>& t, uint64_t cap) {
+  std::vector<size_t> b{0};
+  uint64_t cur = 0;
+  for (size_t i = 0; i < t.size(); ++i) {
+    if (i > b.back() && cur + t[i].nbytes() > cap) {
+      b.push_back(i);
+      cur = 0;
+    }
+    cur += t[i].nbytes();
+  }
+  b.push_back(t.size());
+  return b;
+}
+
+ojson read_json(const fs::path& p) {
+  try {
+    return ojson::parse(read_text_file(p.string()));
+  } catch (const nlohmann::json::exception& e) {
+    fail(p.string(), ": invalid JSON: ", e.what());
+  }
+}
+
+struct LoraInfo {
+  bool present = false;
+  double alpha = 0;
+  int64_t r = 0;
+  std::optional<std::string> task_type;
+  std::set<std::string> target_modules;
+};
+
+// Compares every output tensor with the reference folder; prints each difference.
+int run_test(const CheckpointSource& src, const std::vector<OutTensor>& model, const MergeOptions& opt,
+             double lora_scale, ThreadPool& pool) {
+  HfFolder ref(opt.test_hf_dir);
+  std::vector<std::string> problems;
+  std::set<std::string> ours;
+  for (const auto& ot : model) ours.insert(ot.name);
+  for (const auto& n : ref.names())
+    if (!ours.count(n)) problems.push_back("missing: '" + n + "' is in the reference but not in the merged model");
+  for (const auto& ot : model) {
+    if (!ref.contains(ot.name)) {
+      problems.push_back("extra: '" + ot.name + "' is not in the reference");
+      continue;
+    }
+    auto [reader, rt] = ref.find(ot.name);
+    if (rt->shape != ot.shape) {
+      problems.push_back("shape: '" + ot.name + "' merged " + nlohmann::json(ot.shape).dump() + " vs reference " +
+                         nlohmann::json(rt->shape).dump());
+      continue;
+    }
+    if (opt.dtype != "auto" && rt->dtype != ot.dtype)
+      problems.push_back(std::string("dtype: '") + ot.name + "' merged " + dtype_st_name(ot.dtype) + " vs reference " +
+                         dtype_st_name(rt->dtype));
+    // Values compared in float64, ours converted to the reference dtype first.
+    const DType rd = rt->dtype;
+    if (!can_convert(src.tensors()[ot.src].dtype, rd)) {
+      problems.push_back(std::string("dtype: '") + ot.name + "' cannot be compared with reference dtype " + dtype_st_name(rd));
+      continue;
+    }
+    OutTensor as_ref = ot;
+    as_ref.dtype = rd;
+    auto buf = alloc(as_ref.nbytes());
+    if (ot.lora_a >= 0) fuse_lora(src, as_ref, lora_scale, buf.get(), pool);
+    else src.read(ot.src, rd, buf.get(), pool);
+    const int64_t n = src.tensors()[ot.src].numel();
+    const uint8_t* rp = reader->data(*rt);
+    int64_t bad = 0;
+    double worst = 0;
+    if (dtype_is_float(rd)) {
+      std::vector<double> x(4096), y(4096);
+      for (int64_t s = 0; s < n; s += 4096) {
+        const size_t m = static_cast<size_t>(std::min<int64_t>(4096, n - s));
+        convert(buf.get() + s * dtype_size(rd), rd, x.data(), DType::F64, m);
+        convert(rp + s * dtype_size(rd), rd, y.data(), DType::F64, m);
+        for (size_t k = 0; k < m; ++k) {
+          const double d = std::fabs(x[k] - y[k]);
+          const bool same_nan = std::isnan(x[k]) && std::isnan(y[k]);
+          if (!same_nan && !(d <= opt.atol + opt.rtol * std::fabs(y[k]))) {
+            ++bad;
+            worst = std::max(worst, std::isnan(d) ? INFINITY : d);
+          }
+        }
+      }
+    } else if (std::memcmp(buf.get(), rp, as_ref.nbytes()) != 0) {
+      bad = 1;
+    }
+    reader->release(*rt);
+    if (bad)
+      problems.push_back("values: '" + ot.name + "' " + std::to_string(bad) + " of " + std::to_string(n) +
+                         " elements differ (max |diff| " + std::to_string(worst) + ")");
+  }
+  for (const auto& p : problems) std::printf("%s\n", p.c_str());
+  if (problems.empty()) {
+    if (!opt.quiet)
+      std::printf("test passed: %zu tensors match %s (atol %g, rtol %g)\n", model.size(), opt.test_hf_dir.c_str(),
+                  opt.atol, opt.rtol);
+    return 0;
+  }
+  std::printf("test FAILED: %zu difference(s) against %s\n", problems.size(), opt.test_hf_dir.c_str());
+  return 1;
+}
+
+}  // namespace
+
+int run_merge(const MergeOptions& opt) {
+  if (opt.backend != "fsdp")
+    fail("--backend ", opt.backend, ": not supported yet (supported: fsdp)");
+  if (opt.local_dir.empty()) fail("--local_dir is required");
+  if (!opt.test && opt.target_dir.empty()) fail("--target_dir is required");
+  if (opt.test && opt.test_hf_dir.empty()) fail("--test needs --test_hf_dir REF (a HuggingFace folder to compare with)");
+
+  const fs::path hf_dir = opt.hf_config_dir.empty() ? fs::path(opt.local_dir) / "huggingface" : fs::path(opt.hf_config_dir);
+  const fs::path cfg_path = hf_dir / "config.json";
+  if (!fs::exists(cfg_path)) fail(cfg_path.string(), ": missing (the checkpoint's HuggingFace config is needed)");
+  ojson config = read_json(cfg_path);
+  if (!config.is_object()) fail(cfg_path.string(), ": expected a JSON object");
+  const DType out_dtype = resolve_dtype(opt.dtype, config);
+  const bool tied = opt.tie_word_embedding ||
+                    (config.contains("tie_word_embeddings") && config["tie_word_embeddings"].is_boolean() &&
+                     config["tie_word_embeddings"].get<bool>());
+
+  // Refuse a non-empty target before doing any work.
+  fs::path target;
+  if (!opt.test) {
+    target = fs::absolute(opt.target_dir).lexically_normal();
+    if (target.filename().empty()) target = target.parent_path();
+    if (fs::exists(target) && !fs::is_directory(target)) fail(target.string(), ": exists and is not a folder");
+    if (fs::exists(target) && !fs::is_empty(target) && !opt.overwrite)
+      fail(target.string(), ": exists and is not empty (pass --overwrite to replace it)");
+    const fs::path in_abs = fs::absolute(opt.local_dir).lexically_normal();
+    if (target == in_abs || starts_with(in_abs.string() + "/", target.string() + "/"))
+      fail(target.string(), ": the target would replace the input checkpoint");
+  }
+
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  ThreadPool pool(opt.threads > 0 ? static_cast<size_t>(opt.threads) : std::min(hw, 8u));
+  FsdpSource src(opt.local_dir);
+  if (!opt.quiet) std::fprintf(stderr, "%s\n", src.describe().c_str());
+
+  // Name map: LoRA adapter tensors apart, base names restored, tied lm_head dropped.
+  const auto& st = src.tensors();
+  std::map<std::string, size_t> by_name;
+  for (size_t i = 0; i < st.size(); ++i) by_name[st[i].name] = i;
+  LoraInfo lora;
+  std::vector<OutTensor> model, adapter;
+  std::set<std::string> used;
+  for (size_t i = 0; i < st.size(); ++i) {
+    const std::string& n = st[i].name;
+    OutTensor ot;
+    ot.src = i;
+    ot.shape = st[i].shape;
+    ot.dtype = dtype_is_float(st[i].dtype) ? out_dtype : st[i].dtype;
+    if (n.find("lora_") != std::string::npos) {
+      lora.present = true;
+      ot.name = replace_all(replace_all(n, ".default.weight", ".weight"), ".default.bias", ".bias");
+      const auto parts = [&] {
+        std::vector<std::string> v;
+        size_t s = 0, p;
+        while ((p = ot.name.find('.', s)) != std::string::npos) { v.push_back(ot.name.substr(s, p - s)); s = p + 1; }
+        v.push_back(ot.name.substr(s));
+        return v;
+      }();
+      if (parts.size() >= 3) lora.target_modules.insert(parts[parts.size() - 3]);
+      if (n.find("lora_A") != std::string::npos && ot.shape.size() == 2)
+        lora.r = std::min(ot.shape[0], ot.shape[1]);
+      adapter.push_back(ot);
+      continue;
+    }
+    std::string name = n;
+    if (starts_with(name, "base_model.model.")) name = name.substr(std::strlen("base_model.model."));
+    name = replace_all(replace_all(name, ".base_layer.weight", ".weight"), ".base_layer.bias", ".bias");
+    if (tied && name == "lm_head.weight") continue;
+    if (opt.fuse_lora && n.find(".base_layer.weight") != std::string::npos) {
+      const std::string stem = n.substr(0, n.size() - std::strlen(".base_layer.weight"));
+      auto a = by_name.find(stem + ".lora_A.default.weight");
+      auto b = by_name.find(stem + ".lora_B.default.weight");
+      if (a != by_name.end() && b != by_name.end()) {
+        ot.lora_a = static_cast<int>(a->second);
+        ot.lora_b = static_cast<int>(b->second);
+      }
+    }
+    if (!used.insert(name).second) fail(opt.local_dir, ": two checkpoint keys map to the output name '", name, "'");
+    ot.name = name;
+    model.push_back(ot);
+  }
+  std::sort(model.begin(), model.end(), [](const OutTensor& a, const OutTensor& b) { return a.name < b.name; });
+  std::sort(adapter.begin(), adapter.end(), [](const OutTensor& a, const OutTensor& b) { return a.name < b.name; });
+  if (opt.fuse_lora && !lora.present) fail("--fuse-lora: the checkpoint has no LoRA adapter weights");
+
+  double lora_scale = 0;
+  if (lora.present) {
+    const fs::path meta_path = fs::path(opt.local_dir) / "lora_train_meta.json";
+    std::optional<double> meta_alpha;
+    if (fs::exists(meta_path)) {
+      ojson meta = read_json(meta_path);
+      if (meta.contains("lora_alpha") && meta["lora_alpha"].is_number()) meta_alpha = meta["lora_alpha"].get<double>();
+      if (meta.contains("r") && meta["r"].is_number_integer() && meta["r"].get<int64_t>() > 0) {
+        const int64_t mr = meta["r"].get<int64_t>();
+        if (lora.r && mr != lora.r && !opt.quiet)
+          std::fprintf(stderr, "warning: %s says r=%lld but the adapter weights have rank %lld; using %lld\n",
+                       meta_path.c_str(), (long long)mr, (long long)lora.r, (long long)mr);
+        lora.r = mr;
+      }
+      if (meta.contains("task_type") && meta["task_type"].is_string()) lora.task_type = meta["task_type"].get<std::string>();
+    }
+    if (opt.lora_alpha) lora.alpha = *opt.lora_alpha;
+    else if (meta_alpha) lora.alpha = *meta_alpha;
+    else
+      fail(opt.local_dir, ": LoRA adapter weights found but lora_alpha is unknown (", meta_path.filename().string(),
+           fs::exists(meta_path) ? " has no lora_alpha" : " is missing", "); pass --lora-alpha");
+    if (lora.r <= 0) fail(opt.local_dir, ": cannot infer the LoRA rank from the adapter weights");
+    lora_scale = lora.alpha / static_cast<double>(lora.r);
+  }
+
+  if (opt.test) return run_test(src, model, opt, lora_scale, pool);
+
+  // Everything is written under a hidden temporary folder beside the target, then renamed.
+  const fs::path parent = target.parent_path();
+  std::error_code ec;
+  fs::create_directories(parent, ec);
+  if (ec) fail(parent.string(), ": cannot create the parent of the target: ", ec.message());
+  const fs::path tmp = parent / ("." + target.filename().string() + ".tmp-" + std::to_string(::getpid()));
+  fs::remove_all(tmp, ec);
+  if (!fs::create_directory(tmp, ec) || ec)
+    fail(parent.string(), ": cannot write here (", ec ? ec.message() : std::string("mkdir failed"), ")");
+  try {
+    uint64_t total = 0;
+    for (const auto& t : model) total += t.nbytes();
+    for (const auto& t : adapter) total += t.nbytes();
+    Progress progress("merging", model.size() + adapter.size(), total, !opt.quiet);
+
+    const auto bounds = shard_bounds(model, opt.max_shard_size);
+    const size_t nfiles = bounds.size() - 1;
+    std::vector<std::string> names, paths;
+    for (size_t k = 0; k < nfiles; ++k) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", k + 1, nfiles);
+      names.push_back(nfiles == 1 ? std::string("model.safetensors") : std::string(buf));
+      paths.push_back((tmp / names.back()).string());
+    }
+    write_files(src, model, bounds, paths, lora_scale, pool, progress);
+    if (nfiles > 1) {
+      ojson index;
+      uint64_t model_bytes = 0;
+      ojson wm = ojson::object();
+      for (size_t k = 0; k < nfiles; ++k)
+        for (size_t i = bounds[k]; i < bounds[k + 1]; ++i) {
+          wm[model[i].name] = names[k];
+          model_bytes += model[i].nbytes();
+        }
+      index["metadata"] = {{"total_size", model_bytes}};
+      index["weight_map"] = wm;
+      write_text_file((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
+    }
+    if (!adapter.empty()) {
+      const fs::path ad = tmp / "lora_adapter";
+      fs::create_directory(ad);
+      write_files(src, adapter, {0, adapter.size()}, {(ad / "adapter_model.safetensors").string()}, 0, pool, progress);
+      ojson ac;
+      ac["alpha_pattern"] = ojson::object();
+      ac["base_model_name_or_path"] = nullptr;
+      ac["bias"] = "none";
+      ac["fan_in_fan_out"] = false;
+      ac["inference_mode"] = true;
+      ac["init_lora_weights"] = true;
+      ac["lora_alpha"] = lora.alpha == std::floor(lora.alpha) ? ojson(static_cast<int64_t>(lora.alpha)) : ojson(lora.alpha);
+      ac["lora_dropout"] = 0.0;
+      ac["modules_to_save"] = nullptr;
+      ac["peft_type"] = "LORA";
+      ac["r"] = lora.r;
+      ac["rank_pattern"] = ojson::object();
+      ac["target_modules"] = std::vector<std::string>(lora.target_modules.begin(), lora.target_modules.end());
+      ac["task_type"] = lora.task_type ? ojson(*lora.task_type) : ojson(nullptr);
+      ac["use_dora"] = false;
+      ac["use_rslora"] = false;
+      write_text_file((ad / "adapter_config.json").string(), ac.dump(4) + "\n");
+    }
+    progress.finish();
+
+    // config.json with the dtype written, then tokenizer / generation config / custom code.
+    bool had = false;
+    for (const char* k : {"torch_dtype", "dtype"})
+      if (config.contains(k)) { config[k] = dtype_torch_name(out_dtype); had = true; }
+    if (!had) config["torch_dtype"] = dtype_torch_name(out_dtype);
+    if (tied) config["tie_word_embeddings"] = true;
+    write_text_file((tmp / "config.json").string(), config.dump(2) + "\n");
+    bool skipped_code = false;
+    for (const auto& e : fs::directory_iterator(hf_dir)) {
+      if (!e.is_regular_file()) continue;
+      const std::string fn = e.path().filename().string();
+      const std::string ext = e.path().extension().string();
+      if (fn == "config.json" || ext == ".safetensors" || ext == ".bin" || ext == ".pt" || ext == ".pth" ||
+          fn == "model.safetensors.index.json" || fn == "pytorch_model.bin.index.json")
+        continue;
+      if (ext == ".py" && !opt.trust_remote_code) { skipped_code = true; continue; }
+      fs::copy_file(e.path(), tmp / fn, fs::copy_options::overwrite_existing);
+    }
+    if (skipped_code && !opt.quiet)
+      std::fprintf(stderr, "note: custom model code (*.py) in %s not copied; pass --trust-remote-code to copy it\n",
+                   hf_dir.c_str());
+
+    // Publish: replace the target only now that everything is complete.
+    fs::path old;
+    if (fs::exists(target)) {
+      old = parent / ("." + target.filename().string() + ".old-" + std::to_string(::getpid()));
+      fs::rename(target, old);
+    }
+    fs::rename(tmp, target);
+    if (!old.empty()) fs::remove_all(old, ec);
+
+    if (!opt.quiet) {
+      const double t = progress.elapsed();
+      std::fprintf(stderr, "merged %zu tensors (%s, %s) into %s in %.2f s (%s/s)%s\n", model.size(),
+                   human_bytes(static_cast<double>(total)).c_str(), dtype_torch_name(out_dtype), target.c_str(), t,
+                   human_bytes(t > 0 ? total / t : 0).c_str(),
+                   adapter.empty() ? "" : (", LoRA adapter in lora_adapter/" + std::string(opt.fuse_lora ? " (fused into the base weights)" : "")).c_str());
+    }
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+  if (!opt.hf_upload_path.empty())
+    std::fprintf(stderr,
+                 "note: --hf_upload_path %s: this machine has no network access to the Hub; nothing was uploaded. "
+                 "The merged model is in %s; upload it with: huggingface-cli upload %s %s\n",
+                 opt.hf_upload_path.c_str(), target.c_str(), opt.hf_upload_path.c_str(), target.c_str());
+  return 0;
+}
+
+}  // namespace verl
