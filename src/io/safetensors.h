@@ -47,7 +47,7 @@ class SafetensorsReader {
 };
 
 // Parse and validate a header held in memory (used by the reader and by the fuzzer).
-// `file_size` is the total size of the file the header came from.
+// `data_size` is the size of the data area that follows the header (file size - 8 - N).
 void parse_safetensors_header(const std::string& json, uint64_t data_size, const std::string& where,
                               std::vector<StTensor>* tensors,
                               std::map<std::string, std::string>* metadata);

@@ -223,9 +223,20 @@ void FsdpSource::plan_tensor(const std::string& key) {
         if (ls[d] > 0 && off < g[d]) plan.pieces.push_back({static_cast<int>(f), entry_of(f), off});
         off += ls[d];
       }
-      if (off < g[d])
+      if (off < g[d]) {
+        // Name the first rank whose shard is shorter than torch.chunk gives it.
+        const int64_t n = static_cast<int64_t>(parts.size());
+        const int64_t chunk = (g[d] + n - 1) / n;
+        for (size_t f = 0; f < parts.size(); ++f) {
+          const int64_t want = std::clamp<int64_t>(g[d] - static_cast<int64_t>(f) * chunk, 0, chunk);
+          if (parts[f]->local.size[d] < want)
+            fail(files_[f]->path(), ": key '", key, "' local shard shape ", shape_str(parts[f]->local.size), " has ",
+                 parts[f]->local.size[d], " rows along dim ", d, " but its share of the global shape ", shape_str(g),
+                 " is ", want, " (shapes disagree across ranks)");
+        }
         fail(dir_, ": key '", key, "': the shards cover ", off, " of ", g[d], " rows along dim ", d,
              " (shapes disagree across ranks)");
+      }
     }
   }
   tensors_.push_back(std::move(st));

@@ -404,6 +404,15 @@ int run_merge(const MergeOptions& opt) {
       }
       if (meta.contains("task_type") && meta["task_type"].is_string()) lora.task_type = meta["task_type"].get<std::string>();
     }
+    if (!lora.task_type) {
+      // Not recorded: infer it from the architecture as PEFT names them (a critic is TOKEN_CLS).
+      std::string arch;
+      if (config.contains("architectures") && config["architectures"].is_array() && !config["architectures"].empty() &&
+          config["architectures"][0].is_string())
+        arch = config["architectures"][0].get<std::string>();
+      const bool token_cls = opt.is_value_model || arch.find("ForTokenClassification") != std::string::npos;
+      lora.task_type = token_cls ? "TOKEN_CLS" : "CAUSAL_LM";
+    }
     if (opt.lora_alpha) lora.alpha = *opt.lora_alpha;
     else if (meta_alpha) lora.alpha = *meta_alpha;
     else

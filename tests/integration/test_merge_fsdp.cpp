@@ -1,0 +1,281 @@
+// test_merge_fsdp.cpp — end to end: real FSDP2 checkpoints written by torch.distributed
+// (tests/oracle/make_fsdp_ckpt.py) are merged by `verlcpp merge` and checked against the
+// unsharded reference by transformers / peft (tests/oracle/check_merged.py): bit-exact
+// tensors after the same dtype cast, same logits. Bad inputs must give one clear line,
+// a non-zero exit and no output folder.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "test_util.h"
+
+namespace fs = std::filesystem;
+using verl::test::run;
+
+namespace {
+
+fs::path g_root;  // fixtures for the whole suite
+const std::map<std::string, std::string>& cases() {
+  // name -> make_fsdp_ckpt.py arguments
+  static const std::map<std::string, std::string> c = {
+      {"qwen2_w1", "--case qwen2 --world-size 1"},
+      {"qwen2_w2", "--case qwen2 --world-size 2"},
+      {"qwen2_w3", "--case qwen2 --world-size 3"},
+      {"qwen2_w4", "--case qwen2 --world-size 4"},
+      {"qwen2_bf16_w2", "--case qwen2 --world-size 2 --dtype bf16"},
+      {"llama_tied_w2", "--case llama_tied --world-size 2"},
+      {"value_w4", "--case value --world-size 4"},
+      {"lora_w2", "--case lora --world-size 2"},
+      {"hsdp_w4", "--case hsdp --world-size 4"},
+      {"buffer_w2", "--case buffer --world-size 2"},
+      {"tiny_rows_w4", "--case tiny_rows --world-size 4"},
+  };
+  return c;
+}
+
+std::string py() { return verl::test::python(); }
+std::string oracle(const std::string& s) { return verl::test::source_dir() + "/tests/oracle/" + s; }
+std::string bin() { return verl::test::verlcpp_bin(); }
+std::string q(const fs::path& p) { return "'" + p.string() + "'"; }
+
+class MergeFsdp : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    g_root = fs::temp_directory_path() / ("verlcpp_merge_it_" + std::to_string(::getpid()));
+    fs::remove_all(g_root);
+    fs::create_directories(g_root);
+    for (const auto& [name, args] : cases()) {
+      std::string out;
+      int rc = run(py() + " " + oracle("make_fsdp_ckpt.py") + " --out " + q(g_root / name) + " " + args, &out);
+      ASSERT_EQ(rc, 0) << "fixture " << name << " failed:\n" << out;
+    }
+  }
+  static void TearDownTestSuite() {
+    if (!std::getenv("VERLCPP_KEEP_TMP")) fs::remove_all(g_root);
+  }
+  static fs::path ckpt(const std::string& c) { return g_root / c / "ckpt"; }
+  static fs::path ref(const std::string& c) { return g_root / c / "ref"; }
+
+  // Runs verlcpp merge; returns rc and output.
+  int merge(const std::string& c, const fs::path& out, const std::string& extra, std::string* log,
+            const fs::path& dir = {}) {
+    return run(bin() + " merge --backend fsdp --local_dir " + q(dir.empty() ? ckpt(c) : dir) + " --target_dir " + q(out) +
+                   " --quiet " + extra,
+               log);
+  }
+  void check(const fs::path& merged, const fs::path& reference, const std::string& extra) {
+    std::string out;
+    int rc = run(py() + " " + oracle("check_merged.py") + " --merged " + q(merged) + " --ref " + q(reference) + " " + extra,
+                 &out);
+    EXPECT_EQ(rc, 0) << out;
+  }
+};
+
+TEST_F(MergeFsdp, EveryWorldSizeBitExactFp32WithLogits) {
+  for (const char* c : {"qwen2_w1", "qwen2_w2", "qwen2_w3", "qwen2_w4"}) {
+    SCOPED_TRACE(c);
+    const fs::path out = g_root / "out" / c;
+    std::string log;
+    ASSERT_EQ(merge(c, out, "--dtype fp32", &log), 0) << log;
+    check(out, ref(c), "--dtype fp32 --logits");
+  }
+}
+
+TEST_F(MergeFsdp, Bf16CastIsTorchIdenticalAndShardedOutput) {
+  const fs::path out = g_root / "out" / "qwen2_w3_bf16";
+  std::string log;
+  ASSERT_EQ(merge("qwen2_w3", out, "--dtype bf16 --max-shard-size 20KB", &log), 0) << log;
+  EXPECT_TRUE(fs::exists(out / "model.safetensors.index.json"));
+  EXPECT_TRUE(fs::exists(out / "model-00001-of-00002.safetensors") || fs::exists(out / "model-00001-of-00003.safetensors") ||
+              !fs::exists(out / "model.safetensors"));
+  check(out, ref("qwen2_w3"), "--dtype bf16 --logits");
+}
+
+TEST_F(MergeFsdp, Bf16CheckpointAutoDtype) {
+  const fs::path out = g_root / "out" / "qwen2_bf16_auto";
+  std::string log;
+  ASSERT_EQ(merge("qwen2_bf16_w2", out, "", &log), 0) << log;
+  check(out, ref("qwen2_bf16_w2"), "--dtype bf16 --logits");
+}
+
+TEST_F(MergeFsdp, TiedEmbeddingsHaveNoLmHead) {
+  const fs::path out = g_root / "out" / "tied";
+  std::string log;
+  ASSERT_EQ(merge("llama_tied_w2", out, "--dtype fp32", &log), 0) << log;
+  check(out, ref("llama_tied_w2"), "--dtype fp32 --logits");
+}
+
+TEST_F(MergeFsdp, ValueModelWithEmptyShards) {
+  for (const char* c : {"value_w4", "tiny_rows_w4"}) {
+    SCOPED_TRACE(c);
+    const fs::path out = g_root / "out" / c;
+    std::string log;
+    ASSERT_EQ(merge(c, out, "--dtype fp32 --is-value-model", &log), 0) << log;
+    check(out, ref(c), "--dtype fp32 --logits");
+  }
+}
+
+TEST_F(MergeFsdp, HsdpReadsOneReplica) {
+  const fs::path out = g_root / "out" / "hsdp";
+  std::string log;
+  ASSERT_EQ(merge("hsdp_w4", out, "--dtype fp32", &log), 0) << log;
+  check(out, ref("hsdp_w4"), "--dtype fp32 --logits");
+}
+
+TEST_F(MergeFsdp, PersistentBufferKeptOnce) {
+  const fs::path out = g_root / "out" / "buffer";
+  std::string log;
+  ASSERT_EQ(merge("buffer_w2", out, "--dtype fp32", &log), 0) << log;
+  check(out, ref("buffer_w2"), "--dtype fp32 --state " + q(g_root / "buffer_w2" / "ref_state.safetensors"));
+}
+
+TEST_F(MergeFsdp, LoraAdapterAndFused) {
+  const fs::path out = g_root / "out" / "lora";
+  std::string log;
+  ASSERT_EQ(merge("lora_w2", out, "--dtype fp32", &log), 0) << log;
+  check(out, ref("lora_w2"), "--dtype fp32 --adapter " + q(g_root / "lora_w2" / "ref_adapter"));
+  const fs::path fused = g_root / "out" / "lora_fused";
+  ASSERT_EQ(merge("lora_w2", fused, "--dtype fp32 --fuse-lora", &log), 0) << log;
+  check(fused, g_root / "lora_w2" / "ref_fused", "--dtype fp32 --logits --tolerance 1e-5");
+}
+
+TEST_F(MergeFsdp, LoraWithoutAlphaIsAnError) {
+  const fs::path dir = g_root / "lora_noalpha";
+  fs::copy(ckpt("lora_w2"), dir, fs::copy_options::recursive);
+  fs::remove(dir / "lora_train_meta.json");
+  std::string log;
+  EXPECT_NE(merge("", g_root / "out" / "lora_noalpha", "", &log, dir), 0);
+  EXPECT_NE(log.find("lora_alpha"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(g_root / "out" / "lora_noalpha"));
+  EXPECT_EQ(merge("", g_root / "out" / "lora_alpha16", "--lora-alpha 16 --dtype fp32", &log, dir), 0) << log;
+  check(g_root / "out" / "lora_alpha16", ref("lora_w2"), "--dtype fp32 --adapter " + q(g_root / "lora_w2" / "ref_adapter"));
+}
+
+TEST_F(MergeFsdp, TestModeReportsDifferences) {
+  std::string log;
+  int rc = run(bin() + " merge test --backend fsdp --local_dir " + q(ckpt("qwen2_w2")) + " --test_hf_dir " +
+                   q(ref("qwen2_w2")) + " --atol 0 --rtol 0",
+               &log);
+  EXPECT_EQ(rc, 0) << log;
+  // Against another model: every tensor differs, so it must fail and say so.
+  rc = run(bin() + " merge --test --backend fsdp --local_dir " + q(ckpt("qwen2_w2")) + " --test_hf_dir " +
+               q(ref("llama_tied_w2")),
+           &log);
+  EXPECT_EQ(rc, 1) << log;
+  EXPECT_NE(log.find("FAILED"), std::string::npos) << log;
+}
+
+TEST_F(MergeFsdp, TargetIsRefusedOrReplacedAtomically) {
+  const fs::path out = g_root / "out" / "exists";
+  fs::create_directories(out);
+  std::ofstream(out / "keep.txt") << "x";
+  std::string log;
+  EXPECT_NE(merge("qwen2_w2", out, "", &log), 0);
+  EXPECT_NE(log.find("--overwrite"), std::string::npos) << log;
+  EXPECT_TRUE(fs::exists(out / "keep.txt"));
+  ASSERT_EQ(merge("qwen2_w2", out, "--overwrite --dtype fp32", &log), 0) << log;
+  EXPECT_FALSE(fs::exists(out / "keep.txt"));
+  check(out, ref("qwen2_w2"), "--dtype fp32");
+  for (const auto& e : fs::directory_iterator(out.parent_path()))
+    EXPECT_EQ(e.path().filename().string().find(".exists.tmp"), std::string::npos) << "temporary folder left behind";
+}
+
+// --- bad input: one line, non-zero exit, nothing written ------------------------------
+
+class BadInput : public MergeFsdp {
+ protected:
+  fs::path broken(const std::string& name) {
+    const fs::path dir = g_root / "bad" / name;
+    fs::remove_all(dir);
+    fs::create_directories(dir.parent_path());
+    fs::copy(ckpt("qwen2_w2"), dir, fs::copy_options::recursive);
+    return dir;
+  }
+  void expect_error(const fs::path& dir, const std::string& must_mention, const std::string& extra = "") {
+    const fs::path out = g_root / "bad_out" / dir.filename();
+    std::string log;
+    int rc = merge("", out, extra, &log, dir);
+    EXPECT_NE(rc, 0) << log;
+    EXPECT_NE(log.find("verlcpp: error:"), std::string::npos) << log;
+    EXPECT_NE(log.find(must_mention), std::string::npos) << "message should mention '" << must_mention << "': " << log;
+    size_t lines = 0;
+    for (char ch : log) lines += ch == '\n';
+    EXPECT_EQ(lines, 1u) << log;
+    EXPECT_FALSE(fs::exists(out));
+    if (fs::exists(out.parent_path()))
+      for (const auto& e : fs::directory_iterator(out.parent_path()))
+        EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+  }
+};
+
+TEST_F(BadInput, TruncatedShard) {
+  auto dir = broken("truncated");
+  const fs::path f = dir / "model_world_size_2_rank_1.pt";
+  fs::resize_file(f, fs::file_size(f) / 2);
+  expect_error(dir, "model_world_size_2_rank_1.pt");
+}
+
+TEST_F(BadInput, CorruptedZipDirectory) {
+  auto dir = broken("corrupt");
+  const fs::path f = dir / "model_world_size_2_rank_0.pt";
+  const auto size = fs::file_size(f);
+  std::fstream io(f, std::ios::in | std::ios::out | std::ios::binary);
+  io.seekp(static_cast<std::streamoff>(size - 22));  // end-of-central-directory record
+  io.write("garbage!garbage!garbag", 22);
+  io.close();
+  expect_error(dir, "model_world_size_2_rank_0.pt");
+}
+
+TEST_F(BadInput, MissingRank) {
+  auto dir = broken("missing");
+  fs::remove(dir / "model_world_size_2_rank_1.pt");
+  expect_error(dir, "model_world_size_2_rank_1.pt");
+}
+
+TEST_F(BadInput, WrongWorldSizeInConfig) {
+  auto dir = broken("wrong_ws");
+  std::ofstream(dir / "fsdp_config.json") << R"({"FSDP_version": 2, "world_size": 4})";
+  expect_error(dir, "world_size 4");
+}
+
+TEST_F(BadInput, ShapesDisagreeAcrossRanks) {
+  auto dir = broken("shapes");
+  std::string out;
+  int rc = run(py() + " " + oracle("tamper_ckpt.py") + " --file " + q(dir / "model_world_size_2_rank_1.pt") +
+                   " --mode shrink",
+               &out);
+  ASSERT_EQ(rc, 0) << out;
+  expect_error(dir, "model_world_size_2_rank_1.pt");
+}
+
+TEST_F(BadInput, UnknownPlacement) {
+  auto dir = broken("partial");
+  std::string out;
+  int rc = run(py() + " " + oracle("tamper_ckpt.py") + " --file " + q(dir / "model_world_size_2_rank_0.pt") +
+                   " --mode partial",
+               &out);
+  ASSERT_EQ(rc, 0) << out;
+  expect_error(dir, "Partial");
+}
+
+TEST_F(BadInput, UnwritableTarget) {
+  const fs::path file = g_root / "bad" / "a_file";
+  fs::create_directories(file.parent_path());
+  std::ofstream(file) << "x";
+  std::string log;
+  int rc = merge("qwen2_w2", file / "out", "", &log);
+  EXPECT_NE(rc, 0) << log;
+  EXPECT_NE(log.find("verlcpp: error:"), std::string::npos) << log;
+}
+
+TEST_F(BadInput, WrongFlags) {
+  std::string log;
+  EXPECT_NE(run(bin() + " merge --backend fsdp --local_dir /nonexistent --target_dir /tmp/x_verlcpp", &log), 0);
+  EXPECT_NE(log.find("/nonexistent"), std::string::npos) << log;
+  EXPECT_NE(run(bin() + " merge --backend fsdp --local_dir . --target_dir /tmp/x --dtype fp8", &log), 0);
+  EXPECT_NE(run(bin() + " merge --bogus", &log), 0);
+}
+
+}  // namespace
