@@ -190,18 +190,30 @@ def write_hf_side_files(ckpt, cfg, world):
 # ----------------------------------------------------------------------------- measuring
 
 def run_measured(cmd, log_path, env=None):
-    """(rc, wall seconds, peak RSS bytes) of one command; output goes to log_path."""
+    """(rc, wall seconds, peak RSS bytes) of one command; output goes to log_path.
+
+    Peak RSS comes from GNU time (a small process that forks the command): the ru_maxrss
+    that wait4 gives this Python process for a direct child would include the pages of the
+    (v)forked Python image itself, which has torch loaded, and overstate small commands."""
+    rss_path = log_path + ".rss"
     with open(log_path, "w") as log:
         t0 = time.perf_counter()
         try:
-            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            p = subprocess.Popen(["/usr/bin/time", "-o", rss_path, "-f", "%M"] + list(cmd), stdout=log,
+                                 stderr=subprocess.STDOUT, env=env)
         except OSError as e:
             log.write(f"cannot start: {e}\n")
             return 127, 0.0, 0
-        _, status, usage = os.wait4(p.pid, 0)
+        p.wait()
         wall = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, wall, usage.ru_maxrss * 1024
+    rss = 0
+    try:
+        with open(rss_path) as f:
+            lines = [x for x in f.read().split() if x.isdigit()]
+        rss = int(lines[-1]) * 1024 if lines else 0
+    except OSError:
+        pass
+    return p.returncode, wall, rss
 
 
 def folder_bytes(folder):

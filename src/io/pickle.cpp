@@ -546,6 +546,12 @@ ValuePtr Parser::call(const ValuePtr& fn, const ValuePtr& args, int depth) {
     }
     return make_str(K::Bytes, std::move(out));
   }
+  if (n == "builtins.getattr" && a.size() == 2 && a[0]->is(K::Global) && a[1]->is(K::Str)) {
+    // A nested class reference such as ShardedTensor.ProcessGroupState: still only a name.
+    auto g = make(K::Global);
+    g->str = a[0]->str + "." + a[1]->str;
+    return g;
+  }
   if (n == "copyreg._reconstructor" && !a.empty()) return object(class_name(a[0]), tuple({}));
   if (n == "copyreg.__newobj__" && !a.empty())
     return newobj(a[0], tuple(std::vector<ValuePtr>(a.begin() + 1, a.end())));

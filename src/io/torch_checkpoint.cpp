@@ -1,6 +1,7 @@
 // torch_checkpoint.cpp — torch.save state dicts and DTensor decoding (see torch_checkpoint.h).
 #include "io/torch_checkpoint.h"
 
+#include <optional>
 #include <algorithm>
 #include <cstring>
 
@@ -131,6 +132,62 @@ CkptTensor decode_dtensor(const Value& obj, const std::string& key, const std::s
   return out;
 }
 
+CkptTensor decode_sharded_tensor(const Value& obj, const std::string& key, const std::string& where) {
+  const std::string w = where + ": key '" + key + "'";
+  CkptTensor out;
+  out.key = key;
+  // Wrapper-subclass args (cls, dtype, global size, ...); state from __getstate__:
+  // (local_shards, ShardedTensorMetadata, ProcessGroupState, sharding_spec, init_rrefs).
+  if (!obj.args || obj.args->items.size() < 3) fail(w, ": ShardedTensor without its global size");
+  auto meta = std::make_shared<DTensorMeta>();
+  meta->global_shape = int_tuple(obj.args->items[2], "ShardedTensor global size", w);
+  const ValuePtr& st = obj.state;
+  if (!st || !st->is(Value::Kind::Tuple) || st->items.size() < 4 || !st->items[0]->is(Value::Kind::List))
+    fail(w, ": ShardedTensor state is not (local_shards, metadata, pg_state, spec, ...)");
+  auto smeta = st->items[1]->attr("shards_metadata");
+  if (!smeta || !smeta->is(Value::Kind::List) || smeta->items.empty())
+    fail(w, ": ShardedTensor metadata without shards_metadata");
+  auto dimv = st->items[3]->attr("dim");
+  if (!dimv || !dimv->is(Value::Kind::Int)) fail(w, ": ShardedTensor sharding spec is not a ChunkShardingSpec with a dim");
+  int64_t d = dimv->i;
+  const int64_t nd = static_cast<int64_t>(meta->global_shape.size());
+  if (d < 0) d += nd;
+  if (d < 0 || d >= nd) fail(w, ": ShardedTensor sharded on dim ", dimv->i, " of a ", nd, "-D tensor");
+  Placement p;
+  p.kind = Placement::Kind::Shard;
+  p.dim = d;
+  p.cls = "Shard";
+  meta->placements = {p};
+  meta->mesh_shape = {static_cast<int64_t>(smeta->items.size())};
+  meta->mesh_dim_names = {"fsdp"};
+  const auto& shards = st->items[0]->items;
+  if (shards.size() > 1) fail(w, ": ShardedTensor with ", shards.size(), " local shards on one rank is not supported");
+  if (shards.empty()) {
+    // This rank holds no rows: an empty view (no storage is read).
+    const ValuePtr& dt = obj.args->items[1];
+    std::optional<DType> d_opt;
+    if (dt->is(Value::Kind::Global) && dt->str.compare(0, 6, "torch.") == 0) d_opt = dtype_from_torch_name(dt->str.substr(6));
+    if (!d_opt) fail(w, ": ShardedTensor with an unknown dtype ", dt->repr(1));
+    out.local.dtype = out.local.storage.dtype = *d_opt;
+    out.local.size = meta->global_shape;
+    out.local.size[static_cast<size_t>(d)] = 0;
+    out.local.stride.assign(out.local.size.size(), 1);
+    meta->shard_offset = meta->global_shape[static_cast<size_t>(d)];
+  } else {
+    auto t = shards[0]->attr("tensor");
+    auto m = shards[0]->attr("metadata");
+    if (!t || !t->is(Value::Kind::Tensor) || !m) fail(w, ": ShardedTensor local shard without tensor and metadata");
+    out.local = *t->tensor;
+    auto offs = int_tuple(m->attr("shard_offsets"), "shard offsets", w);
+    if (offs.size() != meta->global_shape.size()) fail(w, ": shard offsets of the wrong rank");
+    for (int64_t k = 0; k < nd; ++k)
+      if (k != d && offs[static_cast<size_t>(k)] != 0) fail(w, ": ShardedTensor shard offset outside the sharded dim");
+    meta->shard_offset = offs[static_cast<size_t>(d)];
+  }
+  out.dtensor = meta;
+  return out;
+}
+
 TorchCheckpoint::TorchCheckpoint(const std::string& path) : zip_(path) {
   prefix_ = zip_.torch_prefix();
   const std::string data_dir = prefix_ + "/data/";
@@ -169,6 +226,11 @@ void TorchCheckpoint::collect(const ValuePtr& v, const std::string& prefix, int 
       validate(t);
       index_[key] = tensors_.size();
       tensors_.push_back(std::move(t));
+    } else if (val->is(Value::Kind::Object) && ends_with(val->str, "ShardedTensor")) {
+      CkptTensor t = decode_sharded_tensor(*val, key, path());
+      validate(t);
+      index_[key] = tensors_.size();
+      tensors_.push_back(std::move(t));
     } else if (val->is(Value::Kind::Dict)) {
       collect(val, key, depth + 1);
     } else {
@@ -185,6 +247,7 @@ const TorchCheckpoint::Rec& TorchCheckpoint::storage(const TensorRef& t) const {
 
 void TorchCheckpoint::validate(const CkptTensor& t) {
   const TensorRef& r = t.local;
+  if (r.storage.key.empty() && t.dtensor && t.dtensor->shard_offset >= 0) return;  // empty ShardedTensor shard
   const Rec& rec = storage(r);
   if (r.size.size() != r.stride.size()) fail(path(), ": key '", t.key, "': size and stride ranks differ");
   const uint64_t es = dtype_size(r.dtype);

@@ -29,6 +29,7 @@ struct DTensorMeta {
   std::vector<int64_t> mesh_shape;
   std::vector<std::string> mesh_dim_names;
   std::vector<int64_t> mesh_ranks;  // row-major rank ids of the mesh (may be empty if unreadable)
+  int64_t shard_offset = -1;        // ShardedTensor only: where the local shard starts along its dim
 };
 
 struct CkptTensor {
@@ -64,6 +65,10 @@ class TorchCheckpoint {
   void validate(const CkptTensor& t);
   const Rec& storage(const TensorRef& t) const;
 };
+
+// Decodes an FSDP1 ShardedTensor (SHARDED_STATE_DICT without a device mesh: one chunk per
+// rank along the ChunkShardingSpec dim) into the same form as a 1-D-mesh DTensor.
+CkptTensor decode_sharded_tensor(const Value& obj, const std::string& key, const std::string& where);
 
 // Decodes a DTensor Object (as produced by parse_pickle) into its local tensor and meta;
 // `read_ints` fetches the mesh tensor's values. Throws Error naming `where`.

@@ -220,6 +220,10 @@ void FsdpSource::plan_tensor(const std::string& key) {
           if (static_cast<int64_t>(k) != d && ls[k] != g[k])
             fail(files_[f]->path(), ": key '", key, "' local shard shape ", shape_str(ls),
                  " does not match the global shape ", shape_str(g), " outside the shard dim ", d);
+        const int64_t so = parts[f]->dtensor->shard_offset;
+        if (so >= 0 && ls[d] > 0 && so != off)
+          fail(files_[f]->path(), ": key '", key, "' shard starts at row ", so, " along dim ", d, " but the ranks before it end at ",
+               off, " (shards out of order or overlapping)");
         if (ls[d] > 0 && off < g[d]) plan.pieces.push_back({static_cast<int>(f), entry_of(f), off});
         off += ls[d];
       }

@@ -31,6 +31,9 @@ const std::map<std::string, std::string>& cases() {
       {"hsdp_w4", "--case hsdp --world-size 4"},
       {"buffer_w2", "--case buffer --world-size 2"},
       {"tiny_rows_w4", "--case tiny_rows --world-size 4"},
+      {"fsdp1_w3", "--case fsdp1 --world-size 3"},
+      {"fsdp1_st_w3", "--case fsdp1_sharded_tensor --world-size 3"},
+      {"shard_dim_w2", "--case shard_dim --world-size 2"},
   };
   return c;
 }
@@ -115,6 +118,25 @@ TEST_F(MergeFsdp, ValueModelWithEmptyShards) {
     ASSERT_EQ(merge(c, out, "--dtype fp32 --is-value-model", &log), 0) << log;
     check(out, ref(c), "--dtype fp32 --logits");
   }
+}
+
+TEST_F(MergeFsdp, Fsdp1ShardedStateDict) {
+  // FSDP1 SHARDED_STATE_DICT: DTensors with a device mesh, ShardedTensors without one.
+  for (const char* c : {"fsdp1_w3", "fsdp1_st_w3"}) {
+    SCOPED_TRACE(c);
+    const fs::path out = g_root / "out" / c;
+    std::string log;
+    ASSERT_EQ(merge(c, out, "--dtype fp32", &log), 0) << log;
+    check(out, ref(c), "--dtype fp32 --logits");
+  }
+}
+
+TEST_F(MergeFsdp, ShardOnDimOne) {
+  // verl's get_shard_placement_fn: Shard(1) where dim 0 does not divide the world size.
+  const fs::path out = g_root / "out" / "shard_dim";
+  std::string log;
+  ASSERT_EQ(merge("shard_dim_w2", out, "--dtype fp32", &log), 0) << log;
+  check(out, ref("shard_dim_w2"), "--dtype fp32 --logits");
 }
 
 TEST_F(MergeFsdp, HsdpReadsOneReplica) {
@@ -204,9 +226,10 @@ class BadInput : public MergeFsdp {
     for (char ch : log) lines += ch == '\n';
     EXPECT_EQ(lines, 1u) << log;
     EXPECT_FALSE(fs::exists(out));
-    if (fs::exists(out.parent_path()))
+    if (fs::exists(out.parent_path())) {
       for (const auto& e : fs::directory_iterator(out.parent_path()))
         EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+    }
   }
 };
 

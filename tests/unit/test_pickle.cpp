@@ -435,6 +435,29 @@ open(f'{D}/p5.pkl', 'wb').write(pickle.dumps(obj, protocol=5))
   EXPECT_EQ(canon(*root->get("ba")), "b2:0102;");
 }
 
+TEST(Pickle, NestedClassViaGetattrStaysInert) {
+  // Protocol 2 pickles a nested class as getattr(Outer, 'Inner') (as ShardedTensor's
+  // ProcessGroupState is): it must become a class name, and its instance an inert record.
+  TempDir dir;
+  test::run_python(R"PY(
+import pickle
+D = ')PY" + dir.path.string() + R"PY('
+class Outer:
+    class Inner:
+        def __init__(self): self.rank = 3
+obj = {'x': Outer.Inner()}
+data = pickle.dumps(obj, protocol=2)
+assert b'getattr' in data, data
+open(f'{D}/nested.pkl', 'wb').write(data)
+)PY",
+                   dir.path.string());
+  ValuePtr root = parse_file(dir / "nested.pkl");
+  auto x = root->get("x");
+  ASSERT_TRUE(x && x->is(K::Object));
+  EXPECT_EQ(x->str, "__main__.Outer.Inner");
+  EXPECT_EQ(x->attr("rank")->as_int(), 3);
+}
+
 // ---- hand-written streams ---------------------------------------------------------------
 
 std::string P2(const std::string& body) { return std::string("\x80\x02", 2) + body; }
