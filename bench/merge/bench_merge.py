@@ -379,6 +379,14 @@ def main():
     rows = [bench_world(int(w), a, cfg, work, have_ours, log) for w in a.sizes.split(",") if w]
     shapes, aliases, _ = meta_state(cfg)
     print_table(rows, sum(math.prod(s) for k, s in shapes if k not in aliases), a.runs, have_ours)
+    # The merger's memory target: 2 x the largest output tensor (bf16) + 256 MB.
+    largest = max(math.prod(s) for k, s in shapes) * 2
+    bound = 2 * largest + 256e6
+    for r in rows:
+        if r["ours_rss"]:
+            ok = "meets" if r["ours_rss"] <= bound else "EXCEEDS"
+            print(f"  world {r['world']}: our peak RSS {r['ours_rss'] / 1e6:.0f} MB {ok} the bound 2 x largest tensor "
+                  f"({largest / 1e6:.0f} MB) + 256 MB = {bound / 1e6:.0f} MB")
     return 0 if all(not r["failed"] and not r["verdict"].startswith("DIFFER") for r in rows) else 1
 
 

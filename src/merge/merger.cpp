@@ -169,11 +169,17 @@ void write_files(const CheckpointSource& src, const std::vector<OutTensor>& tens
   try {
     for (size_t i = 0; i < tensors.size(); ++i) {
       const OutTensor& ot = tensors[i];
+      {
+        // Allocate tensor i only once the writer has taken tensor i-1 (and so released
+        // i-2): at most two output tensors are alive, the one written and the one assembled.
+        std::unique_lock<std::mutex> lk(mu);
+        cv.wait(lk, [&] { return !have || werr; });
+        if (werr) break;
+      }
       auto buf = alloc(ot.nbytes());
       if (ot.lora_a >= 0) fuse_lora(src, ot, lora_scale, buf.get(), pool);
       else src.read(ot.src, ot.dtype, buf.get(), pool);
       std::unique_lock<std::mutex> lk(mu);
-      cv.wait(lk, [&] { return !have || werr; });
       if (werr) break;
       slot = std::move(buf);
       slot_idx = i;

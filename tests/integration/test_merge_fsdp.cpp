@@ -17,26 +17,18 @@ using verl::test::run;
 namespace {
 
 fs::path g_root;  // fixtures for the whole suite
-const std::map<std::string, std::string>& cases() {
-  // name -> make_fsdp_ckpt.py arguments
-  static const std::map<std::string, std::string> c = {
-      {"qwen2_w1", "--case qwen2 --world-size 1"},
-      {"qwen2_w2", "--case qwen2 --world-size 2"},
-      {"qwen2_w3", "--case qwen2 --world-size 3"},
-      {"qwen2_w4", "--case qwen2 --world-size 4"},
-      {"qwen2_bf16_w2", "--case qwen2 --world-size 2 --dtype bf16"},
-      {"llama_tied_w2", "--case llama_tied --world-size 2"},
-      {"value_w4", "--case value --world-size 4"},
-      {"lora_w2", "--case lora --world-size 2"},
-      {"hsdp_w4", "--case hsdp --world-size 4"},
-      {"buffer_w2", "--case buffer --world-size 2"},
-      {"tiny_rows_w4", "--case tiny_rows --world-size 4"},
-      {"fsdp1_w3", "--case fsdp1 --world-size 3"},
-      {"fsdp1_st_w3", "--case fsdp1_sharded_tensor --world-size 3"},
-      {"shard_dim_w2", "--case shard_dim --world-size 2"},
-  };
-  return c;
-}
+// make_fsdp_ckpt.py specs (CASE:W[:DTYPE]); each lands in <root>/<CASE>_w<W>[_bf16].
+const char* kCases =
+    "qwen2:1,qwen2:2,qwen2:3,qwen2:4,qwen2:2:bf16,llama_tied:2,value:4,lora:2,hsdp:4,buffer:2,tiny_rows:4,"
+    "fsdp1:3,fsdp1_sharded_tensor:3,shard_dim:2";
+
+class FixtureCleanup : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    if (!g_root.empty() && !std::getenv("VERLCPP_KEEP_TMP")) fs::remove_all(g_root);
+  }
+};
+const auto* const g_cleanup = ::testing::AddGlobalTestEnvironment(new FixtureCleanup);
 
 std::string py() { return verl::test::python(); }
 std::string oracle(const std::string& s) { return verl::test::source_dir() + "/tests/oracle/" + s; }
@@ -46,18 +38,18 @@ std::string q(const fs::path& p) { return "'" + p.string() + "'"; }
 class MergeFsdp : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
+    // Both suites (MergeFsdp, BadInput) share one set of fixtures, made once per process
+    // and removed by FixtureCleanup at exit.
+    if (!g_root.empty()) return;
     g_root = fs::temp_directory_path() / ("verlcpp_merge_it_" + std::to_string(::getpid()));
     fs::remove_all(g_root);
     fs::create_directories(g_root);
-    for (const auto& [name, args] : cases()) {
-      std::string out;
-      int rc = run(py() + " " + oracle("make_fsdp_ckpt.py") + " --out " + q(g_root / name) + " " + args, &out);
-      ASSERT_EQ(rc, 0) << "fixture " << name << " failed:\n" << out;
-    }
+    // One Python process makes every case (torch is imported once).
+    std::string out;
+    int rc = run(py() + " " + oracle("make_fsdp_ckpt.py") + " --out " + q(g_root) + " --case " + kCases, &out);
+    ASSERT_EQ(rc, 0) << "fixtures failed:\n" << out;
   }
-  static void TearDownTestSuite() {
-    if (!std::getenv("VERLCPP_KEEP_TMP")) fs::remove_all(g_root);
-  }
+
   static fs::path ckpt(const std::string& c) { return g_root / c / "ckpt"; }
   static fs::path ref(const std::string& c) { return g_root / c / "ref"; }
 
@@ -99,8 +91,8 @@ TEST_F(MergeFsdp, Bf16CastIsTorchIdenticalAndShardedOutput) {
 TEST_F(MergeFsdp, Bf16CheckpointAutoDtype) {
   const fs::path out = g_root / "out" / "qwen2_bf16_auto";
   std::string log;
-  ASSERT_EQ(merge("qwen2_bf16_w2", out, "", &log), 0) << log;
-  check(out, ref("qwen2_bf16_w2"), "--dtype bf16 --logits");
+  ASSERT_EQ(merge("qwen2_w2_bf16", out, "", &log), 0) << log;
+  check(out, ref("qwen2_w2_bf16"), "--dtype bf16 --logits");
 }
 
 TEST_F(MergeFsdp, TiedEmbeddingsHaveNoLmHead) {
@@ -122,7 +114,7 @@ TEST_F(MergeFsdp, ValueModelWithEmptyShards) {
 
 TEST_F(MergeFsdp, Fsdp1ShardedStateDict) {
   // FSDP1 SHARDED_STATE_DICT: DTensors with a device mesh, ShardedTensors without one.
-  for (const char* c : {"fsdp1_w3", "fsdp1_st_w3"}) {
+  for (const char* c : {"fsdp1_w3", "fsdp1_sharded_tensor_w3"}) {
     SCOPED_TRACE(c);
     const fs::path out = g_root / "out" / c;
     std::string log;
