@@ -1,0 +1,156 @@
+// config.cpp — HF config.json → ModelConfig, with the defaults each family's transformers
+// config class uses when a field is absent.
+#include "model/config.h"
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "io/error.h"
+#include "io/file.h"
+
+namespace verl {
+
+namespace {
+using nlohmann::json;
+
+struct Arch {
+  const char* name;
+  Family family;
+  Head head;
+};
+const Arch kArchs[] = {
+    {"LlamaForCausalLM", Family::Llama, Head::CausalLM},
+    {"LlamaForTokenClassification", Family::Llama, Head::TokenClassification},
+    {"Qwen2ForCausalLM", Family::Qwen2, Head::CausalLM},
+    {"Qwen2ForTokenClassification", Family::Qwen2, Head::TokenClassification},
+    {"Qwen3ForCausalLM", Family::Qwen3, Head::CausalLM},
+    {"Qwen3ForTokenClassification", Family::Qwen3, Head::TokenClassification},
+};
+
+template <class T>
+T get_or(const json& j, const char* key, T dflt, const std::string& where) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return dflt;
+  try {
+    return it->get<T>();
+  } catch (const std::exception&) {
+    fail(where, ": config field '", key, "' has the wrong type (", it->dump(), ")");
+  }
+}
+int get_pos_int(const json& j, const char* key, const std::string& where) {
+  auto it = j.find(key);
+  if (it == j.end() || !it->is_number_integer() || it->get<long long>() <= 0)
+    fail(where, ": config field '", key, "' must be a positive integer, found ",
+         it == j.end() ? std::string("nothing") : it->dump());
+  return it->get<int>();
+}
+}  // namespace
+
+const std::vector<std::string>& supported_architectures() {
+  static const std::vector<std::string> v = [] {
+    std::vector<std::string> r;
+    for (const auto& a : kArchs) r.push_back(a.name);
+    return r;
+  }();
+  return v;
+}
+
+ModelConfig parse_model_config(const std::string& text, const std::string& where) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const std::exception& e) {
+    fail(where, ": not valid JSON: ", e.what());
+  }
+  if (!j.is_object()) fail(where, ": expected a JSON object");
+  ModelConfig c;
+  std::string arch;
+  if (j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty() &&
+      j["architectures"][0].is_string())
+    arch = j["architectures"][0].get<std::string>();
+  else if (j.contains("model_type") && j["model_type"].is_string()) {  // config saved without a model
+    std::string mt = j["model_type"].get<std::string>();
+    if (mt == "llama") arch = "LlamaForCausalLM";
+    else if (mt == "qwen2") arch = "Qwen2ForCausalLM";
+    else if (mt == "qwen3") arch = "Qwen3ForCausalLM";
+    else arch = "model_type " + mt;
+  }
+  const Arch* found = nullptr;
+  for (const auto& a : kArchs)
+    if (arch == a.name) found = &a;
+  if (!found) {
+    std::string list;
+    for (const auto& a : supported_architectures()) list += (list.empty() ? "" : ", ") + a;
+    fail(where, ": unsupported architecture '", arch.empty() ? std::string("(none)") : arch,
+         "'; supported: ", list);
+  }
+  c.architecture = arch;
+  c.family = found->family;
+  c.head = found->head;
+  c.vocab_size = get_pos_int(j, "vocab_size", where);
+  c.hidden_size = get_pos_int(j, "hidden_size", where);
+  c.intermediate_size = get_pos_int(j, "intermediate_size", where);
+  c.num_layers = get_pos_int(j, "num_hidden_layers", where);
+  c.num_heads = get_pos_int(j, "num_attention_heads", where);
+  c.num_kv_heads = j.contains("num_key_value_heads") && !j["num_key_value_heads"].is_null()
+                       ? get_pos_int(j, "num_key_value_heads", where)
+                       : c.num_heads;
+  if (c.num_heads % c.num_kv_heads != 0)
+    fail(where, ": num_attention_heads (", c.num_heads, ") is not a multiple of num_key_value_heads (",
+         c.num_kv_heads, ")");
+  c.head_dim = j.contains("head_dim") && !j["head_dim"].is_null() ? get_pos_int(j, "head_dim", where)
+                                                                  : c.hidden_size / c.num_heads;
+  if (!j.contains("head_dim") && c.hidden_size % c.num_heads != 0)
+    fail(where, ": hidden_size (", c.hidden_size, ") is not a multiple of num_attention_heads (", c.num_heads, ")");
+  if (c.head_dim % 2) fail(where, ": head_dim must be even for rotary embeddings, found ", c.head_dim);
+  c.rms_norm_eps = get_or<double>(j, "rms_norm_eps", 1e-6, where);
+  // transformers 5 moved rope_theta into rope_parameters; accept both.
+  json rope = j.contains("rope_parameters") && j["rope_parameters"].is_object() ? j["rope_parameters"]
+              : j.contains("rope_scaling") && j["rope_scaling"].is_object() ? j["rope_scaling"]
+                                                                            : json::object();
+  c.rope_theta = get_or<double>(j, "rope_theta", get_or<double>(rope, "rope_theta", 10000.0, where), where);
+  std::string rtype = get_or<std::string>(rope, "rope_type", get_or<std::string>(rope, "type", "default", where), where);
+  if (rtype == "default" || rtype.empty()) {
+    c.rope_scaling.type = "none";
+  } else if (rtype == "linear") {
+    c.rope_scaling.type = "linear";
+    c.rope_scaling.factor = get_or<double>(rope, "factor", 1.0, where);
+  } else if (rtype == "llama3") {
+    c.rope_scaling.type = "llama3";
+    c.rope_scaling.factor = get_or<double>(rope, "factor", 8.0, where);
+    c.rope_scaling.low_freq_factor = get_or<double>(rope, "low_freq_factor", 1.0, where);
+    c.rope_scaling.high_freq_factor = get_or<double>(rope, "high_freq_factor", 4.0, where);
+    c.rope_scaling.original_max_position_embeddings =
+        get_or<int>(rope, "original_max_position_embeddings", 8192, where);
+  } else {
+    fail(where, ": unsupported rope_scaling type '", rtype, "'; supported: default, linear, llama3");
+  }
+  if (c.rope_scaling.factor <= 0) fail(where, ": rope_scaling.factor must be positive");
+  if (get_or<bool>(j, "use_sliding_window", false, where))
+    fail(where, ": use_sliding_window is not supported (full attention only)");
+  c.tie_word_embeddings = get_or<bool>(j, "tie_word_embeddings", false, where);
+  c.attention_bias = c.family == Family::Qwen2 ? true : get_or<bool>(j, "attention_bias", false, where);
+  c.mlp_bias = c.family == Family::Llama ? get_or<bool>(j, "mlp_bias", false, where) : false;
+  c.qk_norm = c.family == Family::Qwen3;
+  c.hidden_act = get_or<std::string>(j, "hidden_act", "silu", where);
+  if (c.hidden_act != "silu")
+    fail(where, ": unsupported hidden_act '", c.hidden_act, "'; supported: silu (SwiGLU)");
+  if (c.head == Head::TokenClassification) {
+    int n = 2;  // transformers' PretrainedConfig default
+    if (j.contains("num_labels") && j["num_labels"].is_number_integer()) n = j["num_labels"].get<int>();
+    else if (j.contains("id2label") && j["id2label"].is_object()) n = int(j["id2label"].size());
+    if (n <= 0) fail(where, ": num_labels must be positive");
+    c.num_labels = n;
+  }
+  c.torch_dtype = get_or<std::string>(j, "torch_dtype", get_or<std::string>(j, "dtype", "", where), where);
+  return c;
+}
+
+ModelConfig load_model_config(const std::string& dir_or_file) {
+  namespace fs = std::filesystem;
+  std::string p = fs::is_directory(dir_or_file) ? (fs::path(dir_or_file) / "config.json").string() : dir_or_file;
+  if (!fs::exists(p)) fail(p, ": no such file (expected a HuggingFace config.json)");
+  return parse_model_config(read_text_file(p), p);
+}
+
+}  // namespace verl

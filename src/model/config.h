@@ -1,0 +1,44 @@
+// config.h — the transformer hyper-parameters read from a HuggingFace config.json, for the
+// families the engine implements (Llama, Qwen2, Qwen3) with a causal-LM or value (`score`)
+// head. Unknown architectures and rope scalings are errors that name what is supported.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace verl {
+
+enum class Family { Llama, Qwen2, Qwen3 };
+enum class Head { CausalLM, TokenClassification };
+
+struct RopeScaling {
+  std::string type = "none";  // none | linear | llama3
+  double factor = 1.0;
+  double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
+  int original_max_position_embeddings = 8192;            // llama3
+};
+
+struct ModelConfig {
+  std::string architecture;  // as written in config.json, e.g. "Qwen2ForCausalLM"
+  Family family = Family::Llama;
+  Head head = Head::CausalLM;
+  int vocab_size = 0, hidden_size = 0, intermediate_size = 0;
+  int num_layers = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  double rms_norm_eps = 1e-6, rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;  // q/k/v biases (Qwen2 always; Llama when attention_bias)
+  bool mlp_bias = false;
+  bool qk_norm = false;         // Qwen3: RMSNorm over head_dim on q and k
+  int num_labels = 1;           // value head width
+  std::string hidden_act = "silu";
+  std::string torch_dtype;      // "bfloat16", "float32", ... (informative)
+};
+
+// Every architecture string the engine builds.
+const std::vector<std::string>& supported_architectures();
+// Parse config.json text; `where` names the file in errors.
+ModelConfig parse_model_config(const std::string& json_text, const std::string& where);
+// Read <dir>/config.json (or a path to the file itself).
+ModelConfig load_model_config(const std::string& dir_or_file);
+
+}  // namespace verl

@@ -1,0 +1,92 @@
+// engine_test_util.h — helpers for the engine tests: fixtures made by tests/oracle scripts
+// (random HF models, batches, transformers / verl references) generated at test time once per
+// script version under a file lock and shared by the test processes; safetensors → tensors.
+#pragma once
+#include <ATen/ATen.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <string>
+
+#include "io/error.h"
+#include "io/file.h"
+#include "io/safetensors.h"
+#include "model/md5.h"
+#include "test_util.h"
+
+namespace verl::test {
+
+// Runs `python tests/oracle/<script> <out> <args>` once per script content; returns <out>.
+inline std::string oracle_fixture(const std::string& script, const std::string& args = "") {
+  namespace fs = std::filesystem;
+  std::string src = source_dir() + "/tests/oracle/" + script;
+  std::string key = md5_hex(read_text_file(src) + "|" + args);
+  const char* env = std::getenv("VERLCPP_FIXTURE_CACHE");
+  fs::path base = env && *env ? fs::path(env) : fs::temp_directory_path() / ("verlcpp-engine-fixtures-" + std::to_string(::getuid()));
+  fs::create_directories(base);
+  fs::path out = base / (fs::path(script).stem().string() + "-" + key.substr(0, 12));
+  int fd = ::open((base / ".lock").c_str(), O_RDWR | O_CREAT, 0644);
+  ::flock(fd, LOCK_EX);
+  if (!fs::exists(out / ".done")) {
+    fs::remove_all(out);
+    fs::create_directories(out);
+    std::string log;
+    int rc = run(python() + " " + src + " " + out.string() + " " + args, &log);
+    if (rc == 0) write_text_file((out / ".done").string(), "ok\n");
+    else ADD_FAILURE() << script << " failed:\n" << log;
+  }
+  ::flock(fd, LOCK_UN);
+  ::close(fd);
+  return out.string();
+}
+
+inline std::string engine_fixtures() { return oracle_fixture("engine_fixtures.py"); }
+
+inline at::ScalarType st_scalar(DType t) {
+  switch (t) {
+    case DType::F32: return at::kFloat;
+    case DType::I64: return at::kLong;
+    case DType::BF16: return at::kBFloat16;
+    case DType::I32: return at::kInt;
+    default: throw std::runtime_error("test: unexpected dtype");
+  }
+}
+
+// Every tensor of a safetensors file, copied out.
+inline std::map<std::string, at::Tensor> load_st(const std::string& path) {
+  SafetensorsReader r(path);
+  std::map<std::string, at::Tensor> m;
+  for (const auto& t : r.tensors()) {
+    at::Tensor x = at::empty(t.shape, at::TensorOptions().dtype(st_scalar(t.dtype)));
+    std::memcpy(x.data_ptr(), r.data(t), t.nbytes());
+    m[t.name] = x;
+  }
+  return m;
+}
+
+inline void save_st(const std::string& path, const std::map<std::string, at::Tensor>& m) {
+  std::vector<StSpec> specs;
+  for (const auto& [k, t] : m) {
+    DType d = t.scalar_type() == at::kFloat ? DType::F32 : t.scalar_type() == at::kLong ? DType::I64 : DType::I32;
+    specs.push_back({k, d, std::vector<int64_t>(t.sizes().begin(), t.sizes().end())});
+  }
+  SafetensorsWriter w(path, specs);
+  for (const auto& [k, t] : m) {
+    at::Tensor c = t.contiguous();
+    w.write(c.data_ptr(), c.nbytes());
+  }
+  w.finish();
+}
+
+inline double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+inline double mean_abs_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().mean().item<double>();
+}
+
+}  // namespace verl::test
