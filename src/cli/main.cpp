@@ -7,6 +7,9 @@
 
 #include "io/error.h"
 #include "merge/merger.h"
+#ifdef VERLCPP_WITH_TORCH
+#include "cli/logprob.h"
+#endif
 
 namespace {
 
@@ -52,6 +55,9 @@ int main(int argc, char** argv) {
       "verlcpp — the trainer side of verl in C++.\n"
       "Subcommands:\n"
       "  merge   sharded verl FSDP checkpoint -> HuggingFace safetensors folder (or compare with a reference)\n"
+#ifdef VERLCPP_WITH_TORCH
+      "  logprob per-token log-probs / entropy / values of packed sequences with a HF model\n"
+#endif
       "Run `verlcpp <subcommand> --help` for its flags."};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Help for every subcommand");
@@ -59,6 +65,10 @@ int main(int argc, char** argv) {
   std::string op = "merge", max_shard = "5GB";
   double alpha = -1;
   add_merge(app, mo, op, max_shard, alpha);
+#ifdef VERLCPP_WITH_TORCH
+  verl::LogprobOptions lo;
+  verl::add_logprob_subcommand(app, lo);
+#endif
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -71,6 +81,9 @@ int main(int argc, char** argv) {
       if (alpha >= 0) mo.lora_alpha = alpha;
       return verl::run_merge(mo);
     }
+#ifdef VERLCPP_WITH_TORCH
+    if (app.got_subcommand("logprob")) return verl::run_logprob(lo);
+#endif
   } catch (const verl::Error& e) {
     std::fprintf(stderr, "verlcpp: error: %s\n", e.what());
     return 2;
