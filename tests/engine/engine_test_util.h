@@ -20,6 +20,16 @@
 
 namespace verl::test {
 
+#ifdef VERLCPP_SOURCE_DIR
+// CTest's per-test ENVIRONMENT may not reach gtest-discovered tests: fall back to build paths.
+inline const bool kEngineEnvDefaults = [] {
+  ::setenv("VERLCPP_SRC", VERLCPP_SOURCE_DIR, 0);
+  ::setenv("VERLCPP_BIN", VERLCPP_BIN_PATH, 0);
+  ::setenv("VERLCPP_PYTHON", VERLCPP_PYTHON_PATH, 0);
+  return true;
+}();
+#endif
+
 // Runs `python tests/oracle/<script> <out> <args>` once per script content; returns <out>.
 inline std::string oracle_fixture(const std::string& script, const std::string& args = "") {
   namespace fs = std::filesystem;
