@@ -18,16 +18,17 @@ void add_merge(CLI::App& app, verl::MergeOptions& o, std::string& op, std::strin
       "merge",
       "Merge a sharded verl checkpoint into a HuggingFace folder (safetensors), or compare it with a reference.\n"
       "  verlcpp merge --backend fsdp --local_dir CKPT/global_step_N/actor --target_dir OUT\n"
-      "  verlcpp merge test --backend fsdp --local_dir CKPT --test_hf_dir REF");
+      "  verlcpp merge test --backend fsdp --local_dir CKPT --test_hf_dir REF\n"
+      "  verlcpp merge --backend megatron --local_dir CKPT/global_step_N/actor --target_dir OUT   (no GPU needed)");
   m->add_option("operation", op, "merge (default) or test, as in `python -m verl.model_merger {merge,test}`")
       ->check(CLI::IsMember({"merge", "test"}));
-  m->add_option("--backend", o.backend, "Checkpoint backend: fsdp")->check(CLI::IsMember({"fsdp", "megatron"}))->required();
-  m->add_option("--local_dir", o.local_dir, "Checkpoint folder (e.g. .../global_step_N/actor)")->required();
+  m->add_option("--backend", o.backend, "Checkpoint backend: fsdp, or megatron (Megatron-Core torch_dist / PyTorch DCP)")->check(CLI::IsMember({"fsdp", "megatron"}))->required();
+  m->add_option("--local_dir", o.local_dir, "Checkpoint folder (e.g. .../global_step_N/actor; megatron: it, its model/dist_ckpt, or a dist_ckpt folder)")->required();
   m->add_option("--target_dir", o.target_dir, "Output HuggingFace folder (written atomically)");
-  m->add_option("--hf_model_config_path", o.hf_config_dir, "Folder with config.json and tokenizer (default: LOCAL_DIR/huggingface)");
+  m->add_option("--hf_model_config_path", o.hf_config_dir, "Folder with config.json and tokenizer (default: LOCAL_DIR/huggingface; megatron: LOCAL_DIR/model/huggingface, then LOCAL_DIR/huggingface)");
   m->add_flag("--tie-word-embedding", o.tie_word_embedding,
               "Tie the output embedding to the input one: no lm_head.weight is written (also taken from config.json)");
-  m->add_flag("--is-value-model", o.is_value_model, "The checkpoint is a value model (critic); its head is kept as saved");
+  m->add_flag("--is-value-model", o.is_value_model, "The checkpoint is a value model (critic); its head is kept as saved (megatron: output_layer becomes score.weight)");
   m->add_flag("--trust-remote-code", o.trust_remote_code, "Copy custom model code (*.py named by auto_map) into the output");
   m->add_flag("--use_cpu_initialization", o.use_cpu_initialization, "Accepted for compatibility: the merger always runs on the CPU");
   m->add_option("--hf_upload_path", o.hf_upload_path, "Hub repository to upload to (not possible offline: the path to upload is printed)");
@@ -54,7 +55,7 @@ int main(int argc, char** argv) {
   CLI::App app{
       "verlcpp — the trainer side of verl in C++.\n"
       "Subcommands:\n"
-      "  merge   sharded verl FSDP checkpoint -> HuggingFace safetensors folder (or compare with a reference)\n"
+      "  merge   sharded verl FSDP or Megatron checkpoint -> HuggingFace safetensors folder (or compare with a reference)\n"
 #ifdef VERLCPP_WITH_TORCH
       "  logprob per-token log-probs / entropy / values of packed sequences with a HF model\n"
 #endif

@@ -24,6 +24,7 @@
 #include "io/safetensors.h"
 #include "merge/fsdp_source.h"
 #include "merge/hf_folder.h"
+#include "merge/megatron_source.h"
 #include "merge/progress.h"
 #include "merge/thread_pool.h"
 
@@ -310,13 +311,18 @@ int run_test(const CheckpointSource& src, const std::vector<OutTensor>& model, c
 }  // namespace
 
 int run_merge(const MergeOptions& opt) {
-  if (opt.backend != "fsdp")
-    fail("--backend ", opt.backend, ": not supported yet (supported: fsdp)");
+  if (opt.backend != "fsdp" && opt.backend != "megatron")
+    fail("--backend ", opt.backend, ": unknown (supported: fsdp, megatron)");
   if (opt.local_dir.empty()) fail("--local_dir is required");
   if (!opt.test && opt.target_dir.empty()) fail("--target_dir is required");
   if (opt.test && opt.test_hf_dir.empty()) fail("--test needs --test_hf_dir REF (a HuggingFace folder to compare with)");
 
-  const fs::path hf_dir = opt.hf_config_dir.empty() ? fs::path(opt.local_dir) / "huggingface" : fs::path(opt.hf_config_dir);
+  // Megatron: the dist_ckpt folder and its HF config are found in verl's layouts.
+  const bool megatron = opt.backend == "megatron";
+  const MegatronPaths mpaths = megatron ? locate_megatron_checkpoint(opt.local_dir, opt.hf_config_dir) : MegatronPaths{};
+  const fs::path hf_dir = megatron ? fs::path(mpaths.hf_dir)
+                          : opt.hf_config_dir.empty() ? fs::path(opt.local_dir) / "huggingface"
+                                                      : fs::path(opt.hf_config_dir);
   const fs::path cfg_path = hf_dir / "config.json";
   if (!fs::exists(cfg_path)) fail(cfg_path.string(), ": missing (the checkpoint's HuggingFace config is needed)");
   ojson config = read_json(cfg_path);
@@ -341,7 +347,13 @@ int run_merge(const MergeOptions& opt) {
 
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
   ThreadPool pool(opt.threads > 0 ? static_cast<size_t>(opt.threads) : std::min(hw, 8u));
-  FsdpSource src(opt.local_dir);
+  std::unique_ptr<CheckpointSource> src_ptr;
+  if (megatron)
+    src_ptr = std::make_unique<MegatronSource>(mpaths.dist_dir, config,
+                                               MegatronOptions{opt.tie_word_embedding, opt.is_value_model});
+  else
+    src_ptr = std::make_unique<FsdpSource>(opt.local_dir);
+  const CheckpointSource& src = *src_ptr;
   if (!opt.quiet) std::fprintf(stderr, "%s\n", src.describe().c_str());
 
   // Name map: LoRA adapter tensors apart, base names restored, tied lm_head dropped.
