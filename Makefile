@@ -20,6 +20,7 @@ test: setup
 
 bench: setup
 	@$(PY) bench/merge/bench_merge.py
+	@$(PY) bench/merge_megatron/bench_merge_megatron.py
 	@$(PY) bench/logprob/bench_logprob.py
 
 fuzz:

@@ -63,6 +63,7 @@ class Case:
     tie: bool = False
     extra: dict = field(default_factory=dict)  # more HF config fields
     writer: str = "mcore"       # mcore | dcp (torch DCP directly, per-layer keys, safetensors items)
+    dtype: torch.dtype = torch.float32
     notes: str = ""
 
 
@@ -107,8 +108,8 @@ def build_hf(case, seed):
     model = cls(config)
     model.config.architectures = [cls.__name__]
     randomize_(model, seed)
-    model.to(torch.float32)
-    model.config.dtype = torch.float32
+    model.to(case.dtype)
+    model.config.dtype = case.dtype
     return model.eval()
 
 
@@ -228,14 +229,15 @@ def mcore_config(case, hf_cfg):
               ffn_hidden_size=hf_cfg.intermediate_size, kv_channels=Conv(case, hf_cfg, {}).hd,
               use_cpu_initialization=True, perform_initialization=False, gated_linear_unit=True,
               activation_func=F.silu, normalization="RMSNorm", layernorm_epsilon=hf_cfg.rms_norm_eps,
-              add_bias_linear=False, add_qkv_bias="Qwen2" in case.arch, params_dtype=torch.float32,
+              add_bias_linear=False, add_qkv_bias="Qwen2" in case.arch, params_dtype=case.dtype,
+              bf16=case.dtype == torch.bfloat16,
               tensor_model_parallel_size=case.tp, pipeline_model_parallel_size=case.pp,
               expert_model_parallel_size=case.ep, expert_tensor_parallel_size=case.tp,
               qk_layernorm="Qwen3" in case.arch, hidden_dropout=0.0, attention_dropout=0.0,
               bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
               gradient_accumulation_fusion=False, persist_layer_norm=False)
     if case.pp > 1:  # verl's get_dynamic_pipeline_shards: 3 layers over 2 stages -> [1, 2]
-        kw.update(num_layers_in_first_pipeline_stage=hf_cfg.num_hidden_layers // 2, pipeline_dtype=torch.float32)
+        kw.update(num_layers_in_first_pipeline_stage=hf_cfg.num_hidden_layers // 2, pipeline_dtype=case.dtype)
     ne = getattr(hf_cfg, "num_experts", None) or getattr(hf_cfg, "num_local_experts", None)
     if ne:
         kw.update(num_moe_experts=ne, moe_router_topk=hf_cfg.num_experts_per_tok,
