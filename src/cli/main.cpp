@@ -9,6 +9,8 @@
 #include "merge/merger.h"
 #ifdef VERLCPP_WITH_TORCH
 #include "cli/logprob.h"
+#include "dist/comm.h"
+#include "engine/train.h"
 #endif
 
 namespace {
@@ -58,6 +60,7 @@ int main(int argc, char** argv) {
       "  merge   sharded verl FSDP or Megatron checkpoint -> HuggingFace safetensors folder (or compare with a reference)\n"
 #ifdef VERLCPP_WITH_TORCH
       "  logprob per-token log-probs / entropy / values of packed sequences with a HF model\n"
+      "  train   SFT / PPO (GRPO) policy / value training, FSDP-sharded over MPI ranks (mpirun -np N verlcpp train ...)\n"
 #endif
       "Run `verlcpp <subcommand> --help` for its flags."};
   app.require_subcommand(1);
@@ -69,6 +72,15 @@ int main(int argc, char** argv) {
 #ifdef VERLCPP_WITH_TORCH
   verl::LogprobOptions lo;
   verl::add_logprob_subcommand(app, lo);
+  verl::TrainArgs ta;
+  CLI::App* tr = app.add_subcommand(
+      "train",
+      "Train with the FSDP engine: SFT, a PPO/GRPO policy update or a value update.\n"
+      "  mpirun -np N build/verlcpp train --config FILE.yaml [key=value ...]\n"
+      "Without mpirun it runs as one process. Keys are verl's names (a dotted key counts by its last part).\n\n" +
+          verl::train_config_help());
+  tr->add_option("--config", ta.config_file, "YAML config file")->check(CLI::ExistingFile);
+  tr->add_option("overrides", ta.overrides, "key=value overrides (after the config file)");
 #endif
   try {
     app.parse(argc, argv);
@@ -84,9 +96,13 @@ int main(int argc, char** argv) {
     }
 #ifdef VERLCPP_WITH_TORCH
     if (app.got_subcommand("logprob")) return verl::run_logprob(lo);
+    if (app.got_subcommand("train")) return verl::run_train(ta);
 #endif
   } catch (const verl::Error& e) {
     std::fprintf(stderr, "verlcpp: error: %s\n", e.what());
+#ifdef VERLCPP_WITH_TORCH
+    verl::abort_comm(2);  // other ranks would wait for this one in their next collective
+#endif
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "verlcpp: error: %s\n", e.what());

@@ -119,4 +119,12 @@ void finalize_comm() {
 #endif
 }
 
+void abort_comm(int code) {
+#ifdef VERLCPP_WITH_MPI
+  abort_mpi(code);
+#else
+  (void)code;
+#endif
+}
+
 }  // namespace verl

@@ -55,5 +55,8 @@ bool launched_by_mpi();
 
 // Ends MPI cleanly at exit (no-op when MPI was never initialised).
 void finalize_comm();
+// After a fatal error on this rank: ends the whole job when there are other ranks
+// (MPI_Abort), so they do not wait for it; no-op for a single process.
+void abort_comm(int code);
 
 }  // namespace verl

@@ -14,6 +14,7 @@ std::unique_ptr<Comm> make_local_comm();
 #ifdef VERLCPP_WITH_MPI
 std::unique_ptr<Comm> make_mpi_comm(double timeout_s);
 void finalize_mpi();
+void abort_mpi(int code);
 #endif
 #ifdef VERLCPP_WITH_NCCL
 std::unique_ptr<Comm> make_nccl_comm(double timeout_s, int device);

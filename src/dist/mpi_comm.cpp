@@ -200,6 +200,17 @@ std::unique_ptr<Comm> make_mpi_comm(double timeout_s) {
   return std::make_unique<MpiComm>(MPI_COMM_WORLD, false, timeout_s);
 }
 
+void abort_mpi(int code) {
+  int init = 0, fin = 0, size = 1;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  if (!init || fin) return;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  std::fflush(stderr);
+  if (size > 1) MPI_Abort(MPI_COMM_WORLD, code);
+  MPI_Finalize();
+}
+
 void finalize_mpi() {
   int init = 0, fin = 0;
   MPI_Initialized(&init);

@@ -109,6 +109,13 @@ std::string layer_key(const char* tmpl, int i) {
   return s.replace(p, 2, std::to_string(i));
 }
 
+at::Tensor rotate_half(const at::Tensor& x) {
+  int64_t d = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, d, d), x.narrow(-1, 0, d)}, -1);
+}
+
+}  // namespace
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   at::Tensor h = x.to(at::kFloat);
   at::Tensor var = h.pow(2).mean(-1, true);
@@ -116,12 +123,13 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return w * h.to(x.scalar_type());
 }
 
-at::Tensor rotate_half(const at::Tensor& x) {
-  int64_t d = x.size(-1) / 2;
-  return at::cat({-x.narrow(-1, d, d), x.narrow(-1, 0, d)}, -1);
+void rope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids, at::ScalarType dtype, at::Tensor* cos,
+                  at::Tensor* sin) {
+  at::Tensor freqs = position_ids.to(at::kFloat).unsqueeze(1) * inv_freq.unsqueeze(0);  // [n, hd/2]
+  at::Tensor emb = at::cat({freqs, freqs}, -1);
+  *cos = emb.cos().to(dtype).unsqueeze(1);
+  *sin = emb.sin().to(dtype).unsqueeze(1);
 }
-
-}  // namespace
 
 at::ScalarType parse_engine_dtype(const std::string& s) {
   if (s == "fp32" || s == "float32") return at::kFloat;
@@ -274,8 +282,10 @@ int64_t Transformer::num_parameters() const {
   return n;
 }
 
-at::Tensor Transformer::attention(const DecoderLayer& l, const at::Tensor& x, const at::Tensor& cos,
-                                  const at::Tensor& sin, const std::vector<int64_t>& cu) const {
+namespace {
+
+at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::Tensor& x, const at::Tensor& cos,
+                     const at::Tensor& sin, const std::vector<int64_t>& cu) {
   const int64_t n = x.size(0), nh = cfg_.num_heads, nkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
   at::Tensor qkv = at::linear(x, l.qkv_w, l.qkv_b);
   at::Tensor q = qkv.narrow(1, 0, nh * hd).view({n, nh, hd});
@@ -308,6 +318,16 @@ at::Tensor Transformer::attention(const DecoderLayer& l, const at::Tensor& x, co
   return at::linear(out.view({n, nh * hd}), l.o_w, l.o_b);
 }
 
+}  // namespace
+
+at::Tensor decoder_layer_forward(const ModelConfig& cfg, const DecoderLayer& l, const at::Tensor& h,
+                                 const at::Tensor& cos, const at::Tensor& sin, const std::vector<int64_t>& cu) {
+  at::Tensor x = h + attention(cfg, l, rms_norm(h, l.input_norm, cfg.rms_norm_eps), cos, sin, cu);
+  at::Tensor gu = at::linear(rms_norm(x, l.post_norm, cfg.rms_norm_eps), l.gate_up_w, l.gate_up_b);
+  const int64_t I = cfg.intermediate_size;
+  return x + at::linear(at::silu(gu.narrow(1, 0, I)) * gu.narrow(1, I, I), l.down_w, l.down_b);
+}
+
 at::Tensor Transformer::hidden_states(const at::Tensor& input_ids, const at::Tensor& position_ids,
                                       const std::vector<int64_t>& cu) const {
   c10::InferenceMode guard;
@@ -320,17 +340,9 @@ at::Tensor Transformer::hidden_states(const at::Tensor& input_ids, const at::Ten
     if (lo < 0 || hi >= V) fail("input_ids: token id ", lo < 0 ? lo : hi, " is outside the vocabulary [0, ", V, ")");
   }
   at::Tensor h = at::embedding(embed_, input_ids);
-  at::Tensor freqs = position_ids.to(at::kFloat).unsqueeze(1) * inv_freq_.unsqueeze(0);  // [n, hd/2]
-  at::Tensor emb = at::cat({freqs, freqs}, -1);
-  at::Tensor cos = emb.cos().to(dtype_).unsqueeze(1), sin = emb.sin().to(dtype_).unsqueeze(1);
-  for (const auto& l : layers_) {
-    at::Tensor r = h;
-    h = r + attention(l, rms_norm(h, l.input_norm, cfg_.rms_norm_eps), cos, sin, cu);
-    r = h;
-    at::Tensor gu = at::linear(rms_norm(h, l.post_norm, cfg_.rms_norm_eps), l.gate_up_w, l.gate_up_b);
-    const int64_t I = cfg_.intermediate_size;
-    h = r + at::linear(at::silu(gu.narrow(1, 0, I)) * gu.narrow(1, I, I), l.down_w, l.down_b);
-  }
+  at::Tensor cos, sin;
+  rope_cos_sin(inv_freq_, position_ids, dtype_, &cos, &sin);
+  for (const auto& l : layers_) h = decoder_layer_forward(cfg_, l, h, cos, sin, cu);
   return rms_norm(h, final_norm_, cfg_.rms_norm_eps);
 }
 

@@ -46,13 +46,22 @@ class Transformer {
   int64_t num_parameters() const;
 
  private:
-  at::Tensor attention(const DecoderLayer& l, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                       const std::vector<int64_t>& cu) const;
   ModelConfig cfg_;
   at::ScalarType dtype_;
   at::Tensor embed_, final_norm_, lm_head_, score_w_, score_b_, inv_freq_;
   std::vector<DecoderLayer> layers_;
 };
+
+// The model's building blocks, used by Transformer and by the FSDP-sharded model (fsdp/),
+// which passes views of gathered flat buffers as the layer's tensors.
+// HF RMSNorm: normalise in fp32, cast back, scale.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+// cos / sin [n, 1, head_dim] of the rotary embedding at `position_ids`, in `dtype`.
+void rope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids, at::ScalarType dtype, at::Tensor* cos,
+                  at::Tensor* sin);
+// One decoder layer over a packed row [n, hidden]: attention within each sequence of `cu`, MLP.
+at::Tensor decoder_layer_forward(const ModelConfig& cfg, const DecoderLayer& l, const at::Tensor& h,
+                                 const at::Tensor& cos, const at::Tensor& sin, const std::vector<int64_t>& cu);
 
 // Rotary inverse frequencies (float32 [head_dim/2]) with the config's rope scaling, computed
 // exactly as transformers does.

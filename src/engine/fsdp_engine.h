@@ -1,0 +1,108 @@
+// fsdp_engine.h — the model engine an RL trainer drives, as verl's FSDP engine behaves:
+// a language-model (policy / SFT) or value-model engine over an FSDP-sharded transformer,
+// with micro-batching (fixed or token-balanced), forward_backward_batch with a loss, AdamW on
+// the local fp32 shards with global grad-norm clipping, the LR schedule, per-tensor export,
+// and sharded checkpoints in verl's folder layout (merged by `verlcpp merge --backend fsdp`).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "batch/batch.h"
+#include "engine/losses.h"
+#include "engine/optim.h"
+#include "fsdp/fsdp_model.h"
+
+namespace verl {
+
+class Comm;
+
+struct EngineConfig {
+  std::string model_path;        // local HF folder (config, weights, tokenizer)
+  std::string hf_config_path;    // default: model_path
+  std::string param_dtype = "fp32";  // compute dtype: fp32 | bf16 (mixed precision, fp32 master)
+  FsdpOptions fsdp;
+  bool forward_only = false;
+  // micro-batching
+  int micro_batch_size_per_gpu = 1;
+  bool use_dynamic_bsz = false;
+  int64_t max_token_len_per_gpu = 16384;
+  // optimizer + schedule
+  AdamWOptions adamw;
+  double grad_clip = 1.0;
+  LrScheduleOptions lr_schedule;
+  double temperature = 1.0;
+};
+
+// Per-token outputs of one micro-batch's packed row (autograd-connected in training).
+struct MicroOutputs {
+  at::Tensor log_probs;  // [nnz] fp32, position t scores token t+1 (0 at a sequence's last token)
+  at::Tensor entropy;    // [nnz] fp32 (when asked)
+  at::Tensor values;     // [nnz] fp32 (value model)
+  std::vector<int64_t> cu_seqlens;
+};
+
+struct LossResult {
+  at::Tensor loss;                         // scalar to back-propagate
+  std::map<std::string, double> metrics;   // summed over micro-batches by the engine
+};
+// micro: the micro-batch (its sequences, aligned per-token data); g: global normalisation.
+using LossFn = std::function<LossResult(const Batch& micro, const MicroOutputs& out, const GlobalBatchInfo& g)>;
+
+struct StepMetrics {
+  std::map<std::string, double> metrics;  // loss and the loss's metrics (summed over micro-batches)
+  int64_t tokens = 0;                     // tokens processed by this rank
+  int num_micro_batches = 0;
+};
+
+class FsdpEngine {
+ public:
+  FsdpEngine(const EngineConfig& cfg, Comm& world);
+  ~FsdpEngine();
+
+  const ModelConfig& model_config() const { return model_->config(); }
+  bool is_value_model() const { return model_config().head == Head::TokenClassification; }
+  Comm& world() { return world_; }
+  int dp_size() const;
+  void train_mode() { training_ = true; }
+  void eval_mode() { training_ = false; }
+
+  // This rank's part of a global batch (sequence "input_ids" + aligned per-token data) →
+  // micro-batches → forward (+ backward through `loss` unless forward_only). `needs_entropy`
+  // asks the forward for entropy. Gradients accumulate until optimizer_step().
+  StepMetrics forward_backward_batch(const Batch& batch, const LossFn& loss, bool forward_only, bool needs_entropy);
+  OptimizerStepResult optimizer_step();
+  double lr_scheduler_step();
+  double lr() const;
+  int64_t global_step() const { return global_step_; }
+  void set_global_step(int64_t s) { global_step_ = s; }
+
+  // Every parameter as a full fp32 tensor, one at a time, with its HF name (a collective).
+  void get_per_tensor_param(const std::function<void(const std::string&, const at::Tensor&)>& fn);
+
+  // <dir>/global_step_N/<role>/ in verl's layout; written atomically. `extra` is stored in
+  // the extra state (data position etc.) and returned by load_checkpoint.
+  void save_checkpoint(const std::string& dir, const std::string& role, int64_t step, int max_ckpt_to_keep,
+                       const nlohmann::json& extra);
+  nlohmann::json load_checkpoint(const std::string& ckpt_dir);  // a global_step_N/<role> folder
+
+ private:
+  EngineConfig cfg_;
+  Comm& world_;
+  std::unique_ptr<FsdpModel> model_;
+  std::unique_ptr<AdamW> opt_;
+  std::unique_ptr<LrScheduler> sched_;
+  bool training_ = true;
+  int64_t global_step_ = 0;
+  MicroOutputs run_micro(const Batch& micro, bool needs_entropy, const std::function<void(MicroOutputs&)>& consume);
+};
+
+// Pads per-token data of a micro-batch into [B, Tmax] (and a [B, Tmax] mask of real tokens).
+at::Tensor pad_jagged(const at::Tensor& flat, const std::vector<int64_t>& cu, int64_t tmax);
+
+}  // namespace verl

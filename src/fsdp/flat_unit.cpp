@@ -1,0 +1,115 @@
+// flat_unit.cpp — sharding math and collectives of one FSDP unit (see flat_unit.h).
+#include "fsdp/flat_unit.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/CPUAllocator.h>
+
+#include <algorithm>
+
+#include "dist/comm.h"
+#include "io/error.h"
+
+namespace verl {
+
+namespace {
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kBFloat16: return DType::BF16;
+    case at::kHalf: return DType::F16;
+    case at::kDouble: return DType::F64;
+    default: fail("fsdp: unsupported dtype ", c10::toString(t));
+  }
+}
+
+}  // namespace
+
+FlatUnit::FlatUnit(std::string name, std::vector<FlatParam> params, Comm* shard, Comm* replicate,
+                   at::ScalarType compute_dtype)
+    : name_(std::move(name)), params_(std::move(params)), comm_(shard), replicate_(replicate), dtype_(compute_dtype) {
+  int64_t off = 0;
+  for (auto& p : params_) {
+    p.numel = 1;
+    for (auto s : p.shape) p.numel *= s;
+    p.offset = off;
+    off += p.numel;
+  }
+  numel_ = off;
+  const int64_t n = comm_->size();
+  shard_ = (numel_ + n - 1) / n;
+  padded_ = shard_ * n;
+  shard_t_ = at::zeros({shard_}, at::kFloat);
+  grad_t_ = at::zeros({shard_}, at::kFloat);
+  full_ = at::empty({padded_}, at::TensorOptions().dtype(dtype_));
+  reshard();
+}
+
+const FlatParam* FlatUnit::find(const std::string& name) const {
+  for (const auto& p : params_)
+    if (p.name == name) return &p;
+  return nullptr;
+}
+
+int64_t FlatUnit::shard_begin() const { return comm_->rank() * shard_; }
+
+void FlatUnit::unshard() {
+  if (unsharded_) return;
+  c10::Storage st = full_.storage();
+  const size_t nbytes = static_cast<size_t>(padded_) * full_.element_size();
+  at::Allocator* alloc = st.allocator() ? st.allocator() : c10::GetCPUAllocator();
+  st.set_data_ptr_noswap(alloc->allocate(nbytes));
+  st.set_nbytes(nbytes);
+  at::Tensor local = dtype_ == at::kFloat ? shard_t_ : shard_t_.to(dtype_);
+  comm_->all_gather(local.data_ptr(), full_.data_ptr(), static_cast<size_t>(shard_), to_dtype(dtype_));
+  unsharded_ = true;
+}
+
+void FlatUnit::reshard() {
+  c10::Storage st = full_.storage();
+  at::Allocator* alloc = st.allocator() ? st.allocator() : c10::GetCPUAllocator();
+  st.set_data_ptr_noswap(alloc->allocate(0));
+  st.set_nbytes(0);
+  unsharded_ = false;
+}
+
+at::Tensor FlatUnit::view_of(const at::Tensor& flat, const FlatParam& p) const {
+  return flat.narrow(0, p.offset, p.numel).view(p.shape);
+}
+
+void FlatUnit::reduce_grad(const at::Tensor& full_grad) {
+  if (!full_grad.defined()) return;
+  at::Tensor g = full_grad.reshape({-1}).to(at::kFloat);
+  if (g.numel() != padded_) {
+    if (g.numel() != numel_) fail("fsdp unit ", name_, ": gradient of ", g.numel(), " elements, expected ", numel_);
+    g = at::constant_pad_nd(g, {0, padded_ - numel_});
+  }
+  g = g.contiguous();
+  at::Tensor out = at::empty({shard_}, at::kFloat);
+  comm_->reduce_scatter(g.data_ptr(), out.data_ptr(), static_cast<size_t>(shard_), DType::F32, ReduceOp::Avg);
+  if (replicate_ && replicate_->size() > 1)
+    replicate_->all_reduce(out.data_ptr(), static_cast<size_t>(shard_), DType::F32, ReduceOp::Avg);
+  grad_t_.add_(out);
+}
+
+void FlatUnit::zero_grad() { grad_t_.zero_(); }
+
+void FlatUnit::load_param(const FlatParam& p, const at::Tensor& src) {
+  if (src.numel() != p.numel) fail("fsdp unit ", name_, ": '", p.name, "' has ", src.numel(), " elements, expected ", p.numel);
+  const int64_t b = shard_begin(), e = b + shard_;
+  const int64_t lo = std::max(b, p.offset), hi = std::min(e, p.offset + p.numel);
+  if (lo >= hi) return;
+  at::Tensor flat = src.reshape({-1});
+  shard_t_.narrow(0, lo - b, hi - lo).copy_(flat.narrow(0, lo - p.offset, hi - lo));
+}
+
+at::Tensor FlatUnit::gather(const at::Tensor& shard) const {
+  if (shard.numel() != shard_ || shard.scalar_type() != at::kFloat)
+    fail("fsdp unit ", name_, ": gather of a tensor that is not an fp32 shard of ", shard_, " elements");
+  at::Tensor src = shard.contiguous();
+  at::Tensor full = at::empty({padded_}, at::kFloat);
+  comm_->all_gather(src.data_ptr(), full.data_ptr(), static_cast<size_t>(shard_), DType::F32);
+  return full;
+}
+
+}  // namespace verl

@@ -1,0 +1,78 @@
+// flat_unit.h — one FSDP unit (a decoder layer, or the root: embeddings, final norm, head):
+// its parameters flattened into one buffer padded to a multiple of the shard-group size N;
+// rank r owns elements [r·S, (r+1)·S) as an fp32 master shard with an fp32 gradient.
+//
+// unshard() all-gathers the shards (cast to the compute dtype first, as FSDP2's mixed
+// precision does) into the full buffer, whose storage is freed again by reshard() — the
+// parameter views handed to the model keep pointing at the same storage object, so tensors
+// that autograd saved during forward see the data again once backward re-gathers it.
+// reduce_grad() reduce-scatters a full fp32 gradient (mean over the shard group, then over
+// replica groups for hybrid sharding) and accumulates this rank's slice.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace verl {
+
+class Comm;
+
+struct FlatParam {
+  std::string name;             // HF name, e.g. "model.layers.3.self_attn.q_proj.weight"
+  std::vector<int64_t> shape;
+  int64_t offset = 0, numel = 0;  // in the unit's flat buffer
+};
+
+class FlatUnit {
+ public:
+  // `shard` groups ranks that split the unit; `replicate` (may be null) groups ranks that
+  // hold the same shard (hybrid sharding: gradients are averaged across it).
+  FlatUnit(std::string name, std::vector<FlatParam> params, Comm* shard, Comm* replicate, at::ScalarType compute_dtype);
+
+  const std::string& name() const { return name_; }
+  const std::vector<FlatParam>& params() const { return params_; }
+  const FlatParam* find(const std::string& name) const;
+  int64_t numel() const { return numel_; }        // unpadded
+  int64_t padded_numel() const { return padded_; }
+  int64_t shard_numel() const { return shard_; }  // S
+  int64_t shard_begin() const;                    // this rank's first flat element
+
+  at::Tensor& shard() { return shard_t_; }        // fp32 master [S]
+  at::Tensor& grad() { return grad_t_; }          // fp32 [S]
+
+  // Full parameters in the compute dtype, gathered from every shard (no-op if already).
+  void unshard();
+  // Frees the full buffer's memory (the storage object stays: views remain valid handles).
+  void reshard();
+  bool is_unsharded() const { return unsharded_; }
+  // The full flat buffer [padded] (valid while unsharded) and a view of one parameter.
+  const at::Tensor& full() const { return full_; }
+  at::Tensor view_of(const at::Tensor& flat, const FlatParam& p) const;
+
+  // Accumulates this rank's slice of the mean (over every data-parallel rank) of a full
+  // flat gradient [padded or unpadded], any floating dtype.
+  void reduce_grad(const at::Tensor& full_grad);
+  void zero_grad();
+
+  // Copies `src` (any dtype, `p.shape`) into the part of this rank's master shard that
+  // overlaps parameter p.
+  void load_param(const FlatParam& p, const at::Tensor& src);
+  // The full fp32 flat buffer [padded] of the master shards, or of any fp32 [S] tensor laid
+  // out like them (gradients, optimizer state): a collective over the shard group.
+  at::Tensor gather_full_fp32() const { return gather(shard_t_); }
+  at::Tensor gather(const at::Tensor& shard) const;
+
+ private:
+  std::string name_;
+  std::vector<FlatParam> params_;
+  Comm* comm_;
+  Comm* replicate_;
+  at::ScalarType dtype_;
+  int64_t numel_ = 0, padded_ = 0, shard_ = 0;
+  at::Tensor shard_t_, grad_t_, full_;
+  bool unsharded_ = false;
+};
+
+}  // namespace verl
