@@ -206,8 +206,10 @@ std::shared_ptr<const DcpCheckpoint::Located> DcpCheckpoint::locate(const DcpTen
   loc->stride.assign(c.sizes.size(), 1);
   for (size_t k = c.sizes.size(); k-- > 1;) loc->stride[k - 1] = loc->stride[k] * std::max<int64_t>(c.sizes[k], 1);
 
+  // Peek past the item's length: a safetensors item's length covers its tensor only, the
+  // blob's header sits at the item offset.
   uint8_t head[12] = {0};
-  const uint64_t peek = std::min<uint64_t>(c.length, sizeof head);
+  const uint64_t peek = std::min<uint64_t>(f.size() - c.offset, sizeof head);
   if (peek) f.read_at(head, peek, c.offset);
   if (peek >= 4 && head[0] == 'P' && head[1] == 'K' && head[2] == 3 && head[3] == 4) {
     // A torch.save archive of the chunk.
@@ -245,8 +247,8 @@ std::shared_ptr<const DcpCheckpoint::Located> DcpCheckpoint::locate(const DcpTen
     std::memcpy(&hlen, head, 8);
     const bool st = peek >= 9 && head[8] == '{' && hlen >= 2 && hlen <= SafetensorsReader::kMaxHeader &&
                     c.offset + 8 + hlen <= f.size();
+    std::shared_ptr<const std::map<std::string, StEntry>> hdr;
     if (st) {
-      std::shared_ptr<const std::map<std::string, StEntry>> hdr;
       {
         std::lock_guard<std::mutex> lk(mu_);
         auto it = st_headers_.find({c.file, c.offset});
@@ -255,14 +257,23 @@ std::shared_ptr<const DcpCheckpoint::Located> DcpCheckpoint::locate(const DcpTen
       if (!hdr) {
         std::vector<StTensor> tv;
         std::map<std::string, std::string> meta;
-        parse_safetensors_header(f.read_string(static_cast<size_t>(hlen), c.offset + 8), f.size() - c.offset - 8 - hlen,
-                                 f.path() + " (safetensors blob at offset " + std::to_string(c.offset) + ")", &tv, &meta);
-        auto m = std::make_shared<std::map<std::string, StEntry>>();
-        for (const auto& x : tv) (*m)[x.name] = StEntry{x.begin, x.end, x.dtype, x.shape};
-        hdr = m;
-        std::lock_guard<std::mutex> lk(mu_);
-        st_headers_[{c.file, c.offset}] = hdr;
+        try {
+          parse_safetensors_header(f.read_string(static_cast<size_t>(hlen), c.offset + 8), f.size() - c.offset - 8 - hlen,
+                                   f.path() + " (safetensors blob at offset " + std::to_string(c.offset) + ")", &tv, &meta);
+        } catch (const Error&) {
+          if (c.length != nbytes) throw;  // else: raw bytes that happen to look like a header
+          tv.clear();
+        }
+        if (!tv.empty()) {
+          auto m = std::make_shared<std::map<std::string, StEntry>>();
+          for (const auto& x : tv) (*m)[x.name] = StEntry{x.begin, x.end, x.dtype, x.shape};
+          hdr = m;
+          std::lock_guard<std::mutex> lk(mu_);
+          st_headers_[{c.file, c.offset}] = hdr;
+        }
       }
+    }
+    if (hdr) {
       auto it = hdr->find(t.fqn);
       if (it == hdr->end()) fail(w, ": the safetensors blob holds no tensor named '", t.fqn, "'");
       const StEntry& e = it->second;
