@@ -546,6 +546,7 @@ ValuePtr Parser::call(const ValuePtr& fn, const ValuePtr& args, int depth) {
     }
     return make_str(K::Bytes, std::move(out));
   }
+  if (n == "torch.jit._pickle.restore_type_tag" && a.size() == 2) return a[0];  // libtorch's typed containers
   if (n == "builtins.getattr" && a.size() == 2 && a[0]->is(K::Global) && a[1]->is(K::Str)) {
     // A nested class reference such as ShardedTensor.ProcessGroupState: still only a name.
     auto g = make(K::Global);

@@ -92,6 +92,16 @@ FsdpSource::FsdpSource(const std::string& local_dir) : dir_(local_dir) {
     fail(dir_, ": world size ", world_, " but ", missing.size(), " rank file(s) missing: ", m);
   }
 
+  {
+    const fs::path cfg = fs::path(dir_) / "fsdp_config.json";
+    if (fs::exists(cfg)) {
+      nlohmann::json j = nlohmann::json::parse(read_text_file(cfg.string()));
+      if (j.contains("units")) {
+        plan_flat_units(j);
+        return;
+      }
+    }
+  }
   auto rank0 = std::make_unique<TorchCheckpoint>(rank_file(dir_, world_, 0));
   // Mesh from the first DTensor; a checkpoint without DTensors is world size 1 or replicated.
   const DTensorMeta* mesh = nullptr;
@@ -139,6 +149,63 @@ FsdpSource::FsdpSource(const std::string& local_dir) : dir_(local_dir) {
     for (const auto& t : files_[f]->tensors())
       if (!first.find(t.key))
         fail(files_[f]->path(), ": key '", t.key, "' is not in ", first.path());
+}
+
+void FsdpSource::plan_flat_units(const nlohmann::json& j) {
+  const fs::path cfg = fs::path(dir_) / "fsdp_config.json";
+  const int fsdp = j.value("fsdp_size", world_);
+  if (fsdp < 1 || world_ % fsdp != 0) fail(cfg.string(), ": fsdp_size ", fsdp, " does not divide world_size ", world_);
+  for (int r = 0; r < fsdp; ++r) {  // the first shard group holds one whole replica
+    files_.push_back(std::make_unique<TorchCheckpoint>(rank_file(dir_, world_, r)));
+    file_rank_.push_back(r);
+    input_bytes_ += File(files_.back()->path()).size();
+  }
+  mesh_desc_ = "verlcpp flat units, shard group of " + std::to_string(fsdp) + ", reading " + std::to_string(fsdp) + " of " +
+               std::to_string(world_) + " rank files";
+  if (!j["units"].is_array()) fail(cfg.string(), ": 'units' must be a list");
+  try {
+    for (const auto& u : j["units"]) {
+      const std::string uname = u.at("name").get<std::string>();
+      const int64_t S = u.at("shard_numel").get<int64_t>(), numel = u.at("numel").get<int64_t>();
+      if (S * fsdp < numel)
+        fail(cfg.string(), ": unit '", uname, "': ", fsdp, " shards of ", S, " cannot hold ", numel, " elements");
+      std::vector<std::pair<size_t, const CkptTensor*>> shards;
+      for (size_t f = 0; f < files_.size(); ++f) {
+        const CkptTensor* t = files_[f]->find(uname + ".flat");
+        if (!t) fail(files_[f]->path(), ": no '", uname, ".flat' (listed in ", cfg.string(), ")");
+        if (t->dtensor || t->local.size.size() != 1 || t->local.size[0] != S)
+          fail(files_[f]->path(), ": '", uname, ".flat' should be a 1-D tensor of ", S, " elements");
+        shards.push_back({static_cast<size_t>(t - files_[f]->tensors().data()), t});
+      }
+      for (const auto& p : u.at("params")) {
+        SourceTensor st{p.at("name").get<std::string>(), shards[0].second->local.dtype,
+                        p.at("shape").get<std::vector<int64_t>>()};
+        const int64_t off = p.at("offset").get<int64_t>(), n = st.numel();
+        if (off < 0 || off + n > numel) fail(cfg.string(), ": '", st.name, "' lies outside unit '", uname, "'");
+        Plan plan;
+        plan.shard_dim = 0;
+        plan.flat = true;
+        for (int r = 0; r < fsdp; ++r) {
+          const int64_t lo = std::max(off, r * S), hi = std::min(off + n, (r + 1) * S);
+          if (lo >= hi) continue;
+          TensorRef ref = shards[r].second->local;
+          ref.storage_offset += lo - r * S;
+          ref.size = {hi - lo};
+          ref.stride = {1};
+          synth_.push_back(ref);
+          plan.pieces.push_back({r, shards[r].first, lo - off, static_cast<int>(synth_.size()) - 1});
+        }
+        tensors_.push_back(std::move(st));
+        plans_.push_back(std::move(plan));
+      }
+    }
+  } catch (const nlohmann::json::exception& e) {
+    fail(cfg.string(), ": malformed unit table: ", e.what());
+  }
+}
+
+const TensorRef& FsdpSource::local_of(const Piece& pc) const {
+  return pc.synth >= 0 ? synth_[static_cast<size_t>(pc.synth)] : files_[pc.file]->tensors()[pc.entry].local;
 }
 
 void FsdpSource::plan_tensor(const std::string& key) {
@@ -259,7 +326,8 @@ void FsdpSource::read(size_t index, DType out, void* dst, ThreadPool& pool) cons
   // A task copies local elements [a, b) of one piece into place.
   struct Task { size_t piece; int64_t a, b; };
   std::vector<Task> tasks;
-  const auto& g = st.shape;
+  const std::vector<int64_t> flat_shape = {st.numel()};
+  const auto& g = plan.flat ? flat_shape : st.shape;
   const int d = plan.shard_dim;
   auto geometry = [&](const TensorRef& local, int64_t& outer, int64_t& inner, int64_t& keep) {
     outer = 1;
@@ -271,7 +339,7 @@ void FsdpSource::read(size_t index, DType out, void* dst, ThreadPool& pool) cons
   };
   for (size_t pi = 0; pi < plan.pieces.size(); ++pi) {
     const Piece& pc = plan.pieces[pi];
-    const TensorRef& local = files_[pc.file]->tensors()[pc.entry].local;
+    const TensorRef& local = local_of(pc);
     int64_t outer, inner, keep;
     geometry(local, outer, inner, keep);
     const int64_t rows = keep;
@@ -290,7 +358,7 @@ void FsdpSource::read(size_t index, DType out, void* dst, ThreadPool& pool) cons
     const Task& t = tasks[ti];
     const Piece& pc = plan.pieces[t.piece];
     const TorchCheckpoint& file = *files_[pc.file];
-    const TensorRef& local = file.tensors()[pc.entry].local;
+    const TensorRef& local = local_of(pc);
     int64_t outer, inner, keep;
     geometry(local, outer, inner, keep);
     const int64_t n = t.b - t.a;

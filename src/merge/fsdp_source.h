@@ -6,6 +6,9 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
+#include "io/pickle.h"
 #include "merge/source.h"
 
 namespace verl {
@@ -32,11 +35,17 @@ class FsdpSource : public CheckpointSource {
     int file;        // index into files_
     size_t entry;    // index into that file's tensors()
     int64_t offset;  // start along the shard dim in the full tensor
+    int synth = -1;  // >= 0: read synth_[synth] instead of the file's tensor (flat slices)
   };
   struct Plan {
     int shard_dim = -1;  // -1: take pieces[0] whole
+    bool flat = false;   // pieces tile the tensor as a 1-D array (verlcpp flat units)
     std::vector<Piece> pieces;
   };
+  std::vector<TensorRef> synth_;  // slices of flat shards (verlcpp checkpoints)
+  // verlcpp's own checkpoints: per-unit flat shards + the unit table in fsdp_config.json.
+  void plan_flat_units(const nlohmann::json& cfg);
+  const TensorRef& local_of(const Piece& pc) const;
   std::string dir_;
   int world_ = 0;
   std::string mesh_desc_;
