@@ -262,6 +262,7 @@ TEST(LossPpo, EnginePpoLossWithEntropyAndKl) {
     ASSERT_TRUE(close(o.pg_clipfrac, c["m:actor/pg_clipfrac"].get<double>(), &tm)) << where(c);
     ASSERT_TRUE(close(o.ppo_kl, c["m:actor/ppo_kl"].get<double>(), &tm)) << where(c);
     ASSERT_TRUE(close(o.pg_clipfrac_lower, c["m:actor/pg_clipfrac_lower"].get<double>(), &tm)) << where(c);
+    ASSERT_TRUE(close(o.pg_loss, at::scalar_tensor(c["m:actor/pg_loss"].get<double>()), &tm)) << where(c);
     ASSERT_TRUE(close(o.entropy_loss, at::scalar_tensor(c["m:actor/entropy_loss"].get<double>()), &tm)) << where(c);
     if (cfg.use_kl_loss) {
       ASSERT_TRUE(close(o.kl_loss, at::scalar_tensor(c["m:kl_loss"].get<double>()), &tm)) << where(c);
