@@ -55,7 +55,7 @@ def plot(metrics, png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(metrics) if line.strip()]
+    rows = [r for r in (json.loads(line) for line in open(metrics) if line.strip()) if "step" in r]
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)

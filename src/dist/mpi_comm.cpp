@@ -179,8 +179,10 @@ class MpiComm final : public Comm {
         std::fflush(stderr);
         MPI_Abort(MPI_COMM_WORLD, 4);
       }
-      // Spin briefly, then back off: ranks often outnumber cores here.
-      if (++spins > 64) std::this_thread::sleep_for(std::chrono::microseconds(spins > 2000 ? 1000 : 50));
+      // Keep calling MPI_Test: non-blocking collectives progress only inside MPI calls, so a
+      // sleep here would stall large transfers. Yield so oversubscribed ranks share cores;
+      // back off to short sleeps only after a long wait (a stalled peer).
+      if (++spins > 200000) std::this_thread::sleep_for(std::chrono::microseconds(100));
       else std::this_thread::yield();
     }
   }

@@ -11,6 +11,9 @@
 #include "engine/train.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <malloc.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
@@ -23,6 +26,7 @@
 #include <map>
 #include <numeric>
 #include <random>
+#include <thread>
 
 #include "dist/comm.h"
 #include "engine/fsdp_engine.h"
@@ -93,6 +97,7 @@ const std::vector<Key>& keys() {
       {"metrics_file", "", "JSONL metrics (default: <default_local_dir>/metrics.jsonl)"},
       {"collective_timeout", "600", "seconds before a stalled collective aborts the job"},
       {"comm_backend", "auto", "auto | mpi | local"},
+      {"num_threads", "0", "CPU threads per rank (0: cores / ranks on this node)"},
       {"stop_after_steps", "-1", "stop (after saving) once this many steps ran in this process (for tests)"},
   };
   return k;
@@ -252,6 +257,14 @@ std::string train_config_help() {
 }
 
 int run_train(const TrainArgs& a) {
+  // Training frees and re-allocates the same large activation and parameter buffers every
+  // micro-batch; glibc would return them to the kernel and fault fresh zeroed pages back in
+  // each time. Keep freed memory in the heap instead (unless the user tuned malloc).
+  if (!std::getenv("MALLOC_TRIM_THRESHOLD_") && !std::getenv("MALLOC_MMAP_THRESHOLD_")) {
+    ::mallopt(M_MMAP_THRESHOLD, 1 << 30);
+    ::mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    ::mallopt(M_TOP_PAD, 1 << 30);
+  }
   Config c;
   if (!a.config_file.empty()) {
     YAML::Node root;
@@ -273,6 +286,16 @@ int run_train(const TrainArgs& a) {
   co.timeout_s = c.num("collective_timeout");
   auto world = make_comm(co);
   const int rank = world->rank(), W = world->size();
+  {
+    int64_t nt = c.integer("num_threads");
+    if (nt <= 0) {
+      const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+      if (!local) local = std::getenv("SLURM_NTASKS_PER_NODE");
+      const int per_node = local ? std::max(1, std::atoi(local)) : 1;
+      nt = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()) / per_node);
+    }
+    at::set_num_threads(static_cast<int>(nt));
+  }
   const bool lead = rank == 0;
 
   const std::string task = c.str("task");
@@ -491,6 +514,17 @@ int run_train(const TrainArgs& a) {
     if (stop) break;
   }
   if (tty) std::fprintf(stderr, "\n");
+  {
+    struct rusage ru;
+    ::getrusage(RUSAGE_SELF, &ru);
+    double rss[1] = {static_cast<double>(ru.ru_maxrss) / 1024.0};  // MiB
+    world->all_reduce(rss, 1, DType::F64, ReduceOp::Max);
+    if (lead) {
+      std::printf("peak RSS per rank (max over ranks): %.0f MiB\n", rss[0]);
+      nlohmann::json j = {{"summary", true}, {"peak_rss_mib_max_rank", rss[0]}, {"ranks", W}};
+      *mfile << j.dump() << "\n";
+    }
+  }
   world->barrier();
   world.reset();
   finalize_comm();
