@@ -22,6 +22,7 @@ bench: setup
 	@$(PY) bench/merge/bench_merge.py
 	@$(PY) bench/merge_megatron/bench_merge_megatron.py
 	@$(PY) bench/logprob/bench_logprob.py
+	@$(PY) bench/train/bench_train.py
 
 fuzz:
 	@bash fuzz/run.sh
