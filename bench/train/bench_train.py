@@ -11,6 +11,7 @@ Both use one thread per rank. Runs alternate. Prints tokens/s (steps 2..N; step 
 per-rank peak RSS of both and the ratios.
 
     python bench/train/bench_train.py [--steps 6] [--rounds 2] [--bs 16] [--mbs 2] [--verlcpp build/verlcpp]
+    python bench/train/bench_train.py --scaling     # per-rank memory with 1, 2 and 4 ranks
 """
 import argparse
 import json
@@ -150,6 +151,31 @@ def run_ours(a, model_dir, data, k):
     return sum(r["tokens"] for r in steps) / sum(r["step_time_s"] for r in steps), rss
 
 
+def scaling(a, model_dir, data):
+    """Per-rank peak RSS of verlcpp train with 1, 2 and 4 ranks (one step, micro-batch 1), and
+    the sharded training state per rank: fp32 parameters + gradients + two AdamW moments."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(cfg).parameters())
+    print(f"\nper-rank memory vs ranks ({params / 1e6:.1f}M parameters; state = 16 bytes x params / N)")
+    print(f"{'ranks':>6}{'state/rank':>12}{'peak RSS/rank':>15}")
+    for n in (1, 2, 4):
+        ck = os.path.join(OUT, f"ck_scaling_{n}")
+        subprocess.run(["rm", "-rf", ck])
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(n), a.verlcpp, "train",
+               f"path={model_dir}", f"train_files={data}", f"train_batch_size={4 * n}", "micro_batch_size_per_gpu=1",
+               "total_training_steps=1", "shuffle=false", "resume_mode=disable", f"default_local_dir={ck}",
+               "num_threads=1", "stop_after_steps=1"]
+        env = dict(os.environ, OMPI_MCA_btl_vader_single_copy_mechanism="none")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            raise SystemExit(f"verlcpp failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        rows = [json.loads(line) for line in open(os.path.join(ck, "metrics.jsonl")) if line.strip()]
+        rss = [r for r in rows if r.get("summary")][-1]["peak_rss_mib_max_rank"]
+        print(f"{n:>6}{16 * params / n / 2**20:>9.0f} MiB{rss:>12.0f} MiB", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)
@@ -157,8 +183,12 @@ def main():
     ap.add_argument("--bs", type=int, default=16)
     ap.add_argument("--mbs", type=int, default=2)
     ap.add_argument("--verlcpp", default=os.path.join(ROOT, "build", "verlcpp"))
+    ap.add_argument("--scaling", action="store_true", help="only the per-rank memory for 1, 2, 4 ranks")
     a = ap.parse_args()
     model_dir, data, total = make_inputs(a)
+    if a.scaling:
+        scaling(a, model_dir, data)
+        return 0
     print(f"data: {a.bs * a.steps} sequences, {total} tokens; batch {a.bs}, micro-batch {a.mbs}, {a.steps} steps, "
           f"2 ranks x 1 thread")
     peer, ours = [], []

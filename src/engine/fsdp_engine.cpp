@@ -144,17 +144,7 @@ StepMetrics FsdpEngine::forward_backward_batch(const Batch& batch, const LossFn&
   g.batch_num_tokens = stats[0];
   g.global_batch_size = stats[1];
 
-  Partitions parts;
-  if (cfg_.use_dynamic_bsz) {
-    DynamicBatchOptions o;
-    o.max_token_len = cfg_.max_token_len_per_gpu;
-    o.dp_max = [this](std::vector<int64_t>& v) {
-      if (!v.empty()) world_.all_reduce(v.data(), v.size(), DType::I64, ReduceOp::Max);
-    };
-    parts = rearrange_micro_batches(lens, o);
-  } else {
-    parts = fixed_micro_batches(B, std::max(1, cfg_.micro_batch_size_per_gpu));
-  }
+  const Partitions parts = micro_batches(lens);
 
   StepMetrics sm;
   sm.num_micro_batches = static_cast<int>(parts.size());
@@ -172,6 +162,54 @@ StepMetrics FsdpEngine::forward_backward_batch(const Batch& batch, const LossFn&
     for (const auto& [k, v] : lr.metrics) sm.metrics[k] += v;
   }
   return sm;
+}
+
+Partitions FsdpEngine::micro_batches(const std::vector<int64_t>& lens) {
+  if (cfg_.use_dynamic_bsz) {
+    DynamicBatchOptions o;
+    o.max_token_len = cfg_.max_token_len_per_gpu;
+    o.dp_max = [this](std::vector<int64_t>& v) {
+      if (!v.empty()) world_.all_reduce(v.data(), v.size(), DType::I64, ReduceOp::Max);
+    };
+    return rearrange_micro_batches(lens, o);
+  }
+  return fixed_micro_batches(static_cast<int>(lens.size()), std::max(1, cfg_.micro_batch_size_per_gpu));
+}
+
+FsdpEngine::TrainStepResult FsdpEngine::train_batch(const Batch& batch, const LossFn& loss, bool needs_entropy) {
+  TrainStepResult r;
+  r.metrics = forward_backward_batch(batch, loss, false, needs_entropy);
+  r.opt = optimizer_step();
+  r.lr = lr();
+  lr_scheduler_step();
+  return r;
+}
+
+SampleOutputs FsdpEngine::infer_batch(const Batch& batch, bool calculate_entropy) {
+  auto seq = batch.sequences.find("input_ids");
+  if (seq == batch.sequences.end()) fail("batch: no 'input_ids' sequences");
+  const Partitions parts = micro_batches(seq->second.lengths());
+  at::NoGradGuard no_grad;
+  std::vector<Jagged> lp, ent, val;
+  for (const auto& idx : parts) {
+    MicroOutputs out = run_micro(batch.select(idx), calculate_entropy, [](MicroOutputs&) {});
+    std::vector<int64_t> lens;
+    for (size_t i = 0; i + 1 < out.cu_seqlens.size(); ++i) lens.push_back(out.cu_seqlens[i + 1] - out.cu_seqlens[i]);
+    if (out.log_probs.defined()) lp.push_back(Jagged::from_lengths(out.log_probs, lens));
+    if (out.entropy.defined()) ent.push_back(Jagged::from_lengths(out.entropy, lens));
+    if (out.values.defined()) val.push_back(Jagged::from_lengths(out.values, lens));
+  }
+  // Micro-batch order → sample order.
+  const std::vector<int> back = reverse_index(parts);
+  SampleOutputs so;
+  if (!lp.empty()) so.log_probs = Jagged::concat(lp).select(back);
+  if (!ent.empty()) so.entropy = Jagged::concat(ent).select(back);
+  if (!val.empty()) so.values = Jagged::concat(val).select(back);
+  return so;
+}
+
+void FsdpEngine::to(const std::string& device) {
+  if (device != "cpu") fail("engine.to('", device, "'): this build computes on the CPU only");
 }
 
 OptimizerStepResult FsdpEngine::optimizer_step() {

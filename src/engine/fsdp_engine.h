@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "batch/batch.h"
+#include "engine/forward_step.h"
 #include "engine/losses.h"
 #include "engine/optim.h"
 #include "fsdp/fsdp_model.h"
@@ -76,6 +77,18 @@ class FsdpEngine {
   // micro-batches → forward (+ backward through `loss` unless forward_only). `needs_entropy`
   // asks the forward for entropy. Gradients accumulate until optimizer_step().
   StepMetrics forward_backward_batch(const Batch& batch, const LossFn& loss, bool forward_only, bool needs_entropy);
+  // forward_backward_batch + optimizer_step + lr_scheduler_step (verl's train_batch).
+  struct TrainStepResult {
+    StepMetrics metrics;
+    OptimizerStepResult opt;
+    double lr = 0;  // the lr this step used
+  };
+  TrainStepResult train_batch(const Batch& batch, const LossFn& loss, bool needs_entropy);
+  // Forward only: per-sample log-probs (+ entropy) or values, in the batch's sample order
+  // (micro-batched as configured, fixed or token-balanced).
+  SampleOutputs infer_batch(const Batch& batch, bool calculate_entropy);
+  // Moves the engine to a device: "cpu" (a no-op; this build computes on the CPU).
+  void to(const std::string& device);
   OptimizerStepResult optimizer_step();
   double lr_scheduler_step();
   double lr() const;
@@ -99,6 +112,7 @@ class FsdpEngine {
   std::unique_ptr<LrScheduler> sched_;
   bool training_ = true;
   int64_t global_step_ = 0;
+  Partitions micro_batches(const std::vector<int64_t>& lens);
   MicroOutputs run_micro(const Batch& micro, bool needs_entropy, const std::function<void(MicroOutputs&)>& consume);
 };
 
