@@ -8,7 +8,8 @@ sharded over each world size in --sizes, then runs, alternating, --runs merges o
 measuring wall time and peak RSS (the child's ru_maxrss from wait4). Both write bf16 (verl
 always does). It also measures a disk floor: reading every shard byte plus writing as many
 bytes as the merged output holds; page-cache state is whatever the runs left (warm: there
-is no way to drop caches here), so the floor is a warm floor as well.
+is no way to drop caches here), so the floor is a warm floor as well. Every run (and the floor) starts after a sync, so that writeback of
+the previous run's output does not throttle it.
 
 Shard files are written directly, in exactly the format FSDP2 gives: for each rank, under a
 single-process "fake" process group of that rank, DTensors (mesh ("fsdp",), Shard(0)) over
@@ -300,6 +301,9 @@ def bench_world(world, a, cfg, work, have_ours, log):
                 continue
             shutil.rmtree(outs[who], ignore_errors=True)
             logp = os.path.join(base, f"{who}_run{i}.log")
+            # Start every run with no dirty pages left by the previous one (writeback of the
+            # last run's 3 GB output would otherwise throttle this run's writes).
+            os.sync()
             rc, wall, rss = run_measured(cmds[who], logp)
             if rc != 0:
                 failed[who] = f"rc={rc}, see {logp}"
@@ -315,6 +319,7 @@ def bench_world(world, a, cfg, work, have_ours, log):
         log(f"world {world}: outputs {verdict}")
     done = [w for w in ("ours", "verl") if results[w]]
     out_bytes = folder_bytes(outs[done[0]]) if done else 0
+    os.sync()
     read_s, write_s = disk_floor(ckpt, world, out_bytes, os.path.join(base, "floor_write.tmp"))
     med = {w: statistics.median(x[0] for x in results[w]) if results[w] else None for w in results}
     rss = {w: max(x[1] for x in results[w]) if results[w] else None for w in results}

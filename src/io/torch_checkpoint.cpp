@@ -314,6 +314,24 @@ void TorchCheckpoint::read_elements(const TensorRef& t, int64_t first, int64_t n
   }
 }
 
+const uint8_t* TorchCheckpoint::map_elements(const TensorRef& t, int64_t first, int64_t n) const {
+  if (n <= 0 || !t.is_contiguous()) return nullptr;
+  const Rec& rec = storage(t);
+  const uint64_t es = dtype_size(t.dtype);
+  const uint64_t off = static_cast<uint64_t>(t.storage_offset + first) * es, len = static_cast<uint64_t>(n) * es;
+  if (off + len > rec.size) fail(path(), ": read of ", len, " bytes at ", off, " is outside its storage record");
+  std::call_once(map_once_, [&] { map_ = std::make_unique<MappedFile>(path()); });
+  if (rec.data_offset + off + len > map_->size()) fail(path(), ": storage record lies past the end of the file (truncated?)");
+  return map_->data() + rec.data_offset + off;
+}
+
+void TorchCheckpoint::release_elements(const TensorRef& t, int64_t first, int64_t n) const {
+  if (!map_ || n <= 0) return;
+  const Rec& rec = storage(t);
+  const uint64_t es = dtype_size(t.dtype);
+  map_->release(rec.data_offset + static_cast<uint64_t>(t.storage_offset + first) * es, static_cast<uint64_t>(n) * es);
+}
+
 std::vector<int64_t> TorchCheckpoint::read_ints(const TensorRef& t) const {
   const int64_t n = t.numel();
   if (n > (1 << 20)) fail(path(), ": integer tensor too large to be a mesh (", n, " elements)");

@@ -5,10 +5,12 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
+#include "io/file.h"
 #include "io/pickle.h"
 #include "io/zip.h"
 
@@ -51,9 +53,16 @@ class TorchCheckpoint {
   // Copies elements [first, first+n) of the row-major view `t` into dst (t.dtype, dense).
   void read_elements(const TensorRef& t, int64_t first, int64_t n, void* dst) const;
   std::vector<int64_t> read_ints(const TensorRef& t) const;  // small integer tensors
+  // Elements [first, first+n) of a contiguous view, in place in a read-only mapping of the
+  // file (nullptr when the view is not contiguous); release_elements drops those pages from
+  // the resident set again once used.
+  const uint8_t* map_elements(const TensorRef& t, int64_t first, int64_t n) const;
+  void release_elements(const TensorRef& t, int64_t first, int64_t n) const;
 
  private:
   ZipReader zip_;
+  mutable std::once_flag map_once_;
+  mutable std::unique_ptr<MappedFile> map_;
   std::string prefix_;
   std::vector<CkptTensor> tensors_;
   std::vector<std::string> other_keys_;

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <regex>
 #include <set>
 
@@ -368,10 +369,25 @@ void FsdpSource::read(size_t index, DType out, void* dst, ThreadPool& pool) cons
       file.read_elements(local, t.a, n, o + dpos * osz);
       return;
     }
-    scratch.resize(static_cast<size_t>(n) * isz);
-    file.read_elements(local, t.a, n, scratch.data());
+    // Convert straight from the mapped file when the view is contiguous (no copy into a
+    // scratch buffer), then drop those pages from our resident set.
+    const uint8_t* srcp = file.map_elements(local, t.a, n);
+    struct Release {
+      const TorchCheckpoint& f;
+      const TensorRef& r;
+      int64_t a, n;
+      ~Release() { f.release_elements(r, a, n); }
+    };
+    std::optional<Release> release;
+    if (srcp) {
+      release.emplace(Release{file, local, t.a, n});
+    } else {
+      scratch.resize(static_cast<size_t>(n) * isz);
+      file.read_elements(local, t.a, n, scratch.data());
+      srcp = scratch.data();
+    }
     if (d < 0) {
-      convert(scratch.data(), in, o + t.a * osz, out, static_cast<size_t>(n));
+      convert(srcp, in, o + t.a * osz, out, static_cast<size_t>(n));
       return;
     }
     const int64_t rowlen = keep * inner;  // local elements per outer index
@@ -380,7 +396,7 @@ void FsdpSource::read(size_t index, DType out, void* dst, ThreadPool& pool) cons
       const int64_t ob = pos / rowlen, r = pos % rowlen;
       const int64_t end = std::min(t.b, (ob + 1) * rowlen);
       const int64_t dpos = (ob * gd + pc.offset) * inner + r;
-      convert(scratch.data() + (pos - t.a) * isz, in, o + dpos * osz, out, static_cast<size_t>(end - pos));
+      convert(srcp + (pos - t.a) * isz, in, o + dpos * osz, out, static_cast<size_t>(end - pos));
       pos = end;
     }
   });

@@ -127,7 +127,9 @@ void write_files(const CheckpointSource& src, const std::vector<OutTensor>& tens
                  const std::vector<std::string>& paths, double lora_scale, ThreadPool& pool, Progress& progress) {
   std::mutex mu;
   std::condition_variable cv;
-  std::unique_ptr<uint8_t[]> slot;
+  std::unique_ptr<uint8_t[]> slot, spare;
+  uint64_t spare_cap = 0;
+  std::vector<uint64_t> caps(tensors.size(), 0);  // capacity of the buffer holding tensor i
   size_t slot_idx = 0;
   bool have = false, done = false;
   std::exception_ptr werr;
@@ -155,7 +157,12 @@ void write_files(const CheckpointSource& src, const std::vector<OutTensor>& tens
           w = std::make_unique<SafetensorsWriter>(paths[file], specs);
         }
         w->write(buf.get(), tensors[i].nbytes());
-        buf.reset();
+        {
+          // Hand the buffer back for reuse: fresh memory costs a page fault per 4 KB.
+          std::lock_guard<std::mutex> lk(mu);
+          spare = std::move(buf);
+          spare_cap = caps[i];
+        }
         progress.add(1, tensors[i].nbytes());
       }
       if (w) w->finish();
@@ -177,7 +184,19 @@ void write_files(const CheckpointSource& src, const std::vector<OutTensor>& tens
         cv.wait(lk, [&] { return !have || werr; });
         if (werr) break;
       }
-      auto buf = alloc(ot.nbytes());
+      std::unique_ptr<uint8_t[]> buf;
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        if (spare && spare_cap >= ot.nbytes()) {
+          buf = std::move(spare);
+          caps[i] = spare_cap;
+        }
+        spare.reset();
+      }
+      if (!buf) {
+        buf = alloc(ot.nbytes());
+        caps[i] = ot.nbytes();
+      }
       if (ot.lora_a >= 0) fuse_lora(src, ot, lora_scale, buf.get(), pool);
       else src.read(ot.src, ot.dtype, buf.get(), pool);
       std::unique_lock<std::mutex> lk(mu);
@@ -203,6 +222,37 @@ void write_files(const CheckpointSource& src, const std::vector<OutTensor>& tens
   writer.join();
   (void)slot_idx;
   if (werr) std::rethrow_exception(werr);
+}
+
+// The writer holds tensor i while tensor i+1 is assembled, so peak memory is the largest sum
+// of two neighbours. Name order puts lm_head.weight next to model.embed_tokens.weight, the two
+// largest tensors of an untied model: move the largest tensor between two small ones.
+void separate_largest(std::vector<OutTensor>& t) {
+  if (t.size() < 4) return;
+  size_t big = 0;
+  for (size_t i = 1; i < t.size(); ++i)
+    if (t[i].nbytes() > t[big].nbytes()) big = i;
+  auto pair_max = [&](const std::vector<OutTensor>& v) {
+    uint64_t m = 0;
+    for (size_t i = 0; i + 1 < v.size(); ++i) m = std::max(m, v[i].nbytes() + v[i + 1].nbytes());
+    return m;
+  };
+  // Try every slot for it; keep the order with the smallest neighbour sum (ties: name order).
+  std::vector<OutTensor> rest = t;
+  OutTensor moved = rest[big];
+  rest.erase(rest.begin() + static_cast<std::ptrdiff_t>(big));
+  uint64_t best = pair_max(t);
+  std::vector<OutTensor> best_order;
+  for (size_t pos = 0; pos <= rest.size(); ++pos) {
+    std::vector<OutTensor> cand = rest;
+    cand.insert(cand.begin() + static_cast<std::ptrdiff_t>(pos), moved);
+    const uint64_t m = pair_max(cand);
+    if (m < best) {
+      best = m;
+      best_order = std::move(cand);
+    }
+  }
+  if (!best_order.empty()) t = std::move(best_order);
 }
 
 // Greedy size-capped grouping, as transformers' save_pretrained does.
@@ -403,6 +453,7 @@ int run_merge(const MergeOptions& opt) {
     model.push_back(ot);
   }
   std::sort(model.begin(), model.end(), [](const OutTensor& a, const OutTensor& b) { return a.name < b.name; });
+  separate_largest(model);
   std::sort(adapter.begin(), adapter.end(), [](const OutTensor& a, const OutTensor& b) { return a.name < b.name; });
   if (opt.fuse_lora && !lora.present) fail("--fuse-lora: the checkpoint has no LoRA adapter weights");
 

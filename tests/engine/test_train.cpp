@@ -40,6 +40,7 @@ class Train : public ::testing::Test {
     ASSERT_EQ(run(oracle() + " make --out " + q(g_dir) + " --seqs 16", &log), 0) << log;
     ASSERT_EQ(run(oracle() + " ref --out " + q(g_dir) + " --task sft --steps 3 --bs 8", &log), 0) << log;
     ASSERT_EQ(run(oracle() + " ref --out " + q(g_dir) + " --task ppo --steps 3 --bs 8", &log), 0) << log;
+    ASSERT_EQ(run(oracle() + " ref --out " + q(g_dir) + " --task value --steps 3 --bs 8", &log), 0) << log;
   }
   static void TearDownTestSuite() {
     if (!std::getenv("VERLCPP_KEEP_TMP")) fs::remove_all(g_dir);
@@ -54,15 +55,16 @@ class Train : public ::testing::Test {
                    q(d / "ck") + " " + extra,
                log);
   }
-  int merge(const std::string& name, int step, std::string* log) {
+  int merge(const std::string& name, int step, std::string* log, const std::string& role = "actor") {
     const fs::path d = g_dir / name;
     return run(verlcpp_bin() + " merge -q --backend fsdp --dtype fp32 --overwrite --local_dir " +
-                   q(d / "ck" / ("global_step_" + std::to_string(step)) / "actor") + " --target_dir " + q(d / "merged"),
+                   q(d / "ck" / ("global_step_" + std::to_string(step)) / role) + " --target_dir " + q(d / "merged"),
                log);
   }
-  void check(const std::string& name, const std::string& ref, const std::string& extra = "") {
+  void check(const std::string& name, const std::string& ref, const std::string& extra = "",
+             const std::string& role = "actor") {
     std::string log;
-    ASSERT_EQ(merge(name, 3, &log), 0) << log;
+    ASSERT_EQ(merge(name, 3, &log, role), 0) << log;
     EXPECT_EQ(run(oracle() + " check --merged " + q(g_dir / name / "merged") + " --ref " + q(g_dir / ref) + " " + extra, &log), 0)
         << log;
   }
@@ -92,6 +94,12 @@ TEST_F(Train, PpoMatchesVerlsPolicyLoss) {
   std::string log;
   ASSERT_EQ(train("ppo", 2, "task=ppo clip_ratio=0.2 micro_batch_size_per_gpu=2", &log), 0) << log;
   check("ppo", "ref_ppo_3.safetensors");
+}
+
+TEST_F(Train, ValueModelMatchesVerlsValueLoss) {
+  std::string log;
+  ASSERT_EQ(train("value", 2, "task=value path=value_model cliprange_value=0.5 micro_batch_size_per_gpu=2", &log), 0) << log;
+  check("value", "ref_value_3.safetensors", "", "critic");
 }
 
 TEST_F(Train, Bf16MixedPrecisionStaysClose) {

@@ -39,6 +39,15 @@ def make(a):
             if p.dim() == 2:
                 p.normal_(0, 0.08)
     model.save_pretrained(os.path.join(a.out, "model"), safe_serialization=True)
+    # A critic of the same family: token classification with one label (verl's value model).
+    vcls = transformers.Qwen2ForTokenClassification if a.family == "qwen2" else transformers.LlamaForTokenClassification
+    vcfg = type(cfg)(**common, num_labels=1)
+    critic = vcls(vcfg).float()
+    with torch.no_grad():
+        for p in critic.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    critic.save_pretrained(os.path.join(a.out, "value_model"), safe_serialization=True)
     g = torch.Generator().manual_seed(a.seed + 1)
     lens = torch.randint(6, 40, (a.seqs,), generator=g)
     nnz = int(lens.sum())
@@ -52,8 +61,10 @@ def make(a):
     adv = torch.randn(nnz, generator=g) * mask
     old = -2.0 - torch.rand(nnz, generator=g)
     ref = old + 0.1 * torch.randn(nnz, generator=g)
+    returns = torch.randn(nnz, generator=g) * mask
+    values = 0.3 * torch.randn(nnz, generator=g) * mask
     save_file({"input_ids": ids, "cu_seqlens": cu, "loss_mask": mask, "advantages": adv, "old_log_probs": old,
-               "ref_log_probs": ref}, os.path.join(a.out, "data.safetensors"))
+               "ref_log_probs": ref, "returns": returns, "values": values}, os.path.join(a.out, "data.safetensors"))
 
 
 def token_log_probs(model, ids, cu):
@@ -81,7 +92,11 @@ def ref(a):
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(a.out, "model"), torch_dtype=torch.float32)
+    if a.task == "value":
+        model = transformers.AutoModelForTokenClassification.from_pretrained(os.path.join(a.out, "value_model"),
+                                                                             torch_dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(a.out, "model"), torch_dtype=torch.float32)
     model.train()
     d = load_file(os.path.join(a.out, "data.safetensors"))
     cu_all = d["cu_seqlens"]
@@ -90,7 +105,7 @@ def ref(a):
     losses = []
     for step in range(a.steps):
         idx = [(step * a.bs + j) % n for j in range(a.bs)]
-        ids, cu, fields = [], [0], {k: [] for k in ("loss_mask", "advantages", "old_log_probs")}
+        ids, cu, fields = [], [0], {k: [] for k in ("loss_mask", "advantages", "old_log_probs", "returns", "values")}
         for i in idx:
             s, e = int(cu_all[i]), int(cu_all[i + 1])
             ids.append(d["input_ids"][s:e])
@@ -100,9 +115,19 @@ def ref(a):
         ids = torch.cat(ids)
         cu = torch.tensor(cu)
         f = {k: torch.cat(v) for k, v in fields.items()}
-        lp = token_log_probs(model, ids, cu)
         mask = f["loss_mask"]
-        if a.task == "sft":
+        if a.task == "value":
+            from verl.trainer.ppo.core_algos import compute_value_loss
+
+            vpreds = torch.cat([model(input_ids=ids[int(cu[i]):int(cu[i + 1])].unsqueeze(0)).logits[0, :, 0].float()
+                                for i in range(len(cu) - 1)])
+            loss = compute_value_loss(pad(vpreds, cu), pad(f["returns"], cu), pad(f["values"], cu), pad(mask, cu),
+                                      cliprange_value=0.5, loss_agg_mode="token-mean")[0]
+        else:
+            lp = token_log_probs(model, ids, cu)
+        if a.task == "value":
+            pass
+        elif a.task == "sft":
             loss = -(lp * mask).sum() / mask.sum()
         else:
             from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
@@ -189,7 +214,7 @@ def main():
     ap.add_argument("--family", default="qwen2")
     ap.add_argument("--seqs", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--task", default="sft", choices=["sft", "ppo"])
+    ap.add_argument("--task", default="sft", choices=["sft", "ppo", "value"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--bs", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
