@@ -99,7 +99,9 @@ TEST_F(Train, PpoMatchesVerlsPolicyLoss) {
 TEST_F(Train, ValueModelMatchesVerlsValueLoss) {
   std::string log;
   ASSERT_EQ(train("value", 2, "task=value path=value_model cliprange_value=0.5 micro_batch_size_per_gpu=2", &log), 0) << log;
-  check("value", "ref_value_3.safetensors", "", "critic");
+  // Losses agree to 7 digits; a one-output head gives many near-zero gradient entries, which
+  // AdamW scales up to lr-sized steps, so parameters are compared at 1e-4.
+  check("value", "ref_value_3.safetensors", "--rtol 1e-4", "critic");
 }
 
 TEST_F(Train, Bf16MixedPrecisionStaysClose) {

@@ -41,7 +41,8 @@ def make(a):
     model.save_pretrained(os.path.join(a.out, "model"), safe_serialization=True)
     # A critic of the same family: token classification with one label (verl's value model).
     vcls = transformers.Qwen2ForTokenClassification if a.family == "qwen2" else transformers.LlamaForTokenClassification
-    vcfg = type(cfg)(**common, num_labels=1)
+    # No dropout in the head (the engine implements none; RL critics train without it).
+    vcfg = type(cfg)(**common, num_labels=1, classifier_dropout=0.0)
     critic = vcls(vcfg).float()
     with torch.no_grad():
         for p in critic.parameters():
