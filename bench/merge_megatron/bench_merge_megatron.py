@@ -169,6 +169,7 @@ def main():
         for who in (("peer", "ours") if i % 2 == 0 else ("ours", "peer")):
             shutil.rmtree(outs[who], ignore_errors=True)
             logp = os.path.join(base, f"{who}_run{i}.log")
+            os.sync()  # no writeback of the previous run's output during this one
             rc, wall, rss = run_measured(cmds[who], logp)
             if rc != 0:
                 raise SystemExit(f"{who} run {i} failed (rc={rc}), see {logp}")
@@ -178,6 +179,7 @@ def main():
     verdict = "identical" if diff is None else f"DIFFER: {diff}"
     out_bytes = folder_bytes(outs["ours"])
     in_bytes = sum(os.path.getsize(os.path.join(dist_dir, f)) for f in os.listdir(dist_dir) if f.endswith(".distcp"))
+    os.sync()
     r, w = floor(dist_dir, out_bytes, os.path.join(base, "floor.tmp"))
     med = {k: statistics.median(x[0] for x in v) for k, v in res.items()}
     rss = {k: max(x[1] for x in v) for k, v in res.items()}
