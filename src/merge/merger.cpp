@@ -9,6 +9,7 @@
 #include <cctype>
 #include <cmath>
 #include <condition_variable>
+#include <deque>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -125,13 +126,25 @@ void fuse_lora(const CheckpointSource& src, const OutTensor& ot, double scale, v
 // The calling thread assembles tensor i+1 while a writer thread writes tensor i.
 void write_files(const CheckpointSource& src, const std::vector<OutTensor>& tensors, const std::vector<size_t>& bounds,
                  const std::vector<std::string>& paths, double lora_scale, ThreadPool& pool, Progress& progress) {
+  // A queue of assembled tensors between the calling thread (which assembles) and a writer
+  // thread. Memory budget: 2 x the largest output tensor, counting buffers in the queue, the
+  // one being written and the one being assembled — so small tensors flow ahead while a large
+  // one is written, and the peak stays within the bound. Freed buffers are reused (fresh
+  // memory costs a page fault per 4 KB).
+  struct Item {
+    size_t index;
+    std::unique_ptr<uint8_t[]> buf;
+    uint64_t cap;
+  };
+  uint64_t largest = 1;
+  for (const auto& t : tensors) largest = std::max(largest, t.nbytes());
+  const uint64_t budget = 2 * largest;
   std::mutex mu;
   std::condition_variable cv;
-  std::unique_ptr<uint8_t[]> slot, spare;
-  uint64_t spare_cap = 0;
-  std::vector<uint64_t> caps(tensors.size(), 0);  // capacity of the buffer holding tensor i
-  size_t slot_idx = 0;
-  bool have = false, done = false;
+  std::deque<Item> queue;
+  std::vector<std::pair<uint64_t, std::unique_ptr<uint8_t[]>>> free_bufs;  // (capacity, buffer)
+  uint64_t live = 0;  // capacity of every buffer in the queue, being written or being assembled
+  bool done = false;
   std::exception_ptr werr;
 
   std::thread writer([&] {
@@ -139,15 +152,14 @@ void write_files(const CheckpointSource& src, const std::vector<OutTensor>& tens
       size_t file = 0;
       std::unique_ptr<SafetensorsWriter> w;
       for (size_t i = 0; i < tensors.size(); ++i) {
-        std::unique_ptr<uint8_t[]> buf;
+        Item it;
         {
           std::unique_lock<std::mutex> lk(mu);
-          cv.wait(lk, [&] { return have || done; });
-          if (!have) return;  // producer failed
-          buf = std::move(slot);
-          have = false;
+          cv.wait(lk, [&] { return !queue.empty() || done; });
+          if (queue.empty()) return;  // producer failed
+          it = std::move(queue.front());
+          queue.pop_front();
         }
-        cv.notify_all();
         while (bounds[file + 1] <= i) ++file;
         if (!w || i == bounds[file]) {
           if (w) w->finish();
@@ -156,13 +168,12 @@ void write_files(const CheckpointSource& src, const std::vector<OutTensor>& tens
             specs.push_back({tensors[k].name, tensors[k].dtype, tensors[k].shape});
           w = std::make_unique<SafetensorsWriter>(paths[file], specs);
         }
-        w->write(buf.get(), tensors[i].nbytes());
+        w->write(it.buf.get(), tensors[i].nbytes());
         {
-          // Hand the buffer back for reuse: fresh memory costs a page fault per 4 KB.
           std::lock_guard<std::mutex> lk(mu);
-          spare = std::move(buf);
-          spare_cap = caps[i];
+          free_bufs.emplace_back(it.cap, std::move(it.buf));
         }
+        cv.notify_all();
         progress.add(1, tensors[i].nbytes());
       }
       if (w) w->finish();
@@ -177,33 +188,41 @@ void write_files(const CheckpointSource& src, const std::vector<OutTensor>& tens
   try {
     for (size_t i = 0; i < tensors.size(); ++i) {
       const OutTensor& ot = tensors[i];
+      const uint64_t need = std::max<uint64_t>(ot.nbytes(), 1);
+      Item item{i, nullptr, 0};
       {
-        // Allocate tensor i only once the writer has taken tensor i-1 (and so released
-        // i-2): at most two output tensors are alive, the one written and the one assembled.
         std::unique_lock<std::mutex> lk(mu);
-        cv.wait(lk, [&] { return !have || werr; });
+        // A free buffer that fits is already counted in `live`; otherwise wait for room.
+        auto pick = [&]() -> bool {
+          size_t best = free_bufs.size();
+          for (size_t k = 0; k < free_bufs.size(); ++k)
+            if (free_bufs[k].first >= need && (best == free_bufs.size() || free_bufs[k].first < free_bufs[best].first))
+              best = k;
+          if (best < free_bufs.size()) {
+            item.cap = free_bufs[best].first;
+            item.buf = std::move(free_bufs[best].second);
+            free_bufs.erase(free_bufs.begin() + static_cast<std::ptrdiff_t>(best));
+            return true;
+          }
+          // Drop free buffers that are too small, then allocate if the budget allows.
+          for (auto& f : free_bufs) live -= f.first;
+          free_bufs.clear();
+          if (live + need <= budget || (queue.empty() && live == 0)) {
+            live += need;
+            item.cap = need;
+            return true;
+          }
+          return false;
+        };
+        cv.wait(lk, [&] { return werr || pick(); });
         if (werr) break;
       }
-      std::unique_ptr<uint8_t[]> buf;
-      {
-        std::lock_guard<std::mutex> lk(mu);
-        if (spare && spare_cap >= ot.nbytes()) {
-          buf = std::move(spare);
-          caps[i] = spare_cap;
-        }
-        spare.reset();
-      }
-      if (!buf) {
-        buf = alloc(ot.nbytes());
-        caps[i] = ot.nbytes();
-      }
-      if (ot.lora_a >= 0) fuse_lora(src, ot, lora_scale, buf.get(), pool);
-      else src.read(ot.src, ot.dtype, buf.get(), pool);
-      std::unique_lock<std::mutex> lk(mu);
+      if (!item.buf) item.buf = alloc(item.cap);
+      if (ot.lora_a >= 0) fuse_lora(src, ot, lora_scale, item.buf.get(), pool);
+      else src.read(ot.src, ot.dtype, item.buf.get(), pool);
+      std::lock_guard<std::mutex> lk(mu);
       if (werr) break;
-      slot = std::move(buf);
-      slot_idx = i;
-      have = true;
+      queue.push_back(std::move(item));
       cv.notify_all();
     }
   } catch (...) {
@@ -214,13 +233,8 @@ void write_files(const CheckpointSource& src, const std::vector<OutTensor>& tens
     done = true;
   }
   cv.notify_all();
-  if (perr) {
-    // Unblock the writer if it waits for a tensor that will never come.
-    writer.join();
-    std::rethrow_exception(perr);
-  }
   writer.join();
-  (void)slot_idx;
+  if (perr) std::rethrow_exception(perr);
   if (werr) std::rethrow_exception(werr);
 }
 
