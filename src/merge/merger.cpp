@@ -127,18 +127,29 @@ void fuse_lora(const CheckpointSource& src, const OutTensor& ot, double scale, v
 void write_files(const CheckpointSource& src, const std::vector<OutTensor>& tensors, const std::vector<size_t>& bounds,
                  const std::vector<std::string>& paths, double lora_scale, ThreadPool& pool, Progress& progress) {
   // A queue of assembled tensors between the calling thread (which assembles) and a writer
-  // thread. Memory budget: 2 x the largest output tensor, counting buffers in the queue, the
-  // one being written and the one being assembled — so small tensors flow ahead while a large
-  // one is written, and the peak stays within the bound. Freed buffers are reused (fresh
+  // thread. Memory budget: the largest output tensor plus the second largest (at least 96 MB),
+  // counting buffers in the queue, the one being written and the one being assembled — so
+  // small tensors flow ahead while a large one is written, and the peak stays within
+  // 2 x the largest tensor. Freed buffers are reused (fresh
   // memory costs a page fault per 4 KB).
   struct Item {
     size_t index;
     std::unique_ptr<uint8_t[]> buf;
     uint64_t cap;
   };
-  uint64_t largest = 1;
-  for (const auto& t : tensors) largest = std::max(largest, t.nbytes());
-  const uint64_t budget = 2 * largest;
+  uint64_t largest = 1, second = 0;
+  for (const auto& t : tensors) {
+    const uint64_t n = t.nbytes();
+    if (n > largest) {
+      second = largest;
+      largest = n;
+    } else {
+      second = std::max(second, n);
+    }
+  }
+  // Room for the largest tensor plus a window of smaller ones (at least 96 MB): overlap
+  // without holding two of the largest tensors.
+  const uint64_t budget = largest + std::max<uint64_t>(second, 96ull << 20);
   std::mutex mu;
   std::condition_variable cv;
   std::deque<Item> queue;
