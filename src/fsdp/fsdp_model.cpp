@@ -14,71 +14,22 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cstring>
-#include <filesystem>
-#include <map>
-#include <nlohmann/json.hpp>
-#include <set>
 
 #include "dist/comm.h"
 #include "io/error.h"
-#include "io/file.h"
-#include "io/safetensors.h"
 #include "model/transformer.h"
+#include "model/weights.h"
 
 namespace verl {
 
-namespace fs = std::filesystem;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 namespace {
 
-std::string lk(const char* tmpl, int i) {
-  std::string s = tmpl;
-  return s.replace(s.find("{}"), 2, std::to_string(i));
-}
-
-// The unit layout: per layer, parameters in the order the fused views need ([q;k;v],
-// [gate;up] contiguous); the root holds embeddings, final norm and the head.
-std::vector<FlatParam> layer_params(const ModelConfig& c, int i) {
-  const int64_t H = c.hidden_size, I = c.intermediate_size, hd = c.head_dim;
-  const int64_t qd = int64_t(c.num_heads) * hd, kvd = int64_t(c.num_kv_heads) * hd;
-  const bool o_bias = c.family != Family::Qwen2 && c.attention_bias;
+std::vector<FlatParam> flat_params(const std::vector<WeightSpec>& specs) {
   std::vector<FlatParam> p;
-  auto add = [&](const char* t, std::vector<int64_t> s, bool on = true) {
-    if (on) p.push_back({lk(t, i), std::move(s)});
-  };
-  add("model.layers.{}.input_layernorm.weight", {H});
-  add("model.layers.{}.self_attn.q_proj.weight", {qd, H});
-  add("model.layers.{}.self_attn.k_proj.weight", {kvd, H});
-  add("model.layers.{}.self_attn.v_proj.weight", {kvd, H});
-  add("model.layers.{}.self_attn.q_proj.bias", {qd}, c.attention_bias);
-  add("model.layers.{}.self_attn.k_proj.bias", {kvd}, c.attention_bias);
-  add("model.layers.{}.self_attn.v_proj.bias", {kvd}, c.attention_bias);
-  add("model.layers.{}.self_attn.o_proj.weight", {H, qd});
-  add("model.layers.{}.self_attn.o_proj.bias", {H}, o_bias);
-  add("model.layers.{}.self_attn.q_norm.weight", {hd}, c.qk_norm);
-  add("model.layers.{}.self_attn.k_norm.weight", {hd}, c.qk_norm);
-  add("model.layers.{}.post_attention_layernorm.weight", {H});
-  add("model.layers.{}.mlp.gate_proj.weight", {I, H});
-  add("model.layers.{}.mlp.up_proj.weight", {I, H});
-  add("model.layers.{}.mlp.gate_proj.bias", {I}, c.mlp_bias);
-  add("model.layers.{}.mlp.up_proj.bias", {I}, c.mlp_bias);
-  add("model.layers.{}.mlp.down_proj.weight", {H, I});
-  add("model.layers.{}.mlp.down_proj.bias", {H}, c.mlp_bias);
-  return p;
-}
-
-std::vector<FlatParam> root_params(const ModelConfig& c, bool score_bias) {
-  std::vector<FlatParam> p;
-  p.push_back({"model.embed_tokens.weight", {c.vocab_size, c.hidden_size}});
-  p.push_back({"model.norm.weight", {c.hidden_size}});
-  if (c.head == Head::CausalLM) {
-    if (!c.tie_word_embeddings) p.push_back({"lm_head.weight", {c.vocab_size, c.hidden_size}});
-  } else {
-    p.push_back({"score.weight", {c.num_labels, c.hidden_size}});
-    if (score_bias) p.push_back({"score.bias", {c.num_labels}});
-  }
+  for (const auto& w : specs) p.push_back({w.name, w.shape});
   return p;
 }
 
@@ -173,53 +124,6 @@ struct CheckpointFn : public torch::autograd::Function<CheckpointFn> {
   }
 };
 
-// All tensors of a HF folder's safetensors files.
-struct Weights {
-  std::vector<std::unique_ptr<SafetensorsReader>> readers;
-  std::map<std::string, std::pair<const SafetensorsReader*, const StTensor*>> by_name;
-  explicit Weights(const std::string& dir) {
-    const fs::path index = fs::path(dir) / "model.safetensors.index.json";
-    std::set<std::string> files;
-    if (fs::exists(index)) {
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(read_text_file(index.string()));
-      } catch (const std::exception& e) {
-        fail(index.string(), ": not valid JSON: ", e.what());
-      }
-      if (!j.contains("weight_map") || !j["weight_map"].is_object()) fail(index.string(), ": no 'weight_map' object");
-      for (auto& [k, v] : j["weight_map"].items()) {
-        const std::string f = v.get<std::string>();
-        if (f.find('/') != std::string::npos) fail(index.string(), ": weight file outside the folder: ", f);
-        files.insert(f);
-      }
-    } else if (fs::exists(fs::path(dir) / "model.safetensors")) {
-      files.insert("model.safetensors");
-    } else {
-      fail(dir, ": no model.safetensors or model.safetensors.index.json");
-    }
-    for (const auto& f : files) {
-      readers.push_back(std::make_unique<SafetensorsReader>((fs::path(dir) / f).string()));
-      for (const auto& t : readers.back()->tensors()) by_name[t.name] = {readers.back().get(), &t};
-    }
-  }
-  at::Tensor load_fp32(const std::string& name) const {
-    auto [r, t] = by_name.at(name);
-    at::ScalarType st;
-    switch (t->dtype) {
-      case DType::F32: st = at::kFloat; break;
-      case DType::BF16: st = at::kBFloat16; break;
-      case DType::F16: st = at::kHalf; break;
-      case DType::F64: st = at::kDouble; break;
-      default: fail(r->path(), ": '", name, "' has unsupported dtype ", dtype_st_name(t->dtype));
-    }
-    at::Tensor out =
-        at::from_blob(const_cast<uint8_t*>(r->data(*t)), t->shape, at::TensorOptions().dtype(st)).to(at::kFloat, false, true);
-    r->release(*t);
-    return out;
-  }
-};
-
 }  // namespace
 
 FsdpModel::FsdpModel(const std::string& config_dir, const std::string& weights_dir, Comm& world, const FsdpOptions& opt)
@@ -232,44 +136,19 @@ FsdpModel::FsdpModel(const std::string& config_dir, const std::string& weights_d
   shard_ = world.split(world.rank() / fs, world.rank());
   if (fs < W) replicate_ = world.split(world.rank() % fs, world.rank());
 
-  Weights w(weights_dir);
-  const bool score_bias = cfg_.head == Head::TokenClassification && w.by_name.count("score.bias");
-  root_ = std::make_unique<FlatUnit>("root", root_params(cfg_, score_bias), shard_.get(), replicate_.get(),
-                                     opt.compute_dtype);
+  WeightSet w(weights_dir);
+  const bool score_bias = cfg_.head == Head::TokenClassification && w.has("score.bias");
+  root_ = std::make_unique<FlatUnit>("root", flat_params(root_weight_specs(cfg_, score_bias)), shard_.get(),
+                                     replicate_.get(), opt.compute_dtype);
   for (int i = 0; i < cfg_.num_layers; ++i)
-    layers_.push_back(std::make_unique<FlatUnit>("layer" + std::to_string(i), layer_params(cfg_, i), shard_.get(),
-                                                 replicate_.get(), opt.compute_dtype));
-
-  // Every expected key present with its shape; nothing unexpected.
-  std::vector<std::string> missing, unexpected, wrong;
-  std::set<std::string> want;
+    layers_.push_back(std::make_unique<FlatUnit>("layer" + std::to_string(i), flat_params(layer_weight_specs(cfg_, i)),
+                                                 shard_.get(), replicate_.get(), opt.compute_dtype));
+  std::vector<WeightSpec> want;
   for (FlatUnit* u : units())
-    for (const auto& p : u->params()) {
-      want.insert(p.name);
-      auto it = w.by_name.find(p.name);
-      if (it == w.by_name.end()) missing.push_back(p.name);
-      else if (it->second.second->shape != p.shape) wrong.push_back(p.name);
-    }
-  for (const auto& [k, v] : w.by_name) {
-    if (want.count(k) || (k == "lm_head.weight" && cfg_.tie_word_embeddings)) continue;
-    if (k.size() >= 19 && k.compare(k.size() - 19, 19, "rotary_emb.inv_freq") == 0) continue;
-    unexpected.push_back(k);
-  }
-  if (!missing.empty() || !unexpected.empty() || !wrong.empty()) {
-    auto join = [](const std::vector<std::string>& v) {
-      std::string r;
-      for (size_t i = 0; i < v.size() && i < 12; ++i) r += (i ? ", " : "") + v[i];
-      return v.size() > 12 ? r + ", ... (" + std::to_string(v.size()) + ")" : r;
-    };
-    std::string msg = weights_dir + ": weights do not match " + cfg_.architecture + ":";
-    if (!missing.empty()) msg += " missing " + join(missing) + ";";
-    if (!unexpected.empty()) msg += " unexpected " + join(unexpected) + ";";
-    if (!wrong.empty()) msg += " wrong shape " + join(wrong) + ";";
-    msg.pop_back();
-    throw Error(msg);
-  }
+    for (const auto& p : u->params()) want.push_back({p.name, p.shape});
+  w.check(want, cfg_);
   for (FlatUnit* u : units())
-    for (const auto& p : u->params()) u->load_param(p, w.load_fp32(p.name));
+    for (const auto& p : u->params()) u->load_param(p, w.load(p.name, p.shape, at::kFloat));
   inv_freq_ = rope_inv_freq(cfg_);
 }
 

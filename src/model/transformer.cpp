@@ -1,6 +1,6 @@
-// transformer.cpp — the model code and its weight loader. Weight names follow a table of HF
-// templates; every expected key must be present with the expected shape, and unknown keys
-// are an error (both listed). Numerics follow transformers op for op (RMSNorm in fp32 then
+// transformer.cpp — the model code and its weight loader. Weight names follow the table of HF
+// templates in weights.h; every expected key must be present with the expected shape, and
+// unknown keys are an error (both listed). Numerics follow transformers op for op (RMSNorm in fp32 then
 // cast, rotary cos/sin from fp32 frequencies, SDPA with scale head_dim^-0.5).
 #include "model/transformer.h"
 
@@ -9,105 +9,14 @@
 
 #include <cmath>
 #include <cstring>
-#include <filesystem>
 #include <map>
-#include <nlohmann/json.hpp>
-#include <set>
 
 #include "io/error.h"
-#include "io/file.h"
-#include "io/safetensors.h"
+#include "model/weights.h"
 
 namespace verl {
 
-namespace fs = std::filesystem;
-
 namespace {
-
-at::ScalarType to_scalar(DType t, const std::string& where) {
-  switch (t) {
-    case DType::F32: return at::kFloat;
-    case DType::BF16: return at::kBFloat16;
-    case DType::F16: return at::kHalf;
-    case DType::F64: return at::kDouble;
-    default: fail(where, ": unsupported weight dtype ", dtype_st_name(t), " (expected F32, BF16, F16 or F64)");
-  }
-}
-
-std::string fmt_shape(const std::vector<int64_t>& s) {
-  std::string r = "[";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + "]";
-}
-
-// All tensors of a HF folder's safetensors files, by name.
-class WeightSet {
- public:
-  explicit WeightSet(const std::string& dir) : dir_(dir) {
-    fs::path single = fs::path(dir) / "model.safetensors";
-    fs::path index = fs::path(dir) / "model.safetensors.index.json";
-    std::vector<std::string> files;
-    if (fs::exists(index)) {
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(read_text_file(index.string()));
-      } catch (const std::exception& e) {
-        fail(index.string(), ": not valid JSON: ", e.what());
-      }
-      if (!j.contains("weight_map") || !j["weight_map"].is_object())
-        fail(index.string(), ": expected an object 'weight_map'");
-      std::set<std::string> uniq;
-      for (auto& [k, v] : j["weight_map"].items()) {
-        if (!v.is_string()) fail(index.string(), ": weight_map['", k, "'] is not a file name");
-        std::string f = v.get<std::string>();
-        if (f.find('/') != std::string::npos || f == "..") fail(index.string(), ": weight_map['", k, "'] names a file outside the folder: ", f);
-        uniq.insert(f);
-      }
-      files.assign(uniq.begin(), uniq.end());
-    } else if (fs::exists(single)) {
-      files.push_back("model.safetensors");
-    } else {
-      fail(dir, ": no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)");
-    }
-    for (const auto& f : files) {
-      readers_.push_back(std::make_unique<SafetensorsReader>((fs::path(dir) / f).string()));
-      for (const auto& t : readers_.back()->tensors()) {
-        if (where_.count(t.name)) fail(dir, ": tensor '", t.name, "' appears in more than one weight file");
-        where_[t.name] = {readers_.size() - 1, &t};
-      }
-    }
-  }
-  bool has(const std::string& n) const { return where_.count(n) > 0; }
-  std::vector<std::string> names() const {
-    std::vector<std::string> r;
-    for (auto& [k, v] : where_) r.push_back(k);
-    return r;
-  }
-  // Copy a tensor out of the mapping, check its shape, convert to dtype.
-  at::Tensor load(const std::string& name, const std::vector<int64_t>& shape, at::ScalarType dtype) const {
-    auto it = where_.find(name);
-    const SafetensorsReader& r = *readers_[it->second.first];
-    const StTensor& t = *it->second.second;
-    if (t.shape != shape)
-      fail(r.path(), ": tensor '", name, "' has shape ", fmt_shape(t.shape), ", expected ", fmt_shape(shape),
-           " from config.json");
-    at::Tensor raw = at::empty(shape, at::TensorOptions().dtype(to_scalar(t.dtype, r.path() + ": '" + name + "'")));
-    std::memcpy(raw.data_ptr(), r.data(t), t.nbytes());
-    r.release(t);
-    return raw.to(dtype);
-  }
-
- private:
-  std::string dir_;
-  std::vector<std::unique_ptr<SafetensorsReader>> readers_;
-  std::map<std::string, std::pair<size_t, const StTensor*>> where_;
-};
-
-std::string layer_key(const char* tmpl, int i) {
-  std::string s = tmpl;
-  auto p = s.find("{}");
-  return s.replace(p, 2, std::to_string(i));
-}
 
 at::Tensor rotate_half(const at::Tensor& x) {
   int64_t d = x.size(-1) / 2;
@@ -165,73 +74,14 @@ std::unique_ptr<Transformer> Transformer::load(const std::string& config_dir, co
   m->dtype_ = dtype;
   const ModelConfig& c = m->cfg_;
   WeightSet ws(weights_dir);
-  const int64_t H = c.hidden_size, I = c.intermediate_size, hd = c.head_dim;
-  const int64_t qd = int64_t(c.num_heads) * hd, kvd = int64_t(c.num_kv_heads) * hd;
   const bool o_bias = c.family != Family::Qwen2 && c.attention_bias;
-
-  // The expected keys and shapes (HF name templates).
-  std::map<std::string, std::vector<int64_t>> want;
-  want["model.embed_tokens.weight"] = {c.vocab_size, H};
-  want["model.norm.weight"] = {H};
-  if (c.head == Head::CausalLM) {
-    if (!c.tie_word_embeddings) want["lm_head.weight"] = {c.vocab_size, H};
-  } else {
-    want["score.weight"] = {c.num_labels, H};
-  }
-  struct T {
-    const char* tmpl;
-    std::vector<int64_t> shape;
-    bool on;
-  };
-  const std::vector<T> per_layer = {
-      {"model.layers.{}.input_layernorm.weight", {H}, true},
-      {"model.layers.{}.post_attention_layernorm.weight", {H}, true},
-      {"model.layers.{}.self_attn.q_proj.weight", {qd, H}, true},
-      {"model.layers.{}.self_attn.k_proj.weight", {kvd, H}, true},
-      {"model.layers.{}.self_attn.v_proj.weight", {kvd, H}, true},
-      {"model.layers.{}.self_attn.o_proj.weight", {H, qd}, true},
-      {"model.layers.{}.self_attn.q_proj.bias", {qd}, c.attention_bias},
-      {"model.layers.{}.self_attn.k_proj.bias", {kvd}, c.attention_bias},
-      {"model.layers.{}.self_attn.v_proj.bias", {kvd}, c.attention_bias},
-      {"model.layers.{}.self_attn.o_proj.bias", {H}, o_bias},
-      {"model.layers.{}.self_attn.q_norm.weight", {hd}, c.qk_norm},
-      {"model.layers.{}.self_attn.k_norm.weight", {hd}, c.qk_norm},
-      {"model.layers.{}.mlp.gate_proj.weight", {I, H}, true},
-      {"model.layers.{}.mlp.up_proj.weight", {I, H}, true},
-      {"model.layers.{}.mlp.down_proj.weight", {H, I}, true},
-      {"model.layers.{}.mlp.gate_proj.bias", {I}, c.mlp_bias},
-      {"model.layers.{}.mlp.up_proj.bias", {I}, c.mlp_bias},
-      {"model.layers.{}.mlp.down_proj.bias", {H}, c.mlp_bias},
-  };
-  for (int i = 0; i < c.num_layers; ++i)
-    for (const auto& t : per_layer)
-      if (t.on) want[layer_key(t.tmpl, i)] = t.shape;
-  // score.bias: nn.Linear's default; accept checkpoints with or without it.
   const bool has_score_bias = c.head == Head::TokenClassification && ws.has("score.bias");
-  if (has_score_bias) want["score.bias"] = {c.num_labels};
-
-  std::vector<std::string> missing, unexpected;
-  for (const auto& [k, s] : want)
-    if (!ws.has(k)) missing.push_back(k);
-  for (const auto& k : ws.names()) {
-    if (want.count(k)) continue;
-    if (k.size() >= 19 && k.compare(k.size() - 19, 19, "rotary_emb.inv_freq") == 0) continue;  // old checkpoints
-    if (k == "lm_head.weight" && c.tie_word_embeddings) continue;                               // saved though tied
-    unexpected.push_back(k);
-  }
-  if (!missing.empty() || !unexpected.empty()) {
-    auto join = [](const std::vector<std::string>& v) {
-      std::string r;
-      for (size_t i = 0; i < v.size() && i < 20; ++i) r += (i ? ", " : "") + v[i];
-      if (v.size() > 20) r += ", ... (" + std::to_string(v.size()) + " in all)";
-      return r;
-    };
-    std::string msg = weights_dir + ": weights do not match " + c.architecture + " from config.json:";
-    if (!missing.empty()) msg += " missing keys: " + join(missing) + ";";
-    if (!unexpected.empty()) msg += " unexpected keys: " + join(unexpected) + ";";
-    msg.pop_back();
-    throw Error(msg);
-  }
+  std::vector<WeightSpec> specs = root_weight_specs(c, has_score_bias);
+  for (int i = 0; i < c.num_layers; ++i)
+    for (auto& w : layer_weight_specs(c, i)) specs.push_back(std::move(w));
+  ws.check(specs, c);
+  std::map<std::string, std::vector<int64_t>> want;
+  for (const auto& w : specs) want[w.name] = w.shape;
 
   auto L = [&](const std::string& k) { return ws.load(k, want[k], dtype); };
   m->embed_ = L("model.embed_tokens.weight");
@@ -242,7 +92,10 @@ std::unique_ptr<Transformer> Transformer::load(const std::string& config_dir, co
     if (has_score_bias) m->score_b_ = L("score.bias");
   }
   for (int i = 0; i < c.num_layers; ++i) {
-    auto K = [&](const char* t) { return L(layer_key(t, i)); };
+    auto K = [&](const char* t) {
+      std::string k = t;
+      return L(k.replace(k.find("{}"), 2, std::to_string(i)));
+    };
     DecoderLayer l;
     l.input_norm = K("model.layers.{}.input_layernorm.weight");
     l.post_norm = K("model.layers.{}.post_attention_layernorm.weight");

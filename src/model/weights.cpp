@@ -1,0 +1,171 @@
+// weights.cpp — the HF weight table and the weight folder reader (see weights.h).
+#include "model/weights.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "io/error.h"
+#include "io/file.h"
+#include "io/safetensors.h"
+
+namespace verl {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+at::ScalarType to_scalar(DType t, const std::string& where) {
+  switch (t) {
+    case DType::F32: return at::kFloat;
+    case DType::BF16: return at::kBFloat16;
+    case DType::F16: return at::kHalf;
+    case DType::F64: return at::kDouble;
+    default: fail(where, ": unsupported weight dtype ", dtype_st_name(t), " (expected F32, BF16, F16 or F64)");
+  }
+}
+
+std::string fmt_shape(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+std::string layer_name(const char* tmpl, int i) {
+  std::string s = tmpl;
+  return s.replace(s.find("{}"), 2, std::to_string(i));
+}
+
+}  // namespace
+
+std::vector<WeightSpec> layer_weight_specs(const ModelConfig& c, int i) {
+  const int64_t H = c.hidden_size, I = c.intermediate_size, hd = c.head_dim;
+  const int64_t qd = int64_t(c.num_heads) * hd, kvd = int64_t(c.num_kv_heads) * hd;
+  const bool o_bias = c.family != Family::Qwen2 && c.attention_bias;
+  std::vector<WeightSpec> p;
+  auto add = [&](const char* t, std::vector<int64_t> s, bool on = true) {
+    if (on) p.push_back({layer_name(t, i), std::move(s)});
+  };
+  add("model.layers.{}.input_layernorm.weight", {H});
+  add("model.layers.{}.self_attn.q_proj.weight", {qd, H});
+  add("model.layers.{}.self_attn.k_proj.weight", {kvd, H});
+  add("model.layers.{}.self_attn.v_proj.weight", {kvd, H});
+  add("model.layers.{}.self_attn.q_proj.bias", {qd}, c.attention_bias);
+  add("model.layers.{}.self_attn.k_proj.bias", {kvd}, c.attention_bias);
+  add("model.layers.{}.self_attn.v_proj.bias", {kvd}, c.attention_bias);
+  add("model.layers.{}.self_attn.o_proj.weight", {H, qd});
+  add("model.layers.{}.self_attn.o_proj.bias", {H}, o_bias);
+  add("model.layers.{}.self_attn.q_norm.weight", {hd}, c.qk_norm);
+  add("model.layers.{}.self_attn.k_norm.weight", {hd}, c.qk_norm);
+  add("model.layers.{}.post_attention_layernorm.weight", {H});
+  add("model.layers.{}.mlp.gate_proj.weight", {I, H});
+  add("model.layers.{}.mlp.up_proj.weight", {I, H});
+  add("model.layers.{}.mlp.gate_proj.bias", {I}, c.mlp_bias);
+  add("model.layers.{}.mlp.up_proj.bias", {I}, c.mlp_bias);
+  add("model.layers.{}.mlp.down_proj.weight", {H, I});
+  add("model.layers.{}.mlp.down_proj.bias", {H}, c.mlp_bias);
+  return p;
+}
+
+std::vector<WeightSpec> root_weight_specs(const ModelConfig& c, bool score_bias) {
+  std::vector<WeightSpec> p;
+  p.push_back({"model.embed_tokens.weight", {c.vocab_size, c.hidden_size}});
+  p.push_back({"model.norm.weight", {c.hidden_size}});
+  if (c.head == Head::CausalLM) {
+    if (!c.tie_word_embeddings) p.push_back({"lm_head.weight", {c.vocab_size, c.hidden_size}});
+  } else {
+    p.push_back({"score.weight", {c.num_labels, c.hidden_size}});
+    if (score_bias) p.push_back({"score.bias", {c.num_labels}});
+  }
+  return p;
+}
+
+WeightSet::WeightSet(const std::string& dir) : dir_(dir) {
+  fs::path single = fs::path(dir) / "model.safetensors";
+  fs::path index = fs::path(dir) / "model.safetensors.index.json";
+  std::vector<std::string> files;
+  if (fs::exists(index)) {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(read_text_file(index.string()));
+    } catch (const std::exception& e) {
+      fail(index.string(), ": not valid JSON: ", e.what());
+    }
+    if (!j.contains("weight_map") || !j["weight_map"].is_object())
+      fail(index.string(), ": expected an object 'weight_map'");
+    std::set<std::string> uniq;
+    for (auto& [k, v] : j["weight_map"].items()) {
+      if (!v.is_string()) fail(index.string(), ": weight_map['", k, "'] is not a file name");
+      std::string f = v.get<std::string>();
+      if (f.find('/') != std::string::npos || f == "..") fail(index.string(), ": weight_map['", k, "'] names a file outside the folder: ", f);
+      uniq.insert(f);
+    }
+    files.assign(uniq.begin(), uniq.end());
+  } else if (fs::exists(single)) {
+    files.push_back("model.safetensors");
+  } else {
+    fail(dir, ": no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)");
+  }
+  for (const auto& f : files) {
+    readers_.push_back(std::make_unique<SafetensorsReader>((fs::path(dir) / f).string()));
+    for (const auto& t : readers_.back()->tensors()) {
+      if (where_.count(t.name)) fail(dir, ": tensor '", t.name, "' appears in more than one weight file");
+      where_[t.name] = {readers_.size() - 1, &t};
+    }
+  }
+}
+
+WeightSet::~WeightSet() = default;
+
+std::vector<std::string> WeightSet::names() const {
+  std::vector<std::string> r;
+  for (const auto& [k, v] : where_) r.push_back(k);
+  return r;
+}
+
+void WeightSet::check(const std::vector<WeightSpec>& want, const ModelConfig& c) const {
+  std::set<std::string> wanted;
+  std::vector<std::string> missing, unexpected;
+  for (const auto& w : want) {
+    wanted.insert(w.name);
+    if (!has(w.name)) missing.push_back(w.name);
+  }
+  std::sort(missing.begin(), missing.end());
+  for (const auto& [k, v] : where_) {
+    if (wanted.count(k)) continue;
+    if (k.size() >= 19 && k.compare(k.size() - 19, 19, "rotary_emb.inv_freq") == 0) continue;  // old checkpoints
+    if (k == "lm_head.weight" && c.tie_word_embeddings) continue;                               // saved though tied
+    unexpected.push_back(k);
+  }
+  if (missing.empty() && unexpected.empty()) return;
+  auto join = [](const std::vector<std::string>& v) {
+    std::string r;
+    for (size_t i = 0; i < v.size() && i < 20; ++i) r += (i ? ", " : "") + v[i];
+    if (v.size() > 20) r += ", ... (" + std::to_string(v.size()) + " in all)";
+    return r;
+  };
+  std::string msg = dir_ + ": weights do not match " + c.architecture + " from config.json:";
+  if (!missing.empty()) msg += " missing keys: " + join(missing) + ";";
+  if (!unexpected.empty()) msg += " unexpected keys: " + join(unexpected) + ";";
+  msg.pop_back();
+  throw Error(msg);
+}
+
+at::Tensor WeightSet::load(const std::string& name, const std::vector<int64_t>& shape, at::ScalarType dtype) const {
+  auto it = where_.find(name);
+  const SafetensorsReader& r = *readers_[it->second.first];
+  const StTensor& t = *it->second.second;
+  if (t.shape != shape)
+    fail(r.path(), ": tensor '", name, "' has shape ", fmt_shape(t.shape), ", expected ", fmt_shape(shape),
+         " from config.json");
+  at::Tensor raw = at::empty(shape, at::TensorOptions().dtype(to_scalar(t.dtype, r.path() + ": '" + name + "'")));
+  std::memcpy(raw.data_ptr(), r.data(t), t.nbytes());
+  r.release(t);
+  return raw.to(dtype);
+}
+
+}  // namespace verl
