@@ -12,6 +12,7 @@
 #include <map>
 #include <string>
 
+#include "batch/batch.h"
 #include "io/error.h"
 #include "io/file.h"
 #include "io/safetensors.h"
@@ -76,6 +77,17 @@ inline std::map<std::string, at::Tensor> load_st(const std::string& path) {
     m[t.name] = x;
   }
   return m;
+}
+
+// A batch file of engine_fixtures.py: input_ids + cu_seqlens (+ per-sample temperature).
+inline Batch load_batch(const std::string& path) {
+  auto m = load_st(path);
+  at::Tensor cu = m.at("cu_seqlens");
+  std::vector<int64_t> off(cu.data_ptr<int64_t>(), cu.data_ptr<int64_t>() + cu.numel());
+  Batch b;
+  b.sequences["input_ids"] = Jagged{m.at("input_ids"), off};
+  if (m.count("temperature")) b.tensors["temperature"] = m.at("temperature");
+  return b;
 }
 
 inline void save_st(const std::string& path, const std::map<std::string, at::Tensor>& m) {

@@ -9,16 +9,6 @@
 namespace verl::test {
 namespace {
 
-Batch load_batch(const std::string& path) {
-  auto m = load_st(path);
-  at::Tensor cu = m.at("cu_seqlens");
-  std::vector<int64_t> off(cu.data_ptr<int64_t>(), cu.data_ptr<int64_t>() + cu.numel());
-  Batch b;
-  b.sequences["input_ids"] = Jagged{m.at("input_ids"), off};
-  if (m.count("temperature")) b.tensors["temperature"] = m.at("temperature");
-  return b;
-}
-
 struct FamilyCase {
   std::string name;
 };

@@ -14,15 +14,6 @@
 namespace verl::test {
 namespace {
 
-Batch load_batch(const std::string& path) {
-  auto m = load_st(path);
-  at::Tensor cu = m.at("cu_seqlens");
-  std::vector<int64_t> off(cu.data_ptr<int64_t>(), cu.data_ptr<int64_t>() + cu.numel());
-  Batch b;
-  b.sequences["input_ids"] = Jagged{m.at("input_ids"), off};
-  return b;
-}
-
 EngineConfig config_for(const std::string& dir) {
   EngineConfig c;
   c.model_path = dir;
