@@ -214,7 +214,9 @@ void FsdpEngine::to(const std::string& device) {
 
 OptimizerStepResult FsdpEngine::optimizer_step() {
   if (!opt_) fail("this engine was built forward_only: no optimizer");
-  for (FlatUnit* u : model_->units()) u->shard().mutable_grad() = u->grad().clone();
+  // The optimizer reads (and clipping scales) the reduced gradients in place; they are zeroed
+  // right after the step, so no copy is needed.
+  for (FlatUnit* u : model_->units()) u->shard().mutable_grad() = u->grad();
   Comm& sc = model_->shard_comm();
   OptimizerStepResult r = verl::optimizer_step(*opt_, cfg_.grad_clip, [&sc](double* d, int64_t n) {
     sc.all_reduce(d, static_cast<size_t>(n), DType::F64, ReduceOp::Sum);

@@ -448,6 +448,8 @@ int run_train(const TrainArgs& a) {
     }
     return o;
   };
+  int64_t cached_epoch = -1;
+  std::vector<int64_t> cached_order;
   const int64_t save_freq = c.integer("save_freq");
   const int64_t stop_after = c.integer("stop_after_steps");
   const bool tty = lead && ::isatty(2);
@@ -456,8 +458,13 @@ int run_train(const TrainArgs& a) {
   for (int64_t step = start; step < total_steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<int64_t> idx;
-    for (int64_t j = step * bs + rank * (bs / W); j < step * bs + (rank + 1) * (bs / W); ++j)
-      idx.push_back(order_of_epoch(j / N)[j % N]);
+    for (int64_t j = step * bs + rank * (bs / W); j < step * bs + (rank + 1) * (bs / W); ++j) {
+      if (j / N != cached_epoch) {  // one permutation per epoch, not per sample
+        cached_epoch = j / N;
+        cached_order = order_of_epoch(cached_epoch);
+      }
+      idx.push_back(cached_order[j % N]);
+    }
     Batch b = make_batch(data, idx);
     engine.train_mode();
     StepMetrics sm = engine.forward_backward_batch(b, loss_fn, false, needs_entropy);
