@@ -260,4 +260,17 @@ std::vector<int> reverse_index(const Partitions& parts) {
   return rev;
 }
 
+Partitions plan_micro_batches(const std::vector<int64_t>& seqlens, const MicroBatchOptions& o) {
+  if (o.max_token_len > 0) {
+    DynamicBatchOptions d;
+    d.max_token_len = o.max_token_len;
+    d.min_num_micro_batch = o.min_num_micro_batch;
+    d.num_batches_divided_by = o.num_batches_divided_by;
+    d.dp_max = o.dp_max;
+    return rearrange_micro_batches(seqlens, d);
+  }
+  const int n = static_cast<int>(seqlens.size());
+  return fixed_micro_batches(n, o.micro_batch_size > 0 ? o.micro_batch_size : std::max(1, n));
+}
+
 }  // namespace verl

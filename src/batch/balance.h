@@ -37,6 +37,15 @@ struct DynamicBatchOptions {
 Partitions rearrange_micro_batches(const std::vector<int64_t>& seqlens, const DynamicBatchOptions& o);
 // Fixed micro-batches of `micro_batch_size` samples in order; a smaller last one.
 Partitions fixed_micro_batches(int batch_size, int micro_batch_size);
+// How a batch is cut into micro-batches: token-balanced when max_token_len > 0, else fixed
+// runs of micro_batch_size samples (0: the whole batch in one).
+struct MicroBatchOptions {
+  int micro_batch_size = 0;
+  int64_t max_token_len = 0;  // > 0: dynamic batching (rearrange_micro_batches)
+  std::optional<int> min_num_micro_batch, num_batches_divided_by;
+  DpMaxHook dp_max;           // same micro-batch count on every data-parallel rank
+};
+Partitions plan_micro_batches(const std::vector<int64_t>& seqlens, const MicroBatchOptions& o);
 // Inverse of the concatenated partitions: out[original index] = position in the concatenation.
 std::vector<int> reverse_index(const Partitions& parts);
 

@@ -67,40 +67,41 @@ ModelInputs prepare_model_inputs(const Batch& mb, double temperature, int sp_siz
   return in;
 }
 
-TokenOutputs model_forward(const Transformer& model, const ModelInputs& in, bool calculate_entropy) {
-  c10::InferenceMode guard;
-  if (in.sp_size > 1) fail("sequence parallelism (sp=", in.sp_size, ") needs the distributed engine; this forward runs sp=1");
+namespace {
+
+// 1 where a position's label is the next token of the same sequence, 0 at each sequence's last
+// position; for this rank's slice of the (padded) row.
+at::Tensor next_token_mask(const ModelInputs& in) {
+  const int64_t n = in.input_ids.size(0), begin = in.sp_rank * n;
+  at::Tensor valid = at::ones({n}, at::kFloat);
+  float* v = valid.data_ptr<float>();
+  for (size_t i = 0; i + 1 < in.cu_seqlens.size(); ++i) {
+    const int64_t last = in.cu_seqlens[i + 1] - 1 - begin;
+    if (in.cu_seqlens[i + 1] > in.cu_seqlens[i] && last >= 0 && last < n) v[last] = 0.0f;
+  }
+  return valid;
+}
+
+}  // namespace
+
+TokenOutputs model_forward(const Transformer& model, ParamProvider& params, const ModelInputs& in,
+                           bool calculate_entropy) {
+  if (in.sp_size > 1) fail("sequence parallelism (sp=", in.sp_size, ") is not implemented yet; run with sp=1");
   for (const auto& m : in.multi_modal_inputs)
     if (!m.is_null() && !(m.is_object() && m.empty()))
       fail(model.config().architecture, " is a text-only model, but the batch carries multi_modal_inputs");
-  at::Tensor h = model.hidden_states(in.input_ids, in.position_ids, in.cu_seqlens);
-  const int64_t n = h.size(0);
-  TokenOutputs out;
-  if (model.is_value_model()) {
-    at::Tensor v = model.score(h).to(at::kFloat);
-    if (v.size(1) != 1) fail("value head has num_labels=", v.size(1), "; a value model needs num_labels=1");
-    out.values = v.squeeze(1);
-    return out;
-  }
-  const at::Tensor& W = model.lm_head();
-  const int64_t V = W.size(0);
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(8) << 20) / V);  // ~32 MB of fp32 logits per chunk
-  out.log_probs = at::empty({n}, at::kFloat);
-  if (calculate_entropy) out.entropy = at::empty({n}, at::kFloat);
-  at::Tensor temp = in.temperature.clamp_min(1e-8);
-  for (int64_t s = 0; s < n; s += chunk) {
-    const int64_t c = std::min(chunk, n - s);
-    at::Tensor logits = at::linear(h.narrow(0, s, c), W).to(at::kFloat);
-    logits.div_(temp.narrow(0, s, c).unsqueeze(1));
-    at::Tensor lse = at::logsumexp(logits, {1});
-    at::Tensor picked = logits.gather(1, in.labels.narrow(0, s, c).unsqueeze(1)).squeeze(1);
-    out.log_probs.narrow(0, s, c).copy_(picked - lse);
-    if (calculate_entropy) {
-      at::Tensor p = (logits - lse.unsqueeze(1)).exp_();
-      out.entropy.narrow(0, s, c).copy_(lse - (p * logits).sum(1));
-    }
+  TokenOutputs out = model.forward(params, in, calculate_entropy);
+  if (!model.is_value_model()) {
+    const at::Tensor valid = next_token_mask(in);
+    out.log_probs = out.log_probs * valid;
+    if (out.entropy.defined()) out.entropy = out.entropy * valid;
   }
   return out;
+}
+
+TokenOutputs model_forward(const Transformer& model, const ModelInputs& in, bool calculate_entropy) {
+  c10::InferenceMode guard;
+  return model_forward(model, model.own_params(), in, calculate_entropy);
 }
 
 SampleOutputs prepare_model_outputs(const TokenOutputs& out, const ModelInputs& in, const SpGather& gather) {
@@ -111,19 +112,13 @@ SampleOutputs prepare_model_outputs(const TokenOutputs& out, const ModelInputs& 
       if (!gather) fail("sequence parallelism (sp=", in.sp_size, ") needs a gather across the sp group");
       r = gather(t);
     }
-    r = r.narrow(0, 0, in.total_nnz).clone();
-    return r;
+    return r.narrow(0, 0, in.total_nnz).clone();
   };
   SampleOutputs so;
   std::vector<int64_t> lens;
   for (size_t i = 0; i + 1 < in.cu_seqlens.size(); ++i) lens.push_back(in.cu_seqlens[i + 1] - in.cu_seqlens[i]);
-  auto mask_last = [&](at::Tensor t) {  // no next token after a sequence's last position
-    for (size_t i = 0; i + 1 < in.cu_seqlens.size(); ++i)
-      if (lens[i] > 0) t[in.cu_seqlens[i + 1] - 1] = 0.0f;
-    return t;
-  };
-  if (out.log_probs.defined()) so.log_probs = Jagged::from_lengths(mask_last(full(out.log_probs)), lens);
-  if (out.entropy.defined()) so.entropy = Jagged::from_lengths(mask_last(full(out.entropy)), lens);
+  if (out.log_probs.defined()) so.log_probs = Jagged::from_lengths(full(out.log_probs), lens);
+  if (out.entropy.defined()) so.entropy = Jagged::from_lengths(full(out.entropy), lens);
   if (out.values.defined()) so.values = Jagged::from_lengths(full(out.values), lens);
   return so;
 }
@@ -133,29 +128,19 @@ SampleOutputs forward_step(const Transformer& model, const Batch& mb, double tem
   return prepare_model_outputs(model_forward(model, in, calculate_entropy), in);
 }
 
-SampleOutputs infer_batch(const Transformer& model, const Batch& batch, const InferOptions& o,
+SampleOutputs infer_batch(const MicroForward& forward, const Batch& batch, const InferOptions& o,
                           Partitions* used_partitions) {
   auto it = batch.sequences.find("input_ids");
   if (it == batch.sequences.end()) fail("batch has no 'input_ids' sequences");
-  const int64_t B = batch.size();
-  if (B == 0) fail("batch is empty");
+  if (batch.size() == 0) fail("batch is empty");
   double temperature = o.temperature;
   if (batch.meta.contains("temperature") && batch.meta["temperature"].is_number())
     temperature = batch.meta["temperature"].get<double>();
-  Partitions parts;
-  if (o.max_token_len > 0) {
-    DynamicBatchOptions d;
-    d.max_token_len = o.max_token_len;
-    d.min_num_micro_batch = o.min_num_micro_batch;
-    d.num_batches_divided_by = o.num_batches_divided_by;
-    d.dp_max = o.dp_max;
-    parts = rearrange_micro_batches(it->second.lengths(), d);
-  } else {
-    parts = fixed_micro_batches(int(B), o.micro_batch_size > 0 ? o.micro_batch_size : int(B));
-  }
+  const Partitions parts = plan_micro_batches(it->second.lengths(), o.micro);
   std::vector<Jagged> lp, ent, val;
   for (const auto& p : parts) {
-    SampleOutputs so = forward_step(model, batch.select(p), temperature, o.calculate_entropy);
+    ModelInputs in = prepare_model_inputs(batch.select(p), temperature);
+    SampleOutputs so = prepare_model_outputs(forward(in), in);
     if (so.log_probs.size()) lp.push_back(std::move(so.log_probs));
     if (so.entropy.size()) ent.push_back(std::move(so.entropy));
     if (so.values.size()) val.push_back(std::move(so.values));
@@ -167,6 +152,12 @@ SampleOutputs infer_batch(const Transformer& model, const Batch& batch, const In
   if (!val.empty()) out.values = Jagged::concat(val).select(rev);
   if (used_partitions) *used_partitions = parts;
   return out;
+}
+
+SampleOutputs infer_batch(const Transformer& model, const Batch& batch, const InferOptions& o,
+                          Partitions* used_partitions) {
+  return infer_batch([&](const ModelInputs& in) { return model_forward(model, in, o.calculate_entropy); }, batch, o,
+                     used_partitions);
 }
 
 }  // namespace verl

@@ -1,12 +1,13 @@
 // forward_step.h — the forward half of the model engine, in verl's three stages:
 // prepare_model_inputs (pack a micro-batch into one row, positions restarting per sequence,
 // labels rolled left by one, per-token temperature, sequence-parallel pad + slice),
-// model forward, prepare_model_outputs (log-probs at the temperature, chunked entropy,
-// values; split back per sequence). infer_batch micro-batches a whole batch (fixed or
-// token-balanced) and restores the original sample order.
+// model forward (model/transformer.h: one forward, parameters from a provider; the chunked
+// LM head), prepare_model_outputs (split back per sequence). infer_batch micro-batches a whole
+// batch (fixed or token-balanced) and restores the original sample order.
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -15,22 +16,24 @@
 
 namespace verl {
 
-struct ModelInputs {
-  at::Tensor input_ids, position_ids, labels, temperature;  // [nnz (+pad) / sp] this rank's slice
-  std::vector<int64_t> cu_seqlens;                          // of the unpadded row (B + 1)
+// One micro-batch packed for the model (the row, its labels and temperature: PackedRow) plus
+// what prepare_model_outputs needs to undo the packing.
+struct ModelInputs : PackedRow {
   int64_t total_nnz = 0;                                    // before padding
   int64_t pad_size = 0;                                     // sp padding added at the end
-  int sp_size = 1, sp_rank = 0;
+  int sp_size = 1, sp_rank = 0;                             // the row is this rank's slice when sp > 1
   std::vector<nlohmann::json> multi_modal_inputs;           // per sample, from the non-tensor part
 };
 
 // `temperature`: used when the micro-batch has no per-sample "temperature" tensor.
 ModelInputs prepare_model_inputs(const Batch& micro_batch, double temperature, int sp_size = 1, int sp_rank = 0);
 
-// Per-token outputs of the packed row (this rank's slice): float32.
-struct TokenOutputs {
-  at::Tensor log_probs, entropy, values;
-};
+// The model's forward on a packed micro-batch with parameters from `params` (the dense
+// reference, or the FSDP units): float32 per-token outputs of this rank's slice, 0 at each
+// sequence's last position (there is no next token to score). Differentiable in grad mode.
+TokenOutputs model_forward(const Transformer& model, ParamProvider& params, const ModelInputs& in,
+                           bool calculate_entropy);
+// The same with the model's own (dense) parameters, in inference mode.
 TokenOutputs model_forward(const Transformer& model, const ModelInputs& in, bool calculate_entropy);
 
 // Per-sample outputs (micro-batch order). log_probs[t] = log p(token t+1 | ≤ t); 0 at each
@@ -48,12 +51,14 @@ SampleOutputs forward_step(const Transformer& model, const Batch& micro_batch, d
 struct InferOptions {
   bool calculate_entropy = false;
   double temperature = 1.0;       // when the batch has no "temperature" tensor / meta
-  int micro_batch_size = 0;       // fixed micro-batches (0: the whole batch)
-  int64_t max_token_len = 0;      // > 0: dynamic batching by token budget
-  std::optional<int> min_num_micro_batch, num_batches_divided_by;
-  DpMaxHook dp_max;               // same micro-batch count on every data-parallel rank
+  MicroBatchOptions micro;        // fixed (micro_batch_size; 0: the whole batch) or token-balanced
 };
-// Whole batch (sequence "input_ids") → per-sample outputs in the original sample order.
+// Whole batch (sequence "input_ids") → micro-batches → `forward` of each → per-sample outputs
+// in the original sample order. The one infer loop: the dense model and the FSDP engine use it.
+using MicroForward = std::function<TokenOutputs(const ModelInputs&)>;
+SampleOutputs infer_batch(const MicroForward& forward, const Batch& batch, const InferOptions& o,
+                          Partitions* used_partitions = nullptr);
+// With the model's own parameters.
 SampleOutputs infer_batch(const Transformer& model, const Batch& batch, const InferOptions& o,
                           Partitions* used_partitions = nullptr);
 

@@ -93,35 +93,8 @@ int FsdpEngine::dp_size() const { return world_.size(); }
 
 double FsdpEngine::lr() const { return opt_ ? opt_->lr() : 0.0; }
 
-MicroOutputs FsdpEngine::run_micro(const Batch& micro, bool needs_entropy, const std::function<void(MicroOutputs&)>& consume) {
-  ModelInputs in = prepare_model_inputs(micro, cfg_.temperature);
-  const int64_t n = in.input_ids.size(0);
-  // 0 at each sequence's last position: its label would be the next sequence's first token.
-  at::Tensor valid = at::ones({n}, at::kFloat);
-  for (size_t i = 0; i + 1 < in.cu_seqlens.size(); ++i)
-    if (in.cu_seqlens[i + 1] > in.cu_seqlens[i]) valid[in.cu_seqlens[i + 1] - 1] = 0.0f;
-  MicroOutputs out;
-  out.cu_seqlens = in.cu_seqlens;
-  const bool value = is_value_model();
-  model_->forward(in.input_ids, in.position_ids, in.cu_seqlens, [&](const at::Tensor& h, const HeadParams& hp) {
-    if (value) {
-      at::Tensor v = at::linear(h, hp.score_w, hp.score_b).to(at::kFloat);
-      if (v.size(1) != 1) fail("value head has num_labels=", v.size(1), "; a value model needs num_labels=1");
-      out.values = v.squeeze(1);
-    } else {
-      at::Tensor logits = at::linear(h, hp.lm_head).to(at::kFloat) / in.temperature.clamp_min(1e-8).unsqueeze(1);
-      at::Tensor lse = at::logsumexp(logits, {1});
-      at::Tensor picked = logits.gather(1, in.labels.unsqueeze(1)).squeeze(1);
-      out.log_probs = (picked - lse) * valid;
-      if (needs_entropy) {
-        at::Tensor p = at::softmax(logits, 1);
-        out.entropy = (lse - (p * logits).sum(1)) * valid;
-      }
-    }
-    consume(out);
-    return at::Tensor();
-  });
-  return out;
+TokenOutputs FsdpEngine::forward(const ModelInputs& in, bool needs_entropy) {
+  return model_forward(model_->arch(), *model_, in, needs_entropy);
 }
 
 StepMetrics FsdpEngine::forward_backward_batch(const Batch& batch, const LossFn& loss, bool forward_only,
@@ -144,7 +117,7 @@ StepMetrics FsdpEngine::forward_backward_batch(const Batch& batch, const LossFn&
   g.batch_num_tokens = stats[0];
   g.global_batch_size = stats[1];
 
-  const Partitions parts = micro_batches(lens);
+  const Partitions parts = plan_micro_batches(lens, micro_batching());
 
   StepMetrics sm;
   sm.num_micro_batches = static_cast<int>(parts.size());
@@ -153,10 +126,11 @@ StepMetrics FsdpEngine::forward_backward_batch(const Batch& batch, const LossFn&
   at::AutoGradMode mode(grad);
   for (const auto& idx : parts) {
     Batch micro = batch.select(idx);
-    LossResult lr;
-    run_micro(micro, needs_entropy, [&](MicroOutputs& out) {
-      lr = loss(micro, out, g);
-    });
+    const ModelInputs in = prepare_model_inputs(micro, cfg_.temperature);
+    MicroOutputs out;
+    static_cast<TokenOutputs&>(out) = forward(in, needs_entropy);
+    out.cu_seqlens = in.cu_seqlens;
+    const LossResult lr = loss(micro, out, g);
     if (grad && lr.loss.defined() && lr.loss.requires_grad()) torch::autograd::backward({lr.loss});
     if (lr.loss.defined()) sm.metrics["loss"] += lr.loss.item<double>();
     for (const auto& [k, v] : lr.metrics) sm.metrics[k] += v;
@@ -164,16 +138,16 @@ StepMetrics FsdpEngine::forward_backward_batch(const Batch& batch, const LossFn&
   return sm;
 }
 
-Partitions FsdpEngine::micro_batches(const std::vector<int64_t>& lens) {
+MicroBatchOptions FsdpEngine::micro_batching() {
+  MicroBatchOptions o;
+  o.micro_batch_size = std::max(1, cfg_.micro_batch_size_per_gpu);
   if (cfg_.use_dynamic_bsz) {
-    DynamicBatchOptions o;
     o.max_token_len = cfg_.max_token_len_per_gpu;
     o.dp_max = [this](std::vector<int64_t>& v) {
       if (!v.empty()) world_.all_reduce(v.data(), v.size(), DType::I64, ReduceOp::Max);
     };
-    return rearrange_micro_batches(lens, o);
   }
-  return fixed_micro_batches(static_cast<int>(lens.size()), std::max(1, cfg_.micro_batch_size_per_gpu));
+  return o;
 }
 
 FsdpEngine::TrainStepResult FsdpEngine::train_batch(const Batch& batch, const LossFn& loss, bool needs_entropy) {
@@ -186,26 +160,12 @@ FsdpEngine::TrainStepResult FsdpEngine::train_batch(const Batch& batch, const Lo
 }
 
 SampleOutputs FsdpEngine::infer_batch(const Batch& batch, bool calculate_entropy) {
-  auto seq = batch.sequences.find("input_ids");
-  if (seq == batch.sequences.end()) fail("batch: no 'input_ids' sequences");
-  const Partitions parts = micro_batches(seq->second.lengths());
   at::NoGradGuard no_grad;
-  std::vector<Jagged> lp, ent, val;
-  for (const auto& idx : parts) {
-    MicroOutputs out = run_micro(batch.select(idx), calculate_entropy, [](MicroOutputs&) {});
-    std::vector<int64_t> lens;
-    for (size_t i = 0; i + 1 < out.cu_seqlens.size(); ++i) lens.push_back(out.cu_seqlens[i + 1] - out.cu_seqlens[i]);
-    if (out.log_probs.defined()) lp.push_back(Jagged::from_lengths(out.log_probs, lens));
-    if (out.entropy.defined()) ent.push_back(Jagged::from_lengths(out.entropy, lens));
-    if (out.values.defined()) val.push_back(Jagged::from_lengths(out.values, lens));
-  }
-  // Micro-batch order → sample order.
-  const std::vector<int> back = reverse_index(parts);
-  SampleOutputs so;
-  if (!lp.empty()) so.log_probs = Jagged::concat(lp).select(back);
-  if (!ent.empty()) so.entropy = Jagged::concat(ent).select(back);
-  if (!val.empty()) so.values = Jagged::concat(val).select(back);
-  return so;
+  InferOptions o;
+  o.calculate_entropy = calculate_entropy;
+  o.temperature = cfg_.temperature;
+  o.micro = micro_batching();
+  return verl::infer_batch([&](const ModelInputs& in) { return forward(in, calculate_entropy); }, batch, o);
 }
 
 void FsdpEngine::to(const std::string& device) {

@@ -41,10 +41,9 @@ struct EngineConfig {
 };
 
 // Per-token outputs of one micro-batch's packed row (autograd-connected in training).
-struct MicroOutputs {
-  at::Tensor log_probs;  // [nnz] fp32, position t scores token t+1 (0 at a sequence's last token)
-  at::Tensor entropy;    // [nnz] fp32 (when asked)
-  at::Tensor values;     // [nnz] fp32 (value model)
+// log_probs [nnz] fp32: position t scores token t+1 (0 at a sequence's last token); entropy
+// [nnz] (when asked); values [nnz] (value model).
+struct MicroOutputs : TokenOutputs {
   std::vector<int64_t> cu_seqlens;
 };
 
@@ -67,6 +66,7 @@ class FsdpEngine {
   ~FsdpEngine();
 
   const ModelConfig& model_config() const { return model_->config(); }
+  FsdpModel& model() { return *model_; }
   bool is_value_model() const { return model_config().head == Head::TokenClassification; }
   Comm& world() { return world_; }
   int dp_size() const;
@@ -112,8 +112,8 @@ class FsdpEngine {
   std::unique_ptr<LrScheduler> sched_;
   bool training_ = true;
   int64_t global_step_ = 0;
-  Partitions micro_batches(const std::vector<int64_t>& lens);
-  MicroOutputs run_micro(const Batch& micro, bool needs_entropy, const std::function<void(MicroOutputs&)>& consume);
+  MicroBatchOptions micro_batching();
+  TokenOutputs forward(const ModelInputs& in, bool needs_entropy);
 };
 
 // Pads per-token data of a micro-batch into [B, Tmax] (and a [B, Tmax] mask of real tokens).

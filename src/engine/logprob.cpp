@@ -109,8 +109,8 @@ int run_logprob_impl(const LogprobOptions& o) {
   InferOptions io;
   io.calculate_entropy = o.entropy;
   io.temperature = o.temperature;
-  io.micro_batch_size = o.micro_batch_size;
-  io.max_token_len = o.max_token_len;
+  io.micro.micro_batch_size = o.micro_batch_size;
+  io.micro.max_token_len = o.max_token_len;
   Partitions parts;
   SampleOutputs so = infer_batch(*model, batch, io, &parts);
   auto t2 = std::chrono::steady_clock::now();

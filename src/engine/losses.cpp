@@ -10,6 +10,7 @@
 #include <map>
 
 #include "io/error.h"
+#include "model/lm_head.h"
 
 namespace verl {
 
@@ -157,10 +158,7 @@ PolicyLossOutput compute_policy_loss_vanilla(const at::Tensor& old_log_prob, con
   return out;
 }
 
-at::Tensor entropy_from_logits(const at::Tensor& logits) {
-  at::Tensor pd = at::softmax(logits, -1);
-  return at::logsumexp(logits, {-1}) - at::sum(pd * logits, -1);
-}
+at::Tensor entropy_from_logits(const at::Tensor& logits) { return logits_entropy(logits, at::logsumexp(logits, {-1})); }
 
 at::Tensor compute_entropy_loss(const at::Tensor& logits, const at::Tensor& response_mask, LossAggMode mode) {
   return agg_loss(entropy_from_logits(logits), response_mask, mode);

@@ -66,7 +66,8 @@ PolicyLossOutput compute_policy_loss_vanilla(const at::Tensor& old_log_prob, con
                                              const GlobalBatchInfo& g = {},
                                              const at::Tensor& rollout_is_weights = {});
 
-// verl_F.entropy_from_logits and core_algos.compute_entropy_loss (micro-batch normalisation).
+// verl_F.entropy_from_logits (the chunk statistic of the engine's one LM head, model/lm_head.h)
+// and core_algos.compute_entropy_loss (micro-batch normalisation).
 at::Tensor entropy_from_logits(const at::Tensor& logits);
 at::Tensor compute_entropy_loss(const at::Tensor& logits, const at::Tensor& response_mask,
                                 LossAggMode mode = LossAggMode::TokenMean);

@@ -25,17 +25,10 @@ DType to_dtype(at::ScalarType t) {
 
 }  // namespace
 
-FlatUnit::FlatUnit(std::string name, std::vector<FlatParam> params, Comm* shard, Comm* replicate,
+FlatUnit::FlatUnit(std::string name, const std::vector<WeightSpec>& specs, Comm* shard, Comm* replicate,
                    at::ScalarType compute_dtype)
-    : name_(std::move(name)), params_(std::move(params)), comm_(shard), replicate_(replicate), dtype_(compute_dtype) {
-  int64_t off = 0;
-  for (auto& p : params_) {
-    p.numel = 1;
-    for (auto s : p.shape) p.numel *= s;
-    p.offset = off;
-    off += p.numel;
-  }
-  numel_ = off;
+    : name_(std::move(name)), comm_(shard), replicate_(replicate), dtype_(compute_dtype) {
+  params_ = flat_layout(specs, &numel_);
   const int64_t n = comm_->size();
   shard_ = (numel_ + n - 1) / n;
   padded_ = shard_ * n;
@@ -71,10 +64,6 @@ void FlatUnit::reshard() {
   st.set_data_ptr_noswap(alloc->allocate(0));
   st.set_nbytes(0);
   unsharded_ = false;
-}
-
-at::Tensor FlatUnit::view_of(const at::Tensor& flat, const FlatParam& p) const {
-  return flat.narrow(0, p.offset, p.numel).view(p.shape);
 }
 
 void FlatUnit::reduce_grad(const at::Tensor& full_grad) {

@@ -15,21 +15,17 @@
 #include <string>
 #include <vector>
 
+#include "model/weights.h"
+
 namespace verl {
 
 class Comm;
 
-struct FlatParam {
-  std::string name;             // HF name, e.g. "model.layers.3.self_attn.q_proj.weight"
-  std::vector<int64_t> shape;
-  int64_t offset = 0, numel = 0;  // in the unit's flat buffer
-};
-
 class FlatUnit {
  public:
-  // `shard` groups ranks that split the unit; `replicate` (may be null) groups ranks that
+  // `specs`: the unit's parameters in flat order. `shard` groups ranks that split the unit; `replicate` (may be null) groups ranks that
   // hold the same shard (hybrid sharding: gradients are averaged across it).
-  FlatUnit(std::string name, std::vector<FlatParam> params, Comm* shard, Comm* replicate, at::ScalarType compute_dtype);
+  FlatUnit(std::string name, const std::vector<WeightSpec>& specs, Comm* shard, Comm* replicate, at::ScalarType compute_dtype);
 
   const std::string& name() const { return name_; }
   const std::vector<FlatParam>& params() const { return params_; }
@@ -47,9 +43,8 @@ class FlatUnit {
   // Frees the full buffer's memory (the storage object stays: views remain valid handles).
   void reshard();
   bool is_unsharded() const { return unsharded_; }
-  // The full flat buffer [padded] (valid while unsharded) and a view of one parameter.
+  // The full flat buffer [padded] (valid while unsharded); param_view() cuts parameters out.
   const at::Tensor& full() const { return full_; }
-  at::Tensor view_of(const at::Tensor& flat, const FlatParam& p) const;
 
   // Accumulates this rank's slice of the mean (over every data-parallel rank) of a full
   // flat gradient [padded or unpadded], any floating dtype.

@@ -27,47 +27,6 @@ using torch::autograd::variable_list;
 
 namespace {
 
-std::vector<FlatParam> flat_params(const std::vector<WeightSpec>& specs) {
-  std::vector<FlatParam> p;
-  for (const auto& w : specs) p.push_back({w.name, w.shape});
-  return p;
-}
-
-// Views of one flat buffer as a DecoderLayer (fused [q;k;v] and [gate;up] are contiguous).
-DecoderLayer layer_views(const FlatUnit& u, const at::Tensor& flat) {
-  const auto& ps = u.params();
-  auto get = [&](const char* suffix) -> const FlatParam* {
-    for (const auto& p : ps)
-      if (p.name.size() > std::strlen(suffix) && p.name.compare(p.name.size() - std::strlen(suffix), std::string::npos, suffix) == 0)
-        return &p;
-    return nullptr;
-  };
-  auto v = [&](const char* s) { const FlatParam* p = get(s); return p ? u.view_of(flat, *p) : at::Tensor(); };
-  auto fused = [&](const char* a, const char* c, int64_t cols) {
-    const FlatParam* pa = get(a);
-    const FlatParam* pc = get(c);
-    if (!pa) return at::Tensor();
-    const int64_t n = pc->offset + pc->numel - pa->offset;
-    at::Tensor t = flat.narrow(0, pa->offset, n);
-    return cols > 0 ? t.view({n / cols, cols}) : t;
-  };
-  DecoderLayer l;
-  const int64_t H = ps[0].shape[0];
-  l.input_norm = v(".input_layernorm.weight");
-  l.post_norm = v(".post_attention_layernorm.weight");
-  l.qkv_w = fused(".q_proj.weight", ".v_proj.weight", H);
-  l.qkv_b = fused(".q_proj.bias", ".v_proj.bias", 0);
-  l.o_w = v(".o_proj.weight");
-  l.o_b = v(".o_proj.bias");
-  l.q_norm = v(".q_norm.weight");
-  l.k_norm = v(".k_norm.weight");
-  l.gate_up_w = fused(".gate_proj.weight", ".up_proj.weight", H);
-  l.gate_up_b = fused(".gate_proj.bias", ".up_proj.bias", 0);
-  l.down_w = v(".down_proj.weight");
-  l.down_b = v(".down_proj.bias");
-  return l;
-}
-
 FlatUnit* unit_of(AutogradContext* ctx) { return reinterpret_cast<FlatUnit*>(ctx->saved_data["unit"].toInt()); }
 
 struct UnshardFn : public torch::autograd::Function<UnshardFn> {
@@ -97,38 +56,44 @@ struct PreBackwardFn : public torch::autograd::Function<PreBackwardFn> {
 // A layer whose forward keeps nothing but its input; backward gathers the unit, recomputes
 // the layer with grad and back-propagates through it (reentrant checkpointing).
 struct CheckpointFn : public torch::autograd::Function<CheckpointFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t unit, int64_t cfg, const at::Tensor& anchor,
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t unit, int64_t model, const at::Tensor& anchor,
                             const at::Tensor& cos, const at::Tensor& sin, std::vector<int64_t> cu) {
     auto* u = reinterpret_cast<FlatUnit*>(unit);
     ctx->save_for_backward({x, cos, sin, anchor});
     ctx->saved_data["unit"] = unit;
-    ctx->saved_data["cfg"] = cfg;
+    ctx->saved_data["model"] = model;
     ctx->saved_data["cu"] = cu;
-    return decoder_layer_forward(*reinterpret_cast<const ModelConfig*>(cfg), layer_views(*u, u->full()), x, cos, sin, cu);
+    const LayerContext lc{cos, sin, std::move(cu)};
+    return reinterpret_cast<const Transformer*>(model)->layer_forward(layer_views(u->params(), u->full()), x, lc);
   }
   static variable_list backward(AutogradContext* ctx, variable_list g) {
     FlatUnit* u = unit_of(ctx);
-    const auto* cfg = reinterpret_cast<const ModelConfig*>(ctx->saved_data["cfg"].toInt());
+    const auto* model = reinterpret_cast<const Transformer*>(ctx->saved_data["model"].toInt());
     auto saved = ctx->get_saved_variables();
-    const std::vector<int64_t> cu = ctx->saved_data["cu"].toIntVector();
+    const LayerContext lc{saved[1], saved[2], ctx->saved_data["cu"].toIntVector()};
     u->unshard();
     at::Tensor x = saved[0].detach().requires_grad_(true);
     at::Tensor out;
     {
       at::AutoGradMode on(true);
       at::Tensor flat = UnshardFn::apply(saved[3], reinterpret_cast<int64_t>(u));
-      out = decoder_layer_forward(*cfg, layer_views(*u, flat), x, saved[1], saved[2], cu);
+      out = model->layer_forward(layer_views(u->params(), flat), x, lc);
     }
     torch::autograd::backward({out}, {g[0]});
     return {x.grad(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
+// The constant input of every UnshardFn: requires grad, so autograd records the functions.
+const at::Tensor& anchor() {
+  static const at::Tensor a = at::empty({0}, at::kFloat).requires_grad_(true);
+  return a;
+}
+
 }  // namespace
 
 FsdpModel::FsdpModel(const std::string& config_dir, const std::string& weights_dir, Comm& world, const FsdpOptions& opt)
-    : opt_(opt) {
-  cfg_ = load_model_config(config_dir);
+    : arch_(load_model_config(config_dir), opt.compute_dtype), opt_(opt) {
   const int W = world.size();
   const int fs = opt.fsdp_size <= 0 || opt.fsdp_size > W ? W : opt.fsdp_size;
   if (W % fs != 0) fail("fsdp_size ", opt.fsdp_size, " does not divide the world size ", W);
@@ -137,19 +102,14 @@ FsdpModel::FsdpModel(const std::string& config_dir, const std::string& weights_d
   if (fs < W) replicate_ = world.split(world.rank() % fs, world.rank());
 
   WeightSet w(weights_dir);
-  const bool score_bias = cfg_.head == Head::TokenClassification && w.has("score.bias");
-  root_ = std::make_unique<FlatUnit>("root", flat_params(root_weight_specs(cfg_, score_bias)), shard_.get(),
-                                     replicate_.get(), opt.compute_dtype);
-  for (int i = 0; i < cfg_.num_layers; ++i)
-    layers_.push_back(std::make_unique<FlatUnit>("layer" + std::to_string(i), flat_params(layer_weight_specs(cfg_, i)),
-                                                 shard_.get(), replicate_.get(), opt.compute_dtype));
-  std::vector<WeightSpec> want;
-  for (FlatUnit* u : units())
-    for (const auto& p : u->params()) want.push_back({p.name, p.shape});
-  w.check(want, cfg_);
-  for (FlatUnit* u : units())
+  const auto specs = w.unit_specs(config());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    auto u = std::make_unique<FlatUnit>(i == 0 ? "root" : "layer" + std::to_string(i - 1), specs[i], shard_.get(),
+                                        replicate_.get(), opt.compute_dtype);
     for (const auto& p : u->params()) u->load_param(p, w.load(p.name, p.shape, at::kFloat));
-  inv_freq_ = rope_inv_freq(cfg_);
+    if (i == 0) root_ = std::move(u);
+    else layers_.push_back(std::move(u));
+  }
 }
 
 FsdpModel::~FsdpModel() = default;
@@ -170,59 +130,39 @@ void FsdpModel::zero_grad() {
   for (FlatUnit* u : units()) u->zero_grad();
 }
 
-at::Tensor FsdpModel::forward(const at::Tensor& input_ids, const at::Tensor& position_ids, const std::vector<int64_t>& cu,
-                              const std::function<at::Tensor(const at::Tensor&, const HeadParams&)>& head) {
+at::Tensor FsdpModel::gathered(FlatUnit* u) {
+  u->unshard();
+  return at::GradMode::is_enabled() ? UnshardFn::apply(anchor(), reinterpret_cast<int64_t>(u)) : u->full();
+}
+
+RootParams FsdpModel::root() { return root_views(config(), root_->params(), gathered(root_.get())); }
+
+at::Tensor FsdpModel::run_layer(const Transformer& model, int i, const at::Tensor& h, const LayerContext& ctx) {
+  FlatUnit* u = layers_.at(i).get();
   const bool grad = at::GradMode::is_enabled();
-  const int64_t n = input_ids.size(0);
-  if (cu.empty() || cu.front() != 0 || cu.back() != n)
-    fail("packed row: cu_seqlens must start at 0 and end at the row length ", n);
-  if (n > 0) {
-    const int64_t lo = input_ids.min().item<int64_t>(), hi = input_ids.max().item<int64_t>();
-    if (lo < 0 || hi >= cfg_.vocab_size)
-      fail("input_ids: token id ", lo < 0 ? lo : hi, " is outside the vocabulary [0, ", cfg_.vocab_size, ")");
-  }
-  static const at::Tensor anchor = at::empty({0}, at::kFloat).requires_grad_(true);
-  auto gathered = [&](FlatUnit* u) {
+  at::Tensor out;
+  if (grad && opt_.gradient_checkpointing) {
     u->unshard();
-    return grad ? UnshardFn::apply(anchor, reinterpret_cast<int64_t>(u)) : u->full();
-  };
-
-  at::Tensor rflat = gathered(root_.get());
-  auto rv = [&](const std::string& name) {
-    const FlatParam* p = root_->find(name);
-    return p ? root_->view_of(rflat, *p) : at::Tensor();
-  };
-  at::Tensor embed = rv("model.embed_tokens.weight");
-  at::Tensor h = at::embedding(embed, input_ids);
-  at::Tensor cos, sin;
-  rope_cos_sin(inv_freq_, position_ids, opt_.compute_dtype, &cos, &sin);
-
-  for (auto& up : layers_) {
-    FlatUnit* u = up.get();
-    if (grad && opt_.gradient_checkpointing) {
-      u->unshard();
-      h = CheckpointFn::apply(h, reinterpret_cast<int64_t>(u), reinterpret_cast<int64_t>(&cfg_), anchor, cos, sin, cu);
-    } else {
-      at::Tensor flat = gathered(u);
-      h = decoder_layer_forward(cfg_, layer_views(*u, flat), h, cos, sin, cu);
-      if (grad) h = PreBackwardFn::apply(h, reinterpret_cast<int64_t>(u));
-    }
-    if (!grad || opt_.reshard_after_forward || opt_.gradient_checkpointing) u->reshard();
+    out = CheckpointFn::apply(h, reinterpret_cast<int64_t>(u), reinterpret_cast<int64_t>(&model), anchor(), ctx.cos,
+                              ctx.sin, ctx.cu_seqlens);
+  } else {
+    out = model.layer_forward(layer_views(u->params(), gathered(u)), h, ctx);
+    if (grad) out = PreBackwardFn::apply(out, reinterpret_cast<int64_t>(u));
   }
-  h = rms_norm(h, rv("model.norm.weight"), cfg_.rms_norm_eps);
-  HeadParams hp;
-  hp.lm_head = cfg_.head == Head::CausalLM ? (cfg_.tie_word_embeddings ? embed : rv("lm_head.weight")) : at::Tensor();
-  hp.score_w = rv("score.weight");
-  hp.score_b = rv("score.bias");
-  at::Tensor out = head(h, hp);
-  if (!grad) root_->reshard();
+  if (!grad || opt_.reshard_after_forward || opt_.gradient_checkpointing) u->reshard();
   return out;
+}
+
+// In training the root stays gathered until its UnshardFn's backward (the embedding's gradient
+// is the last to arrive); without grad it is freed as soon as the head is done.
+void FsdpModel::end_forward() {
+  if (!at::GradMode::is_enabled()) root_->reshard();
 }
 
 void FsdpModel::for_each_param(const std::function<void(const std::string&, const at::Tensor&)>& fn) {
   for (FlatUnit* u : units()) {
     at::Tensor full = u->gather_full_fp32();
-    for (const auto& p : u->params()) fn(p.name, u->view_of(full, p));
+    for (const auto& p : u->params()) fn(p.name, param_view(full, p));
   }
 }
 

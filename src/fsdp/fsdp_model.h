@@ -1,6 +1,7 @@
 // fsdp_model.h — the transformer of model/ sharded FSDP-style from outside: one FlatUnit
 // per decoder layer plus a root unit (embeddings, final norm, head). The model code stays
-// single-device; this wrapper gathers a unit just before its forward, frees it after
+// single-device and this class owns no forward: it is the ParamProvider of the model's one
+// forward (model/transformer.h): it gathers a unit just before its forward, frees it after
 // (reshard_after_forward), gathers it again in backward and reduce-scatters its gradient as
 // soon as the unit's backward is done — through two identity autograd functions around each
 // unit (see fsdp_model.cpp). Optional per-unit gradient checkpointing recomputes a layer's
@@ -14,7 +15,7 @@
 #include <vector>
 
 #include "fsdp/flat_unit.h"
-#include "model/config.h"
+#include "model/transformer.h"
 
 namespace verl {
 
@@ -28,29 +29,28 @@ struct FsdpOptions {
   int fsdp_size = -1;             // < world: hybrid sharding (shard inside groups of fsdp_size)
 };
 
-// What the head needs during forward: valid only inside the callback of forward().
-struct HeadParams {
-  at::Tensor lm_head;            // [vocab, hidden] (the embedding when tied); undefined for value models
-  at::Tensor score_w, score_b;   // value head
-};
-
-class FsdpModel {
+class FsdpModel : public ParamProvider {
  public:
   // Builds the units and loads this rank's shards from a local HF folder.
   FsdpModel(const std::string& config_dir, const std::string& weights_dir, Comm& world, const FsdpOptions& opt);
-  ~FsdpModel();
+  ~FsdpModel() override;
 
-  const ModelConfig& config() const { return cfg_; }
+  const ModelConfig& config() const { return arch_.config(); }
+  const Transformer& arch() const { return arch_; }
   const FsdpOptions& options() const { return opt_; }
   Comm& shard_comm() { return *shard_; }
   std::vector<FlatUnit*> units();
 
-  // Forward over one packed row; `head` turns the final hidden states into whatever the
-  // caller needs (log-probs, values, a loss) while the root unit's parameters are present.
-  // With grad mode on, calling backward on (a function of) the result reduce-scatters every
-  // unit's gradient into its shard; without, every unit is resharded before returning.
-  at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& position_ids, const std::vector<int64_t>& cu_seqlens,
-                     const std::function<at::Tensor(const at::Tensor& hidden, const HeadParams& head)>& head);
+  // The model's forward over one packed row with this rank's sharded parameters. With grad
+  // mode on, calling backward on (a function of) the outputs reduce-scatters every unit's
+  // gradient into its shard; without, every unit is resharded before returning.
+  TokenOutputs forward(const PackedRow& row, bool with_entropy) { return arch_.forward(*this, row, with_entropy); }
+
+  // ParamProvider: the root unit gathered (kept until its backward in training), each layer
+  // gathered just before its forward, with the backward hooks of fsdp_model.cpp.
+  RootParams root() override;
+  at::Tensor run_layer(const Transformer& model, int i, const at::Tensor& h, const LayerContext& ctx) override;
+  void end_forward() override;
 
   void zero_grad();
   // Every parameter as a full fp32 tensor, one at a time, in HF names (a collective).
@@ -58,12 +58,12 @@ class FsdpModel {
   int64_t num_parameters() const;
 
  private:
-  ModelConfig cfg_;
+  Transformer arch_;
   FsdpOptions opt_;
   std::unique_ptr<Comm> shard_, replicate_;
   std::unique_ptr<FlatUnit> root_;
   std::vector<std::unique_ptr<FlatUnit>> layers_;
-  at::Tensor inv_freq_;
+  at::Tensor gathered(FlatUnit* u);
 };
 
 }  // namespace verl

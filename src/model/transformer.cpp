@@ -1,6 +1,6 @@
-// transformer.cpp — the model code and its weight loader. Weight names follow the table of HF
-// templates in weights.h; every expected key must be present with the expected shape, and
-// unknown keys are an error (both listed). Numerics follow transformers op for op (RMSNorm in fp32 then
+// transformer.cpp — the model code, its parameter views and the dense (single-device)
+// parameters. Weight names follow the table of HF templates in weights.h; every expected key
+// must be present with the expected shape, and unknown keys are an error (both listed). Numerics follow transformers op for op (RMSNorm in fp32 then
 // cast, rotary cos/sin from fp32 frequencies, SDPA with scale head_dim^-0.5).
 #include "model/transformer.h"
 
@@ -12,6 +12,7 @@
 #include <map>
 
 #include "io/error.h"
+#include "model/lm_head.h"
 #include "model/weights.h"
 
 namespace verl {
@@ -32,7 +33,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return w * h.to(x.scalar_type());
 }
 
-void rope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids, at::ScalarType dtype, at::Tensor* cos,
+// cos / sin [n, 1, head_dim] of the rotary embedding at `position_ids`, in `dtype`.
+static void rope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids, at::ScalarType dtype, at::Tensor* cos,
                   at::Tensor* sin) {
   at::Tensor freqs = position_ids.to(at::kFloat).unsqueeze(1) * inv_freq.unsqueeze(0);  // [n, hd/2]
   at::Tensor emb = at::cat({freqs, freqs}, -1);
@@ -66,73 +68,98 @@ at::Tensor rope_inv_freq(const ModelConfig& c) {
   return inv;
 }
 
+DecoderLayer layer_views(const std::vector<FlatParam>& layout, const at::Tensor& flat) {
+  auto get = [&](const char* suffix) -> const FlatParam* {
+    const size_t n = std::strlen(suffix);
+    for (const auto& p : layout)
+      if (p.name.size() > n && p.name.compare(p.name.size() - n, std::string::npos, suffix) == 0) return &p;
+    return nullptr;
+  };
+  auto v = [&](const char* s) {
+    const FlatParam* p = get(s);
+    return p ? param_view(flat, *p) : at::Tensor();
+  };
+  // [first; ...; last] fused along the output dim: contiguous in the flat layout.
+  auto fused = [&](const char* first, const char* last, int64_t cols) {
+    const FlatParam* a = get(first);
+    const FlatParam* b = get(last);
+    if (!a) return at::Tensor();
+    const int64_t n = b->offset + b->numel - a->offset;
+    at::Tensor t = flat.narrow(0, a->offset, n);
+    return cols > 0 ? t.view({n / cols, cols}) : t;
+  };
+  DecoderLayer l;
+  const int64_t H = layout.at(0).shape.at(0);  // input_layernorm.weight [hidden]
+  l.input_norm = v(".input_layernorm.weight");
+  l.post_norm = v(".post_attention_layernorm.weight");
+  l.qkv_w = fused(".q_proj.weight", ".v_proj.weight", H);
+  l.qkv_b = fused(".q_proj.bias", ".v_proj.bias", 0);
+  l.o_w = v(".o_proj.weight");
+  l.o_b = v(".o_proj.bias");
+  l.q_norm = v(".q_norm.weight");
+  l.k_norm = v(".k_norm.weight");
+  l.gate_up_w = fused(".gate_proj.weight", ".up_proj.weight", H);
+  l.gate_up_b = fused(".gate_proj.bias", ".up_proj.bias", 0);
+  l.down_w = v(".down_proj.weight");
+  l.down_b = v(".down_proj.bias");
+  return l;
+}
+
+RootParams root_views(const ModelConfig& c, const std::vector<FlatParam>& layout, const at::Tensor& flat) {
+  auto v = [&](const char* name) {
+    for (const auto& p : layout)
+      if (p.name == name) return param_view(flat, p);
+    return at::Tensor();
+  };
+  RootParams r;
+  r.embed = v("model.embed_tokens.weight");
+  r.final_norm = v("model.norm.weight");
+  if (c.head == Head::CausalLM) r.lm_head = c.tie_word_embeddings ? r.embed : v("lm_head.weight");
+  r.score_w = v("score.weight");
+  r.score_b = v("score.bias");
+  return r;
+}
+
+DenseParams::DenseParams(const ModelConfig& c, const WeightSet& w, at::ScalarType dtype, bool requires_grad) {
+  const auto units = w.unit_specs(c);
+  for (size_t u = 0; u < units.size(); ++u) {
+    int64_t n = 0;
+    const std::vector<FlatParam> layout = flat_layout(units[u], &n);
+    at::Tensor flat = at::empty({n}, at::TensorOptions().dtype(dtype));
+    for (const auto& p : layout) param_view(flat, p).copy_(w.load(p.name, p.shape, dtype));
+    if (requires_grad) flat.requires_grad_(true);
+    if (u == 0) root_ = root_views(c, layout, flat);
+    else layers_.push_back(layer_views(layout, flat));
+    flats_.push_back(flat);
+    numel_ += n;
+  }
+}
+
+at::Tensor DenseParams::run_layer(const Transformer& model, int i, const at::Tensor& h, const LayerContext& ctx) {
+  return model.layer_forward(layers_.at(i), h, ctx);
+}
+
+Transformer::Transformer(ModelConfig cfg, at::ScalarType compute_dtype)
+    : cfg_(std::move(cfg)), dtype_(compute_dtype), inv_freq_(rope_inv_freq(cfg_)) {}
+
+Transformer::~Transformer() = default;
+
 std::unique_ptr<Transformer> Transformer::load(const std::string& config_dir, const std::string& weights_dir,
                                                at::ScalarType dtype, const std::string& device) {
   if (device != "cpu") fail("device '", device, "': this build runs the engine on the CPU only");
-  auto m = std::unique_ptr<Transformer>(new Transformer());
-  m->cfg_ = load_model_config(config_dir);
-  m->dtype_ = dtype;
-  const ModelConfig& c = m->cfg_;
-  WeightSet ws(weights_dir);
-  const bool o_bias = c.family != Family::Qwen2 && c.attention_bias;
-  const bool has_score_bias = c.head == Head::TokenClassification && ws.has("score.bias");
-  std::vector<WeightSpec> specs = root_weight_specs(c, has_score_bias);
-  for (int i = 0; i < c.num_layers; ++i)
-    for (auto& w : layer_weight_specs(c, i)) specs.push_back(std::move(w));
-  ws.check(specs, c);
-  std::map<std::string, std::vector<int64_t>> want;
-  for (const auto& w : specs) want[w.name] = w.shape;
-
-  auto L = [&](const std::string& k) { return ws.load(k, want[k], dtype); };
-  m->embed_ = L("model.embed_tokens.weight");
-  m->final_norm_ = L("model.norm.weight");
-  if (c.head == Head::CausalLM) m->lm_head_ = c.tie_word_embeddings ? m->embed_ : L("lm_head.weight");
-  else {
-    m->score_w_ = L("score.weight");
-    if (has_score_bias) m->score_b_ = L("score.bias");
-  }
-  for (int i = 0; i < c.num_layers; ++i) {
-    auto K = [&](const char* t) {
-      std::string k = t;
-      return L(k.replace(k.find("{}"), 2, std::to_string(i)));
-    };
-    DecoderLayer l;
-    l.input_norm = K("model.layers.{}.input_layernorm.weight");
-    l.post_norm = K("model.layers.{}.post_attention_layernorm.weight");
-    l.qkv_w = at::cat({K("model.layers.{}.self_attn.q_proj.weight"), K("model.layers.{}.self_attn.k_proj.weight"),
-                       K("model.layers.{}.self_attn.v_proj.weight")}, 0);
-    if (c.attention_bias)
-      l.qkv_b = at::cat({K("model.layers.{}.self_attn.q_proj.bias"), K("model.layers.{}.self_attn.k_proj.bias"),
-                         K("model.layers.{}.self_attn.v_proj.bias")}, 0);
-    l.o_w = K("model.layers.{}.self_attn.o_proj.weight");
-    if (o_bias) l.o_b = K("model.layers.{}.self_attn.o_proj.bias");
-    if (c.qk_norm) {
-      l.q_norm = K("model.layers.{}.self_attn.q_norm.weight");
-      l.k_norm = K("model.layers.{}.self_attn.k_norm.weight");
-    }
-    l.gate_up_w = at::cat({K("model.layers.{}.mlp.gate_proj.weight"), K("model.layers.{}.mlp.up_proj.weight")}, 0);
-    l.down_w = K("model.layers.{}.mlp.down_proj.weight");
-    if (c.mlp_bias) {
-      l.gate_up_b = at::cat({K("model.layers.{}.mlp.gate_proj.bias"), K("model.layers.{}.mlp.up_proj.bias")}, 0);
-      l.down_b = K("model.layers.{}.mlp.down_proj.bias");
-    }
-    m->layers_.push_back(std::move(l));
-  }
-  m->inv_freq_ = rope_inv_freq(c);
+  auto m = std::make_unique<Transformer>(load_model_config(config_dir), dtype);
+  m->dense_ = std::make_unique<DenseParams>(m->cfg_, WeightSet(weights_dir), dtype);
   return m;
 }
 
-at::Device Transformer::device() const { return embed_.device(); }
+const RootParams& Transformer::root_params() const {
+  own_params();  // fails when there are none
+  return dense_->root_params();
+}
 
 int64_t Transformer::num_parameters() const {
-  int64_t n = embed_.numel() + final_norm_.numel();
-  if (lm_head_.defined() && !lm_head_.is_same(embed_)) n += lm_head_.numel();
-  if (score_w_.defined()) n += score_w_.numel() + (score_b_.defined() ? score_b_.numel() : 0);
-  for (const auto& l : layers_)
-    for (const at::Tensor* t : {&l.input_norm, &l.post_norm, &l.qkv_w, &l.qkv_b, &l.o_w, &l.o_b, &l.q_norm, &l.k_norm,
-                                &l.gate_up_w, &l.down_w, &l.gate_up_b, &l.down_b})
-      if (t->defined()) n += t->numel();
-  return n;
+  own_params();  // fails when there are none
+  return dense_->num_parameters();  // a tied lm_head is the embedding: counted once
 }
 
 namespace {
@@ -173,35 +200,63 @@ at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::T
 
 }  // namespace
 
-at::Tensor decoder_layer_forward(const ModelConfig& cfg, const DecoderLayer& l, const at::Tensor& h,
-                                 const at::Tensor& cos, const at::Tensor& sin, const std::vector<int64_t>& cu) {
-  at::Tensor x = h + attention(cfg, l, rms_norm(h, l.input_norm, cfg.rms_norm_eps), cos, sin, cu);
-  at::Tensor gu = at::linear(rms_norm(x, l.post_norm, cfg.rms_norm_eps), l.gate_up_w, l.gate_up_b);
-  const int64_t I = cfg.intermediate_size;
+at::Tensor Transformer::layer_forward(const DecoderLayer& l, const at::Tensor& h, const LayerContext& ctx) const {
+  const ModelConfig& c = cfg_;
+  at::Tensor x = h + attention(c, l, rms_norm(h, l.input_norm, c.rms_norm_eps), ctx.cos, ctx.sin, ctx.cu_seqlens);
+  at::Tensor gu = at::linear(rms_norm(x, l.post_norm, c.rms_norm_eps), l.gate_up_w, l.gate_up_b);
+  const int64_t I = c.intermediate_size;
   return x + at::linear(at::silu(gu.narrow(1, 0, I)) * gu.narrow(1, I, I), l.down_w, l.down_b);
+}
+
+at::Tensor Transformer::embed_and_layers(ParamProvider& p, const RootParams& r, const PackedRow& row) const {
+  const int64_t n = row.input_ids.size(0);
+  const auto& cu = row.cu_seqlens;
+  if (cu.empty() || cu.front() != 0 || cu.back() != n)
+    fail("packed row: cu_seqlens must start at 0 and end at the row length ", n);
+  if (n > 0) {
+    const int64_t lo = row.input_ids.min().item<int64_t>(), hi = row.input_ids.max().item<int64_t>();
+    if (lo < 0 || hi >= cfg_.vocab_size)
+      fail("input_ids: token id ", lo < 0 ? lo : hi, " is outside the vocabulary [0, ", cfg_.vocab_size, ")");
+  }
+  LayerContext ctx;
+  ctx.cu_seqlens = cu;
+  rope_cos_sin(inv_freq_, row.position_ids, dtype_, &ctx.cos, &ctx.sin);
+  at::Tensor h = at::embedding(r.embed, row.input_ids);
+  for (int i = 0; i < cfg_.num_layers; ++i) h = p.run_layer(*this, i, h, ctx);
+  return rms_norm(h, r.final_norm, cfg_.rms_norm_eps);
+}
+
+TokenOutputs Transformer::forward(ParamProvider& p, const PackedRow& row, bool with_entropy) const {
+  const RootParams r = p.root();
+  const at::Tensor h = embed_and_layers(p, r, row);
+  TokenOutputs out;
+  if (is_value_model()) {
+    if (!r.score_w.defined()) fail(cfg_.architecture, " has no value head (score)");
+    at::Tensor v = at::linear(h, r.score_w, r.score_b).to(at::kFloat);
+    if (v.size(1) != 1) fail("value head has num_labels=", v.size(1), "; a value model needs num_labels=1");
+    out.values = v.squeeze(1);
+  } else {
+    HeadOutputs o = lm_head_log_probs(h, r.lm_head, row.labels, row.temperature, with_entropy);
+    out.log_probs = o.log_probs;
+    out.entropy = o.entropy;
+  }
+  p.end_forward();
+  return out;
+}
+
+ParamProvider& Transformer::own_params() const {
+  if (!dense_) fail("internal: this Transformer holds no parameters of its own");
+  return *dense_;
 }
 
 at::Tensor Transformer::hidden_states(const at::Tensor& input_ids, const at::Tensor& position_ids,
                                       const std::vector<int64_t>& cu) const {
   c10::InferenceMode guard;
-  const int64_t n = input_ids.size(0);
-  if (cu.empty() || cu.front() != 0 || cu.back() != n)
-    fail("packed row: cu_seqlens must start at 0 and end at the row length ", n);
-  const int64_t V = cfg_.vocab_size;
-  if (n > 0) {
-    int64_t lo = input_ids.min().item<int64_t>(), hi = input_ids.max().item<int64_t>();
-    if (lo < 0 || hi >= V) fail("input_ids: token id ", lo < 0 ? lo : hi, " is outside the vocabulary [0, ", V, ")");
-  }
-  at::Tensor h = at::embedding(embed_, input_ids);
-  at::Tensor cos, sin;
-  rope_cos_sin(inv_freq_, position_ids, dtype_, &cos, &sin);
-  for (const auto& l : layers_) h = decoder_layer_forward(cfg_, l, h, cos, sin, cu);
-  return rms_norm(h, final_norm_, cfg_.rms_norm_eps);
-}
-
-at::Tensor Transformer::score(const at::Tensor& hidden) const {
-  if (!score_w_.defined()) fail(cfg_.architecture, " has no value head (score)");
-  return at::linear(hidden, score_w_, score_b_);
+  PackedRow row;
+  row.input_ids = input_ids;
+  row.position_ids = position_ids;
+  row.cu_seqlens = cu;
+  return embed_and_layers(*dense_, root_params(), row);
 }
 
 }  // namespace verl

@@ -1,7 +1,14 @@
-// transformer.h — single-device decoder-only transformer (Llama / Qwen2 / Qwen3) in libtorch,
-// run on one packed row of variable-length sequences: RMSNorm, rotary embeddings in HF's
-// rotate-half convention, grouped-query attention that never crosses a sequence boundary,
-// SwiGLU MLP. Heads: causal LM (`lm_head`, possibly tied) or token-classification `score`.
+// transformer.h — the decoder-only transformer (Llama / Qwen2 / Qwen3) in libtorch, the one
+// forward of the engine, run on one packed row of variable-length sequences: RMSNorm, rotary
+// embeddings in HF's rotate-half convention, grouped-query attention that never crosses a
+// sequence boundary, SwiGLU MLP, and the heads: causal LM (`lm_head`, possibly tied; the
+// chunked log-prob / entropy head of lm_head.h) or the value head `score`.
+//
+// The model code is single-device code and does not own its parameters: a ParamProvider hands
+// them to it, layer by layer. DenseParams (below) keeps every parameter as a plain tensor —
+// the labelled single-device reference path (`Transformer::load`); the FSDP-sharded model
+// (fsdp/fsdp_model.h) gathers each unit from its shards just in time and hooks backward,
+// applying the parallelism from outside (torchtitan's rule). Both run this same forward.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -11,58 +18,125 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/weights.h"
 
 namespace verl {
 
+// One decoder layer's parameters (views: fused [q;k;v] and [gate;up] along the output dim).
 struct DecoderLayer {
   at::Tensor input_norm, post_norm;
-  at::Tensor qkv_w, qkv_b;  // q, k, v projections fused along the output dim ([q;k;v])
+  at::Tensor qkv_w, qkv_b;
   at::Tensor o_w, o_b;
   at::Tensor q_norm, k_norm;     // Qwen3
-  at::Tensor gate_up_w, down_w;  // gate and up fused ([gate;up])
+  at::Tensor gate_up_w, down_w;
   at::Tensor gate_up_b, down_b;  // Llama mlp_bias
+};
+
+// The parameters outside the layers.
+struct RootParams {
+  at::Tensor embed, final_norm;
+  at::Tensor lm_head;           // [vocab, hidden] (the embedding when tied); undefined for value models
+  at::Tensor score_w, score_b;  // value head
+};
+
+// Views of one unit's flat buffer laid out by flat_layout() (model/weights.h).
+DecoderLayer layer_views(const std::vector<FlatParam>& layout, const at::Tensor& flat);
+RootParams root_views(const ModelConfig& c, const std::vector<FlatParam>& layout, const at::Tensor& flat);
+
+// What every layer of one forward shares: rotary cos / sin [n, 1, head_dim] and the row's
+// sequence offsets.
+struct LayerContext {
+  at::Tensor cos, sin;
+  std::vector<int64_t> cu_seqlens;
+};
+
+// One packed row: sequences back to back, positions restarting per sequence, the labels of the
+// LM head (the row rolled left by one) and a per-token temperature (fp32).
+struct PackedRow {
+  at::Tensor input_ids, position_ids, labels, temperature;
+  std::vector<int64_t> cu_seqlens;
+};
+
+// Per-token outputs of a packed row, fp32 [n]: log_probs[t] scores labels[t].
+struct TokenOutputs {
+  at::Tensor log_probs, entropy, values;
+};
+
+class Transformer;
+
+// Who holds the parameters during a forward.
+class ParamProvider {
+ public:
+  virtual ~ParamProvider() = default;
+  // The root parameters, valid until end_forward().
+  virtual RootParams root() = 0;
+  // Runs layer i on h: fetches its parameters and calls model.layer_forward (a provider may
+  // wrap the call: backward hooks, recomputation).
+  virtual at::Tensor run_layer(const Transformer& model, int i, const at::Tensor& h, const LayerContext& ctx) = 0;
+  virtual void end_forward() {}
+};
+
+// Every parameter as a plain tensor, one flat buffer per unit (root, each layer).
+class DenseParams : public ParamProvider {
+ public:
+  // Loads every weight of the folder (checked against the config) converted to `dtype`;
+  // `requires_grad`: the flat buffers are autograd leaves (the reference for gradients).
+  DenseParams(const ModelConfig& c, const WeightSet& w, at::ScalarType dtype, bool requires_grad = false);
+  RootParams root() override { return root_; }
+  at::Tensor run_layer(const Transformer& model, int i, const at::Tensor& h, const LayerContext& ctx) override;
+  const RootParams& root_params() const { return root_; }
+  int64_t num_parameters() const { return numel_; }
+  // One flat buffer per unit (root, then each layer), laid out as flat_layout() of the specs.
+  const std::vector<at::Tensor>& flats() const { return flats_; }
+
+ private:
+  std::vector<at::Tensor> flats_;  // root, then one per layer
+  RootParams root_;
+  std::vector<DecoderLayer> layers_;
+  int64_t numel_ = 0;
 };
 
 class Transformer {
  public:
-  // Build from a local HF folder: config from `config_dir`, weights (model.safetensors or
-  // model.safetensors.index.json) from `weights_dir`, converted to `dtype` on `device`.
+  // The architecture alone (no parameters): `compute_dtype` is the dtype of the activations.
+  Transformer(ModelConfig cfg, at::ScalarType compute_dtype);
+  ~Transformer();
+  // The single-device reference: config from `config_dir`, weights (model.safetensors or
+  // model.safetensors.index.json) from `weights_dir`, converted to `dtype`.
   static std::unique_ptr<Transformer> load(const std::string& config_dir, const std::string& weights_dir,
                                            at::ScalarType dtype, const std::string& device = "cpu");
 
   const ModelConfig& config() const { return cfg_; }
   at::ScalarType dtype() const { return dtype_; }
-  at::Device device() const;
   bool is_value_model() const { return cfg_.head == Head::TokenClassification; }
 
-  // Final hidden states [nnz, hidden] of a packed row. `input_ids`, `position_ids`: int64
-  // [nnz]; `cu_seqlens`: B+1 offsets into the row; attention is causal within each sequence.
+  // The forward: embeddings → layers → final norm → head, with parameters from `params`.
+  // Value models give `values`; causal LMs give `log_probs` of row.labels (and `entropy`).
+  // Differentiable when grad mode is on. Token ids outside the vocabulary are an error.
+  TokenOutputs forward(ParamProvider& params, const PackedRow& row, bool with_entropy) const;
+  // One decoder layer over [n, hidden]: attention within each sequence, then the MLP.
+  at::Tensor layer_forward(const DecoderLayer& l, const at::Tensor& h, const LayerContext& ctx) const;
+
+  // The reference path (models built by load()): this model's own parameters, and its final
+  // hidden states [n, hidden] (inference mode).
+  ParamProvider& own_params() const;
   at::Tensor hidden_states(const at::Tensor& input_ids, const at::Tensor& position_ids,
                            const std::vector<int64_t>& cu_seqlens) const;
-  // Output projection weight [vocab, hidden] (lm_head, or the embedding when tied).
-  const at::Tensor& lm_head() const { return lm_head_; }
-  // Value head: [nnz, hidden] → [nnz, num_labels].
-  at::Tensor score(const at::Tensor& hidden) const;
+  const RootParams& root_params() const;
+  const at::Tensor& lm_head() const { return root_params().lm_head; }
   int64_t num_parameters() const;
 
  private:
   ModelConfig cfg_;
   at::ScalarType dtype_;
-  at::Tensor embed_, final_norm_, lm_head_, score_w_, score_b_, inv_freq_;
-  std::vector<DecoderLayer> layers_;
+  at::Tensor inv_freq_;
+  std::unique_ptr<DenseParams> dense_;
+  at::Tensor embed_and_layers(ParamProvider& p, const RootParams& r, const PackedRow& row) const;
 };
 
-// The model's building blocks, used by Transformer and by the FSDP-sharded model (fsdp/),
-// which passes views of gathered flat buffers as the layer's tensors.
+// The model's building blocks.
 // HF RMSNorm: normalise in fp32, cast back, scale.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
-// cos / sin [n, 1, head_dim] of the rotary embedding at `position_ids`, in `dtype`.
-void rope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids, at::ScalarType dtype, at::Tensor* cos,
-                  at::Tensor* sin);
-// One decoder layer over a packed row [n, hidden]: attention within each sequence of `cu`, MLP.
-at::Tensor decoder_layer_forward(const ModelConfig& cfg, const DecoderLayer& l, const at::Tensor& h,
-                                 const at::Tensor& cos, const at::Tensor& sin, const std::vector<int64_t>& cu);
-
 // Rotary inverse frequencies (float32 [head_dim/2]) with the config's rope scaling, computed
 // exactly as transformers does.
 at::Tensor rope_inv_freq(const ModelConfig& c);

@@ -84,6 +84,31 @@ std::vector<WeightSpec> root_weight_specs(const ModelConfig& c, bool score_bias)
   return p;
 }
 
+std::vector<FlatParam> flat_layout(const std::vector<WeightSpec>& specs, int64_t* numel) {
+  std::vector<FlatParam> r;
+  int64_t off = 0;
+  for (const auto& w : specs) {
+    int64_t n = 1;
+    for (auto s : w.shape) n *= s;
+    r.push_back({w.name, w.shape, off, n});
+    off += n;
+  }
+  if (numel) *numel = off;
+  return r;
+}
+
+at::Tensor param_view(const at::Tensor& flat, const FlatParam& p) { return flat.narrow(0, p.offset, p.numel).view(p.shape); }
+
+std::vector<std::vector<WeightSpec>> WeightSet::unit_specs(const ModelConfig& c) const {
+  const bool score_bias = c.head == Head::TokenClassification && has("score.bias");
+  std::vector<std::vector<WeightSpec>> units{root_weight_specs(c, score_bias)};
+  for (int i = 0; i < c.num_layers; ++i) units.push_back(layer_weight_specs(c, i));
+  std::vector<WeightSpec> all;
+  for (const auto& u : units) all.insert(all.end(), u.begin(), u.end());
+  check(all, c);
+  return units;
+}
+
 WeightSet::WeightSet(const std::string& dir) : dir_(dir) {
   fs::path single = fs::path(dir) / "model.safetensors";
   fs::path index = fs::path(dir) / "model.safetensors.index.json";

@@ -25,6 +25,17 @@ struct WeightSpec {
   std::vector<int64_t> shape;
 };
 
+// A parameter inside a unit's flat buffer (the units of both the dense and the sharded model).
+struct FlatParam {
+  std::string name;             // HF name, e.g. "model.layers.3.self_attn.q_proj.weight"
+  std::vector<int64_t> shape;
+  int64_t offset = 0, numel = 0;  // in the unit's flat buffer
+};
+// The specs laid out back to back in order; `*numel` = the total.
+std::vector<FlatParam> flat_layout(const std::vector<WeightSpec>& specs, int64_t* numel);
+// Parameter p as a view of its unit's flat buffer.
+at::Tensor param_view(const at::Tensor& flat, const FlatParam& p);
+
 std::vector<WeightSpec> layer_weight_specs(const ModelConfig& c, int layer);
 // score.bias is nn.Linear's default: checkpoints may or may not carry it.
 std::vector<WeightSpec> root_weight_specs(const ModelConfig& c, bool score_bias);
@@ -38,6 +49,8 @@ class WeightSet {
   // Every spec present and nothing unexpected (a tied model's saved lm_head and old rotary
   // inv_freq buffers are tolerated); one Error listing both otherwise.
   void check(const std::vector<WeightSpec>& want, const ModelConfig& c) const;
+  // Every spec of the root and the layers (score.bias when the folder has it), checked.
+  std::vector<std::vector<WeightSpec>> unit_specs(const ModelConfig& c) const;
   // Copies a tensor out of the mapping, checks its shape, converts to dtype.
   at::Tensor load(const std::string& name, const std::vector<int64_t>& shape, at::ScalarType dtype) const;
 

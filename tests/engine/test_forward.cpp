@@ -58,7 +58,7 @@ TEST(Forward, PackedEqualsOneSequenceAtATime) {
   auto model = Transformer::load(fx + "/qwen3", fx + "/qwen3", at::kFloat);
   Batch b = load_batch(fx + "/batch.safetensors");
   SampleOutputs packed = infer_batch(*model, b, {.calculate_entropy = true});
-  SampleOutputs single = infer_batch(*model, b, {.calculate_entropy = true, .micro_batch_size = 1});
+  SampleOutputs single = infer_batch(*model, b, {.calculate_entropy = true, .micro = {.micro_batch_size = 1}});
   EXPECT_LE(max_abs_diff(packed.log_probs.values, single.log_probs.values), 1e-5);
   EXPECT_LE(max_abs_diff(packed.entropy.values, single.entropy.values), 1e-5);
 }
@@ -70,8 +70,8 @@ TEST(Forward, FixedAndDynamicMicroBatchesAgreePerSample) {
     Batch b = load_batch(fx + "/batch.safetensors");
     b.non_tensors["uid"] = {"a", "b", "c", "d", "e", "f", "g", "h"};
     Partitions dyn_parts;
-    SampleOutputs fixed = infer_batch(*model, b, {.micro_batch_size = 3});
-    SampleOutputs dyn = infer_batch(*model, b, {.max_token_len = 48}, &dyn_parts);
+    SampleOutputs fixed = infer_batch(*model, b, {.micro = {.micro_batch_size = 3}});
+    SampleOutputs dyn = infer_batch(*model, b, {.micro = {.max_token_len = 48}}, &dyn_parts);
     EXPECT_GT(dyn_parts.size(), 2u);
     bool reordered = false;  // balancing really changed the sample order
     for (size_t i = 0, k = 0; i < dyn_parts.size(); ++i)
