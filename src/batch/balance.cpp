@@ -143,6 +143,43 @@ Partitions get_seqlen_balanced_partitions(const std::vector<int64_t>& values, in
   return parts;
 }
 
+namespace {
+
+// Group indices → sample indices (groups of g consecutive samples).
+void expand_groups(Partitions& parts, int g) {
+  if (g <= 1) return;
+  for (auto& p : parts) {
+    std::vector<int> s;
+    for (int gi : p)
+      for (int j = 0; j < g; ++j) s.push_back(gi * g + j);
+    p = std::move(s);
+  }
+}
+
+// verl's use_dynamic_bsz_balance: micro-batches by workload, descending, then the even
+// positions reversed followed by the odd ones (small – large – small).
+Partitions order_small_large_small(const Partitions& parts, const std::vector<int64_t>& workloads, int g) {
+  std::vector<std::pair<int64_t, int>> key(parts.size());
+  for (size_t i = 0; i < parts.size(); ++i) {
+    int64_t w = 0;
+    for (size_t j = 0; j < parts[i].size(); j += g) w += workloads[parts[i][j] / g];
+    key[i] = {w, parts[i].empty() ? 0 : parts[i][0]};
+  }
+  std::vector<size_t> order(parts.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return key[b] < key[a]; });
+  Partitions sorted;
+  for (size_t i : order) sorted.push_back(parts[i]);
+  Partitions out;
+  std::vector<size_t> even;
+  for (size_t i = 0; i < sorted.size(); i += 2) even.push_back(i);
+  for (auto it = even.rbegin(); it != even.rend(); ++it) out.push_back(sorted[*it]);
+  for (size_t i = 1; i < sorted.size(); i += 2) out.push_back(sorted[i]);
+  return out;
+}
+
+}  // namespace
+
 Partitions rearrange_micro_batches(const std::vector<int64_t>& seqlens, const DynamicBatchOptions& o) {
   const int64_t B = int64_t(seqlens.size());
   if (B == 0) fail("dynamic batching: the batch is empty");
@@ -207,33 +244,8 @@ Partitions rearrange_micro_batches(const std::vector<int64_t>& seqlens, const Dy
     if (ok) break;
     n += step;
   }
-  if (g > 1) {
-    for (auto& p : parts) {
-      std::vector<int> s;
-      for (int gi : p)
-        for (int j = 0; j < g; ++j) s.push_back(gi * g + j);
-      p = std::move(s);
-    }
-  }
-  if (o.use_dynamic_bsz_balance) {
-    std::vector<std::pair<int64_t, int>> key(parts.size());
-    for (size_t i = 0; i < parts.size(); ++i) {
-      int64_t w = 0;
-      for (size_t j = 0; j < parts[i].size(); j += g) w += workloads[parts[i][j] / g];
-      key[i] = {w, parts[i].empty() ? 0 : parts[i][0]};
-    }
-    std::vector<size_t> order(parts.size());
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return key[b] < key[a]; });
-    Partitions sorted;
-    for (size_t i : order) sorted.push_back(parts[i]);
-    Partitions out;
-    std::vector<size_t> even;
-    for (size_t i = 0; i < sorted.size(); i += 2) even.push_back(i);
-    for (auto it = even.rbegin(); it != even.rend(); ++it) out.push_back(sorted[*it]);
-    for (size_t i = 1; i < sorted.size(); i += 2) out.push_back(sorted[i]);
-    parts = std::move(out);
-  }
+  expand_groups(parts, g);
+  if (o.use_dynamic_bsz_balance) parts = order_small_large_small(parts, workloads, g);
   return parts;
 }
 

@@ -8,22 +8,10 @@
 
 #include "dist/comm.h"
 #include "io/error.h"
+#include "model/torch_dtype.h"
 
 namespace verl {
 
-namespace {
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::F32;
-    case at::kBFloat16: return DType::BF16;
-    case at::kHalf: return DType::F16;
-    case at::kDouble: return DType::F64;
-    default: fail("fsdp: unsupported dtype ", c10::toString(t));
-  }
-}
-
-}  // namespace
 
 FlatUnit::FlatUnit(std::string name, const std::vector<WeightSpec>& specs, Comm* shard, Comm* replicate,
                    at::ScalarType compute_dtype)

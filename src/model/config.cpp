@@ -55,15 +55,9 @@ const std::vector<std::string>& supported_architectures() {
   return v;
 }
 
-ModelConfig parse_model_config(const std::string& text, const std::string& where) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const std::exception& e) {
-    fail(where, ": not valid JSON: ", e.what());
-  }
-  if (!j.is_object()) fail(where, ": expected a JSON object");
-  ModelConfig c;
+namespace {
+
+const Arch& find_arch(const json& j, const std::string& where) {
   std::string arch;
   if (j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty() &&
       j["architectures"][0].is_string())
@@ -75,18 +69,14 @@ ModelConfig parse_model_config(const std::string& text, const std::string& where
     else if (mt == "qwen3") arch = "Qwen3ForCausalLM";
     else arch = "model_type " + mt;
   }
-  const Arch* found = nullptr;
   for (const auto& a : kArchs)
-    if (arch == a.name) found = &a;
-  if (!found) {
-    std::string list;
-    for (const auto& a : supported_architectures()) list += (list.empty() ? "" : ", ") + a;
-    fail(where, ": unsupported architecture '", arch.empty() ? std::string("(none)") : arch,
-         "'; supported: ", list);
-  }
-  c.architecture = arch;
-  c.family = found->family;
-  c.head = found->head;
+    if (arch == a.name) return a;
+  std::string list;
+  for (const auto& a : supported_architectures()) list += (list.empty() ? "" : ", ") + a;
+  fail(where, ": unsupported architecture '", arch.empty() ? std::string("(none)") : arch, "'; supported: ", list);
+}
+
+void parse_shape(const json& j, const std::string& where, ModelConfig& c) {
   c.vocab_size = get_pos_int(j, "vocab_size", where);
   c.hidden_size = get_pos_int(j, "hidden_size", where);
   c.intermediate_size = get_pos_int(j, "intermediate_size", where);
@@ -103,7 +93,9 @@ ModelConfig parse_model_config(const std::string& text, const std::string& where
   if (!j.contains("head_dim") && c.hidden_size % c.num_heads != 0)
     fail(where, ": hidden_size (", c.hidden_size, ") is not a multiple of num_attention_heads (", c.num_heads, ")");
   if (c.head_dim % 2) fail(where, ": head_dim must be even for rotary embeddings, found ", c.head_dim);
-  c.rms_norm_eps = get_or<double>(j, "rms_norm_eps", 1e-6, where);
+}
+
+void parse_rope(const json& j, const std::string& where, ModelConfig& c) {
   // transformers 5 moved rope_theta into rope_parameters; accept both.
   json rope = j.contains("rope_parameters") && j["rope_parameters"].is_object() ? j["rope_parameters"]
               : j.contains("rope_scaling") && j["rope_scaling"].is_object() ? j["rope_scaling"]
@@ -126,6 +118,26 @@ ModelConfig parse_model_config(const std::string& text, const std::string& where
     fail(where, ": unsupported rope_scaling type '", rtype, "'; supported: default, linear, llama3");
   }
   if (c.rope_scaling.factor <= 0) fail(where, ": rope_scaling.factor must be positive");
+}
+
+}  // namespace
+
+ModelConfig parse_model_config(const std::string& text, const std::string& where) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const std::exception& e) {
+    fail(where, ": not valid JSON: ", e.what());
+  }
+  if (!j.is_object()) fail(where, ": expected a JSON object");
+  ModelConfig c;
+  const Arch& arch = find_arch(j, where);
+  c.architecture = arch.name;
+  c.family = arch.family;
+  c.head = arch.head;
+  parse_shape(j, where, c);
+  c.rms_norm_eps = get_or<double>(j, "rms_norm_eps", 1e-6, where);
+  parse_rope(j, where, c);
   if (get_or<bool>(j, "use_sliding_window", false, where))
     fail(where, ": use_sliding_window is not supported (full attention only)");
   c.tie_word_embeddings = get_or<bool>(j, "tie_word_embeddings", false, where);

@@ -12,22 +12,14 @@
 #include "io/error.h"
 #include "io/file.h"
 #include "io/safetensors.h"
+#include "merge/hf_folder.h"
+#include "model/torch_dtype.h"
 
 namespace verl {
 
 namespace fs = std::filesystem;
 
 namespace {
-
-at::ScalarType to_scalar(DType t, const std::string& where) {
-  switch (t) {
-    case DType::F32: return at::kFloat;
-    case DType::BF16: return at::kBFloat16;
-    case DType::F16: return at::kHalf;
-    case DType::F64: return at::kDouble;
-    default: fail(where, ": unsupported weight dtype ", dtype_st_name(t), " (expected F32, BF16, F16 or F64)");
-  }
-}
 
 std::string fmt_shape(const std::vector<int64_t>& s) {
   std::string r = "[";
@@ -109,48 +101,13 @@ std::vector<std::vector<WeightSpec>> WeightSet::unit_specs(const ModelConfig& c)
   return units;
 }
 
-WeightSet::WeightSet(const std::string& dir) : dir_(dir) {
-  fs::path single = fs::path(dir) / "model.safetensors";
-  fs::path index = fs::path(dir) / "model.safetensors.index.json";
-  std::vector<std::string> files;
-  if (fs::exists(index)) {
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(read_text_file(index.string()));
-    } catch (const std::exception& e) {
-      fail(index.string(), ": not valid JSON: ", e.what());
-    }
-    if (!j.contains("weight_map") || !j["weight_map"].is_object())
-      fail(index.string(), ": expected an object 'weight_map'");
-    std::set<std::string> uniq;
-    for (auto& [k, v] : j["weight_map"].items()) {
-      if (!v.is_string()) fail(index.string(), ": weight_map['", k, "'] is not a file name");
-      std::string f = v.get<std::string>();
-      if (f.find('/') != std::string::npos || f == "..") fail(index.string(), ": weight_map['", k, "'] names a file outside the folder: ", f);
-      uniq.insert(f);
-    }
-    files.assign(uniq.begin(), uniq.end());
-  } else if (fs::exists(single)) {
-    files.push_back("model.safetensors");
-  } else {
-    fail(dir, ": no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)");
-  }
-  for (const auto& f : files) {
-    readers_.push_back(std::make_unique<SafetensorsReader>((fs::path(dir) / f).string()));
-    for (const auto& t : readers_.back()->tensors()) {
-      if (where_.count(t.name)) fail(dir, ": tensor '", t.name, "' appears in more than one weight file");
-      where_[t.name] = {readers_.size() - 1, &t};
-    }
-  }
-}
+WeightSet::WeightSet(const std::string& dir) : folder_(std::make_unique<HfFolder>(dir)) {}
 
 WeightSet::~WeightSet() = default;
 
-std::vector<std::string> WeightSet::names() const {
-  std::vector<std::string> r;
-  for (const auto& [k, v] : where_) r.push_back(k);
-  return r;
-}
+bool WeightSet::has(const std::string& name) const { return folder_->contains(name); }
+
+std::vector<std::string> WeightSet::names() const { return folder_->names(); }
 
 void WeightSet::check(const std::vector<WeightSpec>& want, const ModelConfig& c) const {
   std::set<std::string> wanted;
@@ -160,7 +117,7 @@ void WeightSet::check(const std::vector<WeightSpec>& want, const ModelConfig& c)
     if (!has(w.name)) missing.push_back(w.name);
   }
   std::sort(missing.begin(), missing.end());
-  for (const auto& [k, v] : where_) {
+  for (const auto& k : names()) {
     if (wanted.count(k)) continue;
     if (k.size() >= 19 && k.compare(k.size() - 19, 19, "rotary_emb.inv_freq") == 0) continue;  // old checkpoints
     if (k == "lm_head.weight" && c.tie_word_embeddings) continue;                               // saved though tied
@@ -173,7 +130,7 @@ void WeightSet::check(const std::vector<WeightSpec>& want, const ModelConfig& c)
     if (v.size() > 20) r += ", ... (" + std::to_string(v.size()) + " in all)";
     return r;
   };
-  std::string msg = dir_ + ": weights do not match " + c.architecture + " from config.json:";
+  std::string msg = folder_->dir() + ": weights do not match " + c.architecture + " from config.json:";
   if (!missing.empty()) msg += " missing keys: " + join(missing) + ";";
   if (!unexpected.empty()) msg += " unexpected keys: " + join(unexpected) + ";";
   msg.pop_back();
@@ -181,16 +138,12 @@ void WeightSet::check(const std::vector<WeightSpec>& want, const ModelConfig& c)
 }
 
 at::Tensor WeightSet::load(const std::string& name, const std::vector<int64_t>& shape, at::ScalarType dtype) const {
-  auto it = where_.find(name);
-  const SafetensorsReader& r = *readers_[it->second.first];
-  const StTensor& t = *it->second.second;
-  if (t.shape != shape)
-    fail(r.path(), ": tensor '", name, "' has shape ", fmt_shape(t.shape), ", expected ", fmt_shape(shape),
+  auto [r, t] = folder_->find(name);
+  if (t->shape != shape)
+    fail(r->path(), ": tensor '", name, "' has shape ", fmt_shape(t->shape), ", expected ", fmt_shape(shape),
          " from config.json");
-  at::Tensor raw = at::empty(shape, at::TensorOptions().dtype(to_scalar(t.dtype, r.path() + ": '" + name + "'")));
-  std::memcpy(raw.data_ptr(), r.data(t), t.nbytes());
-  r.release(t);
-  return raw.to(dtype);
+  if (!dtype_is_float(t->dtype)) fail(r->path(), ": tensor '", name, "' has dtype ", dtype_st_name(t->dtype), ", expected a float type");
+  return read_st_tensor(*r, *t).to(dtype);
 }
 
 }  // namespace verl

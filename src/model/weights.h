@@ -1,5 +1,5 @@
 // weights.h — a HuggingFace folder's weights and the table of what each model needs:
-// WeightSet maps every tensor of model.safetensors (or a sharded index) by name; the spec
+// WeightSet loads tensors of model.safetensors (or a sharded index) by name as torch tensors; the spec
 // lists are the HF name templates with their shapes from config.json, per decoder layer in
 // the order the fused views need ([q;k;v] and [gate;up] contiguous) and for the root
 // (embeddings, final norm, head). Both the single-device model and the FSDP-sharded model
@@ -17,8 +17,7 @@
 
 namespace verl {
 
-class SafetensorsReader;
-struct StTensor;
+class HfFolder;
 
 struct WeightSpec {
   std::string name;             // e.g. "model.layers.3.self_attn.q_proj.weight"
@@ -40,11 +39,12 @@ std::vector<WeightSpec> layer_weight_specs(const ModelConfig& c, int layer);
 // score.bias is nn.Linear's default: checkpoints may or may not carry it.
 std::vector<WeightSpec> root_weight_specs(const ModelConfig& c, bool score_bias);
 
+// The torch side of a HF folder's weights (the folder reader itself is torch-free: HfFolder).
 class WeightSet {
  public:
   explicit WeightSet(const std::string& dir);  // throws Error naming the folder / index
   ~WeightSet();
-  bool has(const std::string& name) const { return where_.count(name) > 0; }
+  bool has(const std::string& name) const;
   std::vector<std::string> names() const;
   // Every spec present and nothing unexpected (a tied model's saved lm_head and old rotary
   // inv_freq buffers are tolerated); one Error listing both otherwise.
@@ -55,9 +55,7 @@ class WeightSet {
   at::Tensor load(const std::string& name, const std::vector<int64_t>& shape, at::ScalarType dtype) const;
 
  private:
-  std::string dir_;
-  std::vector<std::unique_ptr<SafetensorsReader>> readers_;
-  std::map<std::string, std::pair<size_t, const StTensor*>> where_;
+  std::unique_ptr<HfFolder> folder_;
 };
 
 }  // namespace verl

@@ -17,6 +17,7 @@
 #include "io/file.h"
 #include "io/safetensors.h"
 #include "model/md5.h"
+#include "model/torch_dtype.h"
 #include "test_util.h"
 
 namespace verl::test {
@@ -57,25 +58,11 @@ inline std::string oracle_fixture(const std::string& script, const std::string& 
 
 inline std::string engine_fixtures() { return oracle_fixture("engine_fixtures.py"); }
 
-inline at::ScalarType st_scalar(DType t) {
-  switch (t) {
-    case DType::F32: return at::kFloat;
-    case DType::I64: return at::kLong;
-    case DType::BF16: return at::kBFloat16;
-    case DType::I32: return at::kInt;
-    default: throw std::runtime_error("test: unexpected dtype");
-  }
-}
-
 // Every tensor of a safetensors file, copied out.
 inline std::map<std::string, at::Tensor> load_st(const std::string& path) {
   SafetensorsReader r(path);
   std::map<std::string, at::Tensor> m;
-  for (const auto& t : r.tensors()) {
-    at::Tensor x = at::empty(t.shape, at::TensorOptions().dtype(st_scalar(t.dtype)));
-    std::memcpy(x.data_ptr(), r.data(t), t.nbytes());
-    m[t.name] = x;
-  }
+  for (const auto& t : r.tensors()) m[t.name] = read_st_tensor(r, t);
   return m;
 }
 
@@ -93,8 +80,7 @@ inline Batch load_batch(const std::string& path) {
 inline void save_st(const std::string& path, const std::map<std::string, at::Tensor>& m) {
   std::vector<StSpec> specs;
   for (const auto& [k, t] : m) {
-    DType d = t.scalar_type() == at::kFloat ? DType::F32 : t.scalar_type() == at::kLong ? DType::I64 : DType::I32;
-    specs.push_back({k, d, std::vector<int64_t>(t.sizes().begin(), t.sizes().end())});
+    specs.push_back({k, to_dtype(t.scalar_type()), std::vector<int64_t>(t.sizes().begin(), t.sizes().end())});
   }
   SafetensorsWriter w(path, specs);
   for (const auto& [k, t] : m) {
