@@ -112,42 +112,38 @@ class MpiComm final : public Comm {
   std::string name() const override { return "mpi"; }
 
   void all_gather(const void* send, void* recv, size_t count, DType dt) override {
-    MPI_Request r;
-    check(MPI_Iallgather(send, icount(count, "all_gather"), raw_type(dt), recv, icount(count, "all_gather"), raw_type(dt),
-                         comm_, &r),
-          "all_gather");
-    wait(r, "all_gather");
+    const int n = icount(count, "all_gather");
+    run("all_gather", [&](MPI_Request* r) { return MPI_Iallgather(send, n, raw_type(dt), recv, n, raw_type(dt), comm_, r); });
   }
   void reduce_scatter(const void* send, void* recv, size_t count, DType dt, ReduceOp op) override {
+    const int n = icount(count, "reduce_scatter");
     auto [type, mop] = reduction(dt, op);
-    MPI_Request r;
-    check(MPI_Ireduce_scatter_block(send, recv, icount(count, "reduce_scatter"), type, mop, comm_, &r), "reduce_scatter");
-    wait(r, "reduce_scatter");
+    run("reduce_scatter", [&](MPI_Request* r) { return MPI_Ireduce_scatter_block(send, recv, n, type, mop, comm_, r); });
     if (op == ReduceOp::Avg) divide(recv, count, dt);
   }
   void all_reduce(void* buf, size_t count, DType dt, ReduceOp op) override {
+    const int n = icount(count, "all_reduce");
     auto [type, mop] = reduction(dt, op);
-    MPI_Request r;
-    check(MPI_Iallreduce(MPI_IN_PLACE, buf, icount(count, "all_reduce"), type, mop, comm_, &r), "all_reduce");
-    wait(r, "all_reduce");
+    run("all_reduce", [&](MPI_Request* r) { return MPI_Iallreduce(MPI_IN_PLACE, buf, n, type, mop, comm_, r); });
     if (op == ReduceOp::Avg) divide(buf, count, dt);
   }
   void broadcast(void* buf, size_t count, DType dt, int root) override {
-    MPI_Request r;
-    check(MPI_Ibcast(buf, icount(count, "broadcast"), raw_type(dt), root, comm_, &r), "broadcast");
-    wait(r, "broadcast");
+    const int n = icount(count, "broadcast");
+    run("broadcast", [&](MPI_Request* r) { return MPI_Ibcast(buf, n, raw_type(dt), root, comm_, r); });
   }
   void all_to_all(const void* send, void* recv, size_t count, DType dt) override {
-    MPI_Request r;
-    check(MPI_Ialltoall(send, icount(count, "all_to_all"), raw_type(dt), recv, icount(count, "all_to_all"), raw_type(dt),
-                        comm_, &r),
-          "all_to_all");
-    wait(r, "all_to_all");
+    const int n = icount(count, "all_to_all");
+    run("all_to_all", [&](MPI_Request* r) { return MPI_Ialltoall(send, n, raw_type(dt), recv, n, raw_type(dt), comm_, r); });
   }
   void barrier() override {
+    run("barrier", [&](MPI_Request* r) { return MPI_Ibarrier(comm_, r); });
+  }
+  // Starts one non-blocking collective and waits for it under the watchdog.
+  template <class Start>
+  void run(const char* what, Start&& start) {
     MPI_Request r;
-    check(MPI_Ibarrier(comm_, &r), "barrier");
-    wait(r, "barrier");
+    check(start(&r), what);
+    wait(r, what);
   }
   std::unique_ptr<Comm> split(int color, int key) override {
     MPI_Comm c;

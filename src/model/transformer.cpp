@@ -88,20 +88,25 @@ DecoderLayer layer_views(const std::vector<FlatParam>& layout, const at::Tensor&
     at::Tensor t = flat.narrow(0, a->offset, n);
     return cols > 0 ? t.view({n / cols, cols}) : t;
   };
+  using M = at::Tensor DecoderLayer::*;
+  static const std::pair<M, const char*> kSingle[] = {
+      {&DecoderLayer::input_norm, ".input_layernorm.weight"}, {&DecoderLayer::post_norm, ".post_attention_layernorm.weight"},
+      {&DecoderLayer::o_w, ".o_proj.weight"},                 {&DecoderLayer::o_b, ".o_proj.bias"},
+      {&DecoderLayer::q_norm, ".q_norm.weight"},              {&DecoderLayer::k_norm, ".k_norm.weight"},
+      {&DecoderLayer::down_w, ".down_proj.weight"},           {&DecoderLayer::down_b, ".down_proj.bias"}};
+  struct Fused {
+    M member;
+    const char *first, *last;
+    bool matrix;
+  };
+  static const Fused kFused[] = {{&DecoderLayer::qkv_w, ".q_proj.weight", ".v_proj.weight", true},
+                                 {&DecoderLayer::qkv_b, ".q_proj.bias", ".v_proj.bias", false},
+                                 {&DecoderLayer::gate_up_w, ".gate_proj.weight", ".up_proj.weight", true},
+                                 {&DecoderLayer::gate_up_b, ".gate_proj.bias", ".up_proj.bias", false}};
   DecoderLayer l;
   const int64_t H = layout.at(0).shape.at(0);  // input_layernorm.weight [hidden]
-  l.input_norm = v(".input_layernorm.weight");
-  l.post_norm = v(".post_attention_layernorm.weight");
-  l.qkv_w = fused(".q_proj.weight", ".v_proj.weight", H);
-  l.qkv_b = fused(".q_proj.bias", ".v_proj.bias", 0);
-  l.o_w = v(".o_proj.weight");
-  l.o_b = v(".o_proj.bias");
-  l.q_norm = v(".q_norm.weight");
-  l.k_norm = v(".k_norm.weight");
-  l.gate_up_w = fused(".gate_proj.weight", ".up_proj.weight", H);
-  l.gate_up_b = fused(".gate_proj.bias", ".up_proj.bias", 0);
-  l.down_w = v(".down_proj.weight");
-  l.down_b = v(".down_proj.bias");
+  for (const auto& [m, suffix] : kSingle) l.*m = v(suffix);
+  for (const auto& f : kFused) l.*(f.member) = fused(f.first, f.last, f.matrix ? H : 0);
   return l;
 }
 
