@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "batch/batch.h"
+#include "engine/engine_config.h"
 #include "engine/forward_step.h"
 #include "engine/losses.h"
 #include "engine/optim.h"
@@ -22,23 +23,6 @@
 namespace verl {
 
 class Comm;
-
-struct EngineConfig {
-  std::string model_path;        // local HF folder (config, weights, tokenizer)
-  std::string hf_config_path;    // default: model_path
-  std::string param_dtype = "fp32";  // compute dtype: fp32 | bf16 (mixed precision, fp32 master)
-  FsdpOptions fsdp;
-  bool forward_only = false;
-  // micro-batching
-  int micro_batch_size_per_gpu = 1;
-  bool use_dynamic_bsz = false;
-  int64_t max_token_len_per_gpu = 16384;
-  // optimizer + schedule
-  AdamWOptions adamw;
-  double grad_clip = 1.0;
-  LrScheduleOptions lr_schedule;
-  double temperature = 1.0;
-};
 
 // Per-token outputs of one micro-batch's packed row (autograd-connected in training).
 struct MicroOutputs {
