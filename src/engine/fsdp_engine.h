@@ -82,8 +82,9 @@ class FsdpEngine {
   // Every parameter as a full fp32 tensor, one at a time, with its HF name (a collective).
   void get_per_tensor_param(const std::function<void(const std::string&, const at::Tensor&)>& fn);
 
-  // <dir>/global_step_N/<role>/ in verl's layout; written atomically. `extra` is stored in
-  // the extra state (data position etc.) and returned by load_checkpoint.
+  // <dir>/global_step_N/<role>/ in verl's layout; written atomically (engine/checkpoint.cpp,
+  // a collective). `extra` is stored in the extra state (data position etc.) and returned by
+  // load_checkpoint, which checks every file's rank / world size / step record.
   void save_checkpoint(const std::string& dir, const std::string& role, int64_t step, int max_ckpt_to_keep,
                        const nlohmann::json& extra);
   nlohmann::json load_checkpoint(const std::string& ckpt_dir);  // a global_step_N/<role> folder
