@@ -1,11 +1,126 @@
-// logprob.cpp (cli) — registers the `verlcpp logprob` subcommand's flags. Built only with
-// VERLCPP_WITH_TORCH; the work is done by verl::run_logprob (src/engine/logprob.cpp).
+// logprob.cpp — `verlcpp logprob` (see logprob.h): the subcommand's flags, then the runner:
+// validate the input file, resolve the model's local paths, build it, run infer_batch, write
+// the outputs to a temporary file and rename. Built only with VERLCPP_WITH_TORCH.
 #ifdef VERLCPP_WITH_TORCH
 #include "cli/logprob.h"
 
-#include <CLI/CLI.hpp>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+
+#include "engine/forward_step.h"
+#include "io/error.h"
+#include "io/safetensors.h"
+#include "model/paths.h"
 
 namespace verl {
+
+namespace {
+
+Batch read_batch(const std::string& path) {
+  SafetensorsReader r(path);
+  for (const auto& t : r.tensors())
+    if (t.name != "input_ids" && t.name != "cu_seqlens" && t.name != "temperature")
+      fail(path, ": unexpected tensor '", t.name, "' (expected input_ids, cu_seqlens and optionally temperature)");
+  const StTensor* ids = r.find("input_ids");
+  const StTensor* cu = r.find("cu_seqlens");
+  if (!ids) fail(path, ": missing tensor 'input_ids' (int64, 1-D, all sequences concatenated)");
+  if (!cu) fail(path, ": missing tensor 'cu_seqlens' (int64, B+1 offsets)");
+  if (ids->dtype != DType::I64 || ids->shape.size() != 1)
+    fail(path, ": 'input_ids' must be a 1-D I64 tensor, found ", dtype_st_name(ids->dtype), " with ", ids->shape.size(), " dims");
+  if (cu->dtype != DType::I64 || cu->shape.size() != 1 || cu->shape[0] < 2)
+    fail(path, ": 'cu_seqlens' must be a 1-D I64 tensor of B+1 >= 2 offsets");
+  const int64_t nnz = ids->shape[0], B = cu->shape[0] - 1;
+  std::vector<int64_t> off(B + 1);
+  std::memcpy(off.data(), r.data(*cu), cu->nbytes());
+  if (off[0] != 0) fail(path, ": cu_seqlens[0] must be 0, found ", off[0]);
+  for (int64_t i = 0; i < B; ++i)
+    if (off[i + 1] <= off[i]) fail(path, ": cu_seqlens must be strictly increasing (sequence ", i, " is empty or negative)");
+  if (off[B] != nnz) fail(path, ": cu_seqlens ends at ", off[B], " but input_ids has ", nnz, " tokens");
+  at::Tensor values = at::empty({nnz}, at::kLong);
+  std::memcpy(values.data_ptr(), r.data(*ids), ids->nbytes());
+  Batch b;
+  b.sequences["input_ids"] = Jagged{values, off};
+  if (const StTensor* t = r.find("temperature")) {
+    if (t->dtype != DType::F32 || t->shape.size() != 1 || t->shape[0] != B)
+      fail(path, ": 'temperature' must be F32 with shape [", B, "], one per sequence");
+    at::Tensor temp = at::empty({B}, at::kFloat);
+    std::memcpy(temp.data_ptr(), r.data(*t), t->nbytes());
+    if (!(temp > 0).all().item<bool>()) fail(path, ": 'temperature' values must be positive");
+    b.tensors["temperature"] = temp;
+  }
+  return b;
+}
+
+void write_outputs(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& outs) {
+  namespace fs = std::filesystem;
+  std::vector<StSpec> specs;
+  for (const auto& [name, t] : outs) specs.push_back({name, DType::F32, {t.size(0)}});
+  fs::path target(path);
+  fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  if (!fs::is_directory(dir)) fail(path, ": the output folder does not exist");
+  std::string tmp = (dir / ("." + target.filename().string() + ".tmp-" + std::to_string(::getpid()))).string();
+  try {
+    SafetensorsWriter w(tmp, specs);
+    for (const auto& [name, t] : outs) {
+      at::Tensor c = t.contiguous();
+      w.write(c.data_ptr(), c.numel() * sizeof(float));
+    }
+    w.finish(false);
+    std::error_code ec;
+    fs::rename(tmp, target, ec);
+    if (ec) fail(path, ": cannot move the output into place: ", ec.message());
+  } catch (...) {
+    std::error_code ec;
+    fs::remove(tmp, ec);
+    throw;
+  }
+}
+
+}  // namespace
+
+int run_logprob(const LogprobOptions& o) {
+  if (o.micro_batch_size > 0 && o.max_token_len > 0) fail("--micro-batch-size and --max-token-len are exclusive");
+  if (o.micro_batch_size < 0) fail("--micro-batch-size must be positive");
+  if (o.max_token_len < 0) fail("--max-token-len must be positive");
+  if (!(o.temperature > 0)) fail("--temperature must be positive, got ", o.temperature);
+  if (o.threads > 0) at::set_num_threads(o.threads);
+  at::ScalarType dtype = parse_engine_dtype(o.dtype);
+  auto t0 = std::chrono::steady_clock::now();
+  Batch batch = read_batch(o.batch);
+  ModelPaths paths = resolve_model_paths(o.model, o.hf_config_path, "", o.cache_dir);
+  auto model = Transformer::load(paths.local_hf_config_path, paths.local_path, dtype);
+  auto t1 = std::chrono::steady_clock::now();
+  InferOptions io;
+  io.calculate_entropy = o.entropy;
+  io.temperature = o.temperature;
+  io.micro.micro_batch_size = o.micro_batch_size;
+  io.micro.max_token_len = o.max_token_len;
+  Partitions parts;
+  SampleOutputs so = infer_batch(*model, batch, io, &parts);
+  auto t2 = std::chrono::steady_clock::now();
+  std::vector<std::pair<std::string, at::Tensor>> outs;
+  if (model->is_value_model()) {
+    if (o.entropy) fail("--entropy: ", model->config().architecture, " is a value model (no vocabulary)");
+    outs.push_back({"values", so.values.values});
+  } else {
+    outs.push_back({"log_probs", so.log_probs.values});
+    if (o.entropy) outs.push_back({"entropy", so.entropy.values});
+  }
+  write_outputs(o.out, outs);
+  if (!o.quiet) {
+    const int64_t nnz = batch.sequences["input_ids"].offsets.back();
+    double load_s = std::chrono::duration<double>(t1 - t0).count(), run_s = std::chrono::duration<double>(t2 - t1).count();
+    std::fprintf(stderr, "verlcpp logprob: %lld sequences, %lld tokens, %zu micro-batches, load %.2fs, forward %.2fs (%.0f tokens/s)\n",
+                 (long long)batch.size(), (long long)nnz, parts.size(), load_s, run_s, nnz / std::max(run_s, 1e-9));
+  }
+  return 0;
+}
 
 CLI::App* add_logprob_subcommand(CLI::App& app, LogprobOptions& o) {
   CLI::App* c = app.add_subcommand(

@@ -8,9 +8,11 @@
 #include "io/error.h"
 #include "merge/merger.h"
 #ifdef VERLCPP_WITH_TORCH
+#include <c10/util/Exception.h>
+
 #include "cli/logprob.h"
+#include "cli/train.h"
 #include "dist/comm.h"
-#include "engine/train.h"
 #endif
 
 namespace {
@@ -77,7 +79,7 @@ int main(int argc, char** argv) {
       "train",
       "Train with the FSDP engine: SFT, a PPO/GRPO policy update or a value update.\n"
       "  mpirun -np N build/verlcpp train --config FILE.yaml [key=value ...]\n"
-      "Without mpirun it runs as one process. Keys are verl's names (a dotted key counts by its last part).\n\n" +
+      "Without mpirun it runs as one process. Keys are verl's config paths, scoped as verl scopes them.\n\n" +
           verl::train_config_help());
   tr->add_option("--config", ta.config_file, "YAML config file")->check(CLI::ExistingFile);
   tr->add_option("overrides", ta.overrides, "key=value overrides (after the config file)");
@@ -104,8 +106,20 @@ int main(int argc, char** argv) {
     verl::abort_comm(2);  // other ranks would wait for this one in their next collective
 #endif
     return 2;
-  } catch (const std::exception& e) {
+  }
+#ifdef VERLCPP_WITH_TORCH
+  catch (const c10::Error& e) {  // one line, no libtorch backtrace
+    const std::string m = e.what_without_backtrace();
+    std::fprintf(stderr, "verlcpp: error: libtorch: %s\n", m.substr(0, m.find('\n')).c_str());
+    verl::abort_comm(2);
+    return 2;
+  }
+#endif
+  catch (const std::exception& e) {
     std::fprintf(stderr, "verlcpp: error: %s\n", e.what());
+#ifdef VERLCPP_WITH_TORCH
+    verl::abort_comm(3);
+#endif
     return 3;
   }
   return 0;

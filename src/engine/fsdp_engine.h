@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "batch/batch.h"
+#include "engine/engine_config.h"
 #include "engine/forward_step.h"
 #include "engine/losses.h"
 #include "engine/optim.h"
@@ -22,23 +23,6 @@
 namespace verl {
 
 class Comm;
-
-struct EngineConfig {
-  std::string model_path;        // local HF folder (config, weights, tokenizer)
-  std::string hf_config_path;    // default: model_path
-  std::string param_dtype = "fp32";  // compute dtype: fp32 | bf16 (mixed precision, fp32 master)
-  FsdpOptions fsdp;
-  bool forward_only = false;
-  // micro-batching
-  int micro_batch_size_per_gpu = 1;
-  bool use_dynamic_bsz = false;
-  int64_t max_token_len_per_gpu = 16384;
-  // optimizer + schedule
-  AdamWOptions adamw;
-  double grad_clip = 1.0;
-  LrScheduleOptions lr_schedule;
-  double temperature = 1.0;
-};
 
 // Per-token outputs of one micro-batch's packed row (autograd-connected in training).
 // log_probs [nnz] fp32: position t scores token t+1 (0 at a sequence's last token); entropy
@@ -98,8 +82,9 @@ class FsdpEngine {
   // Every parameter as a full fp32 tensor, one at a time, with its HF name (a collective).
   void get_per_tensor_param(const std::function<void(const std::string&, const at::Tensor&)>& fn);
 
-  // <dir>/global_step_N/<role>/ in verl's layout; written atomically. `extra` is stored in
-  // the extra state (data position etc.) and returned by load_checkpoint.
+  // <dir>/global_step_N/<role>/ in verl's layout; written atomically (engine/checkpoint.cpp,
+  // a collective). `extra` is stored in the extra state (data position etc.) and returned by
+  // load_checkpoint, which checks every file's rank / world size / step record.
   void save_checkpoint(const std::string& dir, const std::string& role, int64_t step, int max_ckpt_to_keep,
                        const nlohmann::json& extra);
   nlohmann::json load_checkpoint(const std::string& ckpt_dir);  // a global_step_N/<role> folder

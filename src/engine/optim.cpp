@@ -162,7 +162,9 @@ double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, co
 
 OptimizerStepResult optimizer_step(AdamW& opt, double clip_grad, const AllReduceSum& all_reduce) {
   OptimizerStepResult r;
-  r.grad_norm = clip_grad_norm(opt.params(), clip_grad, all_reduce);
+  // clip_grad 0: no clipping (HF Trainer's max_grad_norm = 0); torch would zero every gradient.
+  r.grad_norm = clip_grad > 0 ? clip_grad_norm(opt.params(), clip_grad, all_reduce)
+                              : total_grad_norm(opt.params(), all_reduce);
   if (!std::isfinite(r.grad_norm)) {
     opt.zero_grad(/*set_to_none=*/true);
     r.stepped = false;

@@ -72,7 +72,8 @@ void clip_grads_with_norm(const std::vector<at::Tensor>& params, double max_norm
 // clip_grad_norm_: both; returns the total norm (before clipping).
 double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, const AllReduceSum& all_reduce = {});
 
-// verl's FSDPEngine.optimizer_step: clip to `clip_grad`; if the norm is not finite, zero the
+// verl's FSDPEngine.optimizer_step: clip to `clip_grad` (0: no clipping, as HF's Trainer; torch's
+// clip_grad_norm_(max_norm=0) would zero every gradient); if the norm is not finite, zero the
 // gradients (set to none) and skip the update (the optimizer's step count does not advance);
 // else AdamW.step(). grad_norm is the norm before clipping (inf / nan when skipped).
 struct OptimizerStepResult {

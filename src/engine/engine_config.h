@@ -1,0 +1,41 @@
+// engine_config.h — what an FsdpEngine is built from (model folder, dtype, sharding,
+// micro-batching, optimizer and LR schedule), and validate(): the checks every caller of the
+// engine needs before any model work — the verlcpp CLI, and the Python binding that builds an
+// engine from verl's FSDPEngineConfig. verl checks the same things in its config dataclasses
+// (verl/workers/config/engine.py, optimizer.py) and in FSDPEngine.__init__.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "engine/optim.h"
+#include "fsdp/fsdp_model.h"
+
+namespace verl {
+
+struct EngineConfig {
+  std::string model_path;        // local HF folder (config, weights, tokenizer)
+  std::string hf_config_path;    // default: model_path
+  std::string param_dtype = "fp32";  // compute dtype: fp32 | bf16 (mixed precision, fp32 master)
+  FsdpOptions fsdp;
+  bool forward_only = false;
+  // micro-batching
+  int micro_batch_size_per_gpu = 1;
+  bool use_dynamic_bsz = false;
+  int64_t max_token_len_per_gpu = 16384;
+  // optimizer + schedule
+  AdamWOptions adamw;
+  double grad_clip = 1.0;        // global gradient-norm clip; 0: no clipping (as HF's Trainer)
+  LrScheduleOptions lr_schedule;
+  double temperature = 1.0;
+};
+
+// Throws an Error naming the field (by its EngineConfig / verl name) and what was expected:
+// param_dtype fp32 or bf16 (fp16 is not implemented), fsdp_size -1 or a divisor of
+// `world_size`, micro_batch_size_per_gpu >= 1, max_token_len_per_gpu >= 1 with
+// use_dynamic_bsz, grad_clip finite >= 0, lr finite >= 0, betas in [0, 1), eps > 0,
+// weight_decay >= 0, the LR schedule's type and ratios, temperature > 0.
+void validate(const EngineConfig& c, int world_size);
+// The param_dtype part of validate(): fp32 / float32 / bf16 / bfloat16; fp16 is refused as not implemented.
+void check_param_dtype(const std::string& dtype);
+
+}  // namespace verl
