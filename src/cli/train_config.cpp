@@ -484,7 +484,10 @@ std::string train_config_help() {
       "so actor_rollout_ref.actor.optim.lr and critic.optim.lr are different settings; the section not trained is\n"
       "checked but unused. A key without a section sets the trained model's: its last part (lr=1e-6, fsdp_size=2,\n"
       "path=...) or verl's SFT-trainer layout (optim.lr, engine.fsdp_size, model.path). Job keys are data.*,\n"
-      "trainer.* (or their last part). Every value is checked for type and range; an unknown key is an error.\n";
+      "trainer.* (or their last part). Every value is checked for type and range; an unknown key is an error.\n"
+      "The data file is checked before the model is built (ids inside the vocabulary, finite values wherever\n"
+      "loss_mask != 0, a loss token in every step's batch); NaN / inf where loss_mask is 0 are set to 0 with a\n"
+      "warning (they would make every gradient NaN). See the README for the data format.\n";
   const char* heads[] = {"Job", "Model (actor_rollout_ref.model.* | critic.model.* | model.*)",
                          "Trained role (actor_rollout_ref.actor.* | critic.* | no section)",
                          "Engine (actor_rollout_ref.actor.fsdp_config.* | critic.fsdp.* | engine.*)"};
@@ -496,7 +499,7 @@ std::string train_config_help() {
       const std::string def = *k.def ? std::string("[") + k.def + "]" : "";
       const char* only = k.roles == kActor ? " (actor only)" : k.roles == kCritic ? " (critic only)" : "";
       char line[768];
-      std::snprintf(line, sizeof line, "  %-38s %-20s %-12s %s%s\n", k.path, type_column(k).c_str(), def.c_str(), k.help, only);
+      std::snprintf(line, sizeof line, "  %-38s %-25s %-12s %s%s\n", k.path, type_column(k).c_str(), def.c_str(), k.help, only);
       s += line;
       std::string also;
       for (auto al : split_ws(k.aliases)) also += (also.empty() ? "" : ", ") + (al[0] == '=' ? al.substr(1) : al);

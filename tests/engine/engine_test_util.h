@@ -1,6 +1,7 @@
 // engine_test_util.h — helpers for the engine tests: fixtures made by tests/oracle scripts
 // (random HF models, batches, transformers / verl references) generated at test time once per
-// script version under a file lock and shared by the test processes; safetensors → tensors.
+// script version under a file lock and shared by the test processes; safetensors → tensors;
+// shell helpers of the `verlcpp train` tests.
 #pragma once
 #include <ATen/ATen.h>
 #include <fcntl.h>
@@ -88,6 +89,15 @@ inline void save_st(const std::string& path, const std::map<std::string, at::Ten
     w.write(c.data_ptr(), c.nbytes());
   }
   w.finish();
+}
+
+// Shell helpers of the `verlcpp train` tests: a single-quoted path, tests/oracle/train_ref.py
+// with the pinned Python, and the mpirun prefix for np ranks (as root, oversubscribed).
+inline std::string q(const std::filesystem::path& p) { return "'" + p.string() + "'"; }
+inline std::string train_oracle() { return python() + " " + source_dir() + "/tests/oracle/train_ref.py"; }
+inline std::string mpirun(int np) {
+  return "OMPI_MCA_btl_vader_single_copy_mechanism=none mpirun --allow-run-as-root --oversubscribe --bind-to none -np " +
+         std::to_string(np) + " ";
 }
 
 inline double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {

@@ -23,13 +23,6 @@ namespace {
 
 fs::path g_dir;
 
-std::string q(const fs::path& p) { return "'" + p.string() + "'"; }
-std::string oracle() { return python() + " " + source_dir() + "/tests/oracle/train_ref.py"; }
-std::string mpirun(int np) {
-  return "OMPI_MCA_btl_vader_single_copy_mechanism=none mpirun --allow-run-as-root --oversubscribe --bind-to none -np " +
-         std::to_string(np) + " ";
-}
-
 class Train : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -37,10 +30,10 @@ class Train : public ::testing::Test {
     g_dir = fs::temp_directory_path() / ("verlcpp_train_" + std::to_string(::getpid()));
     fs::remove_all(g_dir);
     std::string log;
-    ASSERT_EQ(run(oracle() + " make --out " + q(g_dir) + " --seqs 16", &log), 0) << log;
-    ASSERT_EQ(run(oracle() + " ref --out " + q(g_dir) + " --task sft --steps 3 --bs 8", &log), 0) << log;
-    ASSERT_EQ(run(oracle() + " ref --out " + q(g_dir) + " --task ppo --steps 3 --bs 8", &log), 0) << log;
-    ASSERT_EQ(run(oracle() + " ref --out " + q(g_dir) + " --task value --steps 3 --bs 8", &log), 0) << log;
+    ASSERT_EQ(run(train_oracle() + " make --out " + q(g_dir) + " --seqs 16", &log), 0) << log;
+    ASSERT_EQ(run(train_oracle() + " ref --out " + q(g_dir) + " --task sft --steps 3 --bs 8", &log), 0) << log;
+    ASSERT_EQ(run(train_oracle() + " ref --out " + q(g_dir) + " --task ppo --steps 3 --bs 8", &log), 0) << log;
+    ASSERT_EQ(run(train_oracle() + " ref --out " + q(g_dir) + " --task value --steps 3 --bs 8", &log), 0) << log;
   }
   static void TearDownTestSuite() {
     if (!std::getenv("VERLCPP_KEEP_TMP")) fs::remove_all(g_dir);
@@ -65,7 +58,9 @@ class Train : public ::testing::Test {
              const std::string& role = "actor") {
     std::string log;
     ASSERT_EQ(merge(name, 3, &log, role), 0) << log;
-    EXPECT_EQ(run(oracle() + " check --merged " + q(g_dir / name / "merged") + " --ref " + q(g_dir / ref) + " " + extra, &log), 0)
+    EXPECT_EQ(run(train_oracle() + " check --merged " + q(g_dir / name / "merged") + " --ref " + q(g_dir / ref) + " " + extra,
+                  &log),
+              0)
         << log;
   }
 };
@@ -126,7 +121,7 @@ TEST_F(Train, ResumeIsBitExact) {
   EXPECT_EQ(log.find("step 2/4"), std::string::npos) << "resume must start at step 3: " << log;
   ASSERT_EQ(merge("straight", 4, &log), 0) << log;
   ASSERT_EQ(merge("resumed", 4, &log), 0) << log;
-  EXPECT_EQ(run(oracle() + " check --exact --merged " + q(g_dir / "resumed" / "merged") + " --ref " +
+  EXPECT_EQ(run(train_oracle() + " check --exact --merged " + q(g_dir / "resumed" / "merged") + " --ref " +
                     q(g_dir / "straight" / "merged" / "model.safetensors"),
                 &log),
             0)

@@ -27,13 +27,6 @@ namespace {
 fs::path g_dir;
 using Tensors = std::map<std::string, at::Tensor>;
 
-std::string q(const fs::path& p) { return "'" + p.string() + "'"; }
-std::string oracle() { return python() + " " + source_dir() + "/tests/oracle/train_ref.py"; }
-std::string mpirun(int np) {
-  return "OMPI_MCA_btl_vader_single_copy_mechanism=none mpirun --allow-run-as-root --oversubscribe --bind-to none -np " +
-         std::to_string(np) + " ";
-}
-
 struct Cli {
   int rc = -1;
   std::string out, err;
@@ -70,7 +63,7 @@ class TrainCli : public ::testing::Test {
     g_dir = fs::temp_directory_path() / ("verlcpp_train_cli_" + std::to_string(::getpid()));
     fs::remove_all(g_dir);
     std::string log;
-    ASSERT_EQ(run(oracle() + " make --out " + q(g_dir) + " --seqs 16", &log), 0) << log;
+    ASSERT_EQ(run(train_oracle() + " make --out " + q(g_dir) + " --seqs 16", &log), 0) << log;
   }
   static void TearDownTestSuite() {
     if (!std::getenv("VERLCPP_KEEP_TMP")) fs::remove_all(g_dir);
@@ -154,15 +147,15 @@ TEST_F(TrainCli, GradClipZeroMeansNoClipping) {
   fs::create_symlink(g_dir / "model", ref / "model");
   fs::create_symlink(g_dir / "data.safetensors", ref / "data.safetensors");
   std::string log;
-  ASSERT_EQ(run(oracle() + " ref --out " + q(ref) + " --task sft --steps 3 --bs 8 --grad-clip inf", &log), 0) << log;
-  ASSERT_EQ(run(oracle() + " ref --out " + q(g_dir) + " --task sft --steps 3 --bs 8 --grad-clip 1", &log), 0) << log;
+  ASSERT_EQ(run(train_oracle() + " ref --out " + q(ref) + " --task sft --steps 3 --bs 8 --grad-clip inf", &log), 0) << log;
+  ASSERT_EQ(run(train_oracle() + " ref --out " + q(g_dir) + " --task sft --steps 3 --bs 8 --grad-clip 1", &log), 0) << log;
   const Cli c = train("gc_zero", 0, "grad_clip=0 lr=1e-3 micro_batch_size_per_gpu=3");
   ASSERT_EQ(c.rc, 0) << c.out << c.err;
   const auto steps = steps_of(g_dir / "gc_zero" / "ck" / "metrics.jsonl");
   ASSERT_EQ(steps.size(), 3u);
   EXPECT_GT(steps[0]["grad_norm"].get<double>(), 1.0);  // the same first step as the clipped run's
   ASSERT_EQ(merge(g_dir / "gc_zero" / "ck" / "global_step_3" / "actor", g_dir / "gc_zero" / "merged", &log), 0) << log;
-  const std::string check = oracle() + " check --merged " + q(g_dir / "gc_zero" / "merged") + " --ref ";
+  const std::string check = train_oracle() + " check --merged " + q(g_dir / "gc_zero" / "merged") + " --ref ";
   EXPECT_EQ(run(check + q(ref / "ref_sft_3.safetensors"), &log), 0) << log;
   EXPECT_NE(run(check + q(g_dir / "ref_sft_3.safetensors"), &log), 0) << "clipping at 1 should differ here: " << log;
 }
