@@ -6,7 +6,7 @@
 #include <string>
 #include <unordered_set>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "io/pickle.h"
 
 namespace {

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "io/safetensors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* d, size_t n) {

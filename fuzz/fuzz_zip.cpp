@@ -8,7 +8,7 @@
 #include <memory>
 #include <string>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "io/zip.h"
 
 namespace {

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "batch/balance.h"
+#include "core/balance.h"
 
 namespace verl {
 

@@ -10,7 +10,7 @@
 #include <random>
 #include <set>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "io/safetensors.h"
 #include "model/torch_dtype.h"
 

@@ -14,9 +14,9 @@
 #include <filesystem>
 
 #include "engine/forward_step.h"
-#include "io/error.h"
+#include "core/error.h"
 #include "io/safetensors.h"
-#include "model/paths.h"
+#include "hf/paths.h"
 
 namespace verl {
 

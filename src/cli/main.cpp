@@ -5,7 +5,7 @@
 #include <exception>
 #include <string>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "merge/merger.h"
 #ifdef VERLCPP_WITH_TORCH
 #include <c10/util/Exception.h>

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "dist/comm.h"
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 

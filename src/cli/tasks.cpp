@@ -7,7 +7,7 @@
 
 #include <ATen/ATen.h>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 

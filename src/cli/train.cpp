@@ -21,9 +21,9 @@
 #include "dist/comm.h"
 #include "engine/checkpoint.h"
 #include "engine/fsdp_engine.h"
-#include "io/error.h"
-#include "model/config.h"
-#include "model/paths.h"
+#include "core/error.h"
+#include "hf/config.h"
+#include "hf/paths.h"
 
 namespace verl {
 

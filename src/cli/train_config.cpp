@@ -23,7 +23,7 @@
 #include <tuple>
 
 #include "engine/losses.h"
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "dist/comm_impl.h"
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 

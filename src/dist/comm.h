@@ -12,7 +12,7 @@
 #include <memory>
 #include <string>
 
-#include "io/dtype.h"
+#include "core/dtype.h"
 
 namespace verl {
 

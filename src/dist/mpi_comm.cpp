@@ -2,7 +2,7 @@
 // (MPI-3 MPI_I*) and polled under a watchdog: if it has not completed within the timeout,
 // this rank prints one line naming the collective and aborts the job (MPI_Abort), so a rank
 // that stalls cannot hang the others. bf16 / fp16 reductions use user-defined MPI ops that
-// accumulate in fp32 and round back exactly as torch does (io/dtype.h convert).
+// accumulate in fp32 and round back exactly as torch does (core/dtype.h convert).
 #include <mpi.h>
 
 #include <chrono>
@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "dist/comm_impl.h"
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 namespace {

@@ -15,7 +15,7 @@
 #include <thread>
 
 #include "dist/comm_impl.h"
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 namespace {

@@ -26,7 +26,7 @@
 
 #include "dist/comm.h"
 #include "engine/fsdp_engine.h"
-#include "io/error.h"
+#include "core/error.h"
 #include "io/file.h"
 
 namespace verl {

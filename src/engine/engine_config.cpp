@@ -3,7 +3,7 @@
 
 #include <cmath>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 

@@ -8,7 +8,7 @@
 
 #include <algorithm>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 

@@ -13,7 +13,7 @@
 
 #include "dist/comm.h"
 #include "engine/forward_step.h"
-#include "io/error.h"
+#include "core/error.h"
 #include "io/file.h"
 
 namespace verl {

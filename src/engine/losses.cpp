@@ -9,7 +9,7 @@
 #include <cmath>
 #include <map>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "model/lm_head.h"
 
 namespace verl {

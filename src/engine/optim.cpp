@@ -9,7 +9,7 @@
 #include <cmath>
 #include <set>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 

@@ -7,7 +7,7 @@
 #include <algorithm>
 
 #include "dist/comm.h"
-#include "io/error.h"
+#include "core/error.h"
 #include "model/torch_dtype.h"
 
 namespace verl {

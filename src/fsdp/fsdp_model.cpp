@@ -16,7 +16,7 @@
 #include <cstring>
 
 #include "dist/comm.h"
-#include "io/error.h"
+#include "core/error.h"
 #include "model/transformer.h"
 #include "model/weights.h"
 

@@ -7,7 +7,7 @@
 #include <cstring>
 #include <filesystem>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "io/safetensors.h"
 #include "io/zip.h"
 

@@ -16,7 +16,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "io/dtype.h"
+#include "core/dtype.h"
 #include "io/file.h"
 #include "io/pickle.h"
 

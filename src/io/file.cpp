@@ -10,7 +10,7 @@
 #include <cstring>
 #include <utility>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 

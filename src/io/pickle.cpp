@@ -18,7 +18,7 @@
 #include <string_view>
 #include <unordered_map>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 namespace {

@@ -16,7 +16,7 @@
 #include <utility>
 #include <vector>
 
-#include "io/dtype.h"
+#include "core/dtype.h"
 
 namespace verl {
 

@@ -8,7 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "io/dtype.h"
+#include "core/dtype.h"
 #include "io/file.h"
 
 namespace verl {

@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 

@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 

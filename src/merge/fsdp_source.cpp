@@ -10,7 +10,7 @@
 #include <regex>
 #include <set>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "io/file.h"
 #include "io/torch_checkpoint.h"
 #include "merge/thread_pool.h"

@@ -6,7 +6,7 @@
 #include <cctype>
 #include <string_view>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 

@@ -10,7 +10,7 @@
 #include <map>
 
 #include "io/dcp.h"
-#include "io/error.h"
+#include "core/error.h"
 #include "merge/megatron_names.h"
 #include "merge/thread_pool.h"
 

@@ -20,11 +20,11 @@
 #include <set>
 #include <thread>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "io/file.h"
 #include "io/safetensors.h"
 #include "merge/fsdp_source.h"
-#include "merge/hf_folder.h"
+#include "hf/folder.h"
 #include "merge/megatron_source.h"
 #include "merge/progress.h"
 #include "merge/thread_pool.h"

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "io/dtype.h"
+#include "core/dtype.h"
 
 namespace verl {
 

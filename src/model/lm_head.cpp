@@ -13,7 +13,7 @@
 
 #include <algorithm>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 
@@ -24,7 +24,7 @@ namespace {
 
 int64_t rows_per_chunk(int64_t vocab, int64_t want) {
   if (want > 0) return want;
-  return std::max<int64_t>(128, (int64_t(32) << 20) / std::max<int64_t>(1, vocab));  // ~128 MB of fp32 logits
+  return std::max<int64_t>(32, (int64_t(8) << 20) / std::max<int64_t>(1, vocab));  // ~32 MB of fp32 logits
 }
 
 // fp32 logits of rows [s, s+c) at their temperature.

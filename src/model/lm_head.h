@@ -17,7 +17,7 @@ struct HeadOutputs {
 
 // hidden [n, H] and weight [V, H] in the compute dtype, labels int64 [n], temperature fp32 [n]
 // (> 0). Differentiable with respect to `hidden` and `weight` when grad mode is on.
-// `chunk_rows` = 0 picks ~32 MB of fp32 logits per chunk.
+// `chunk_rows` = 0 picks ~32 MB of fp32 logits per chunk (at least 32 rows).
 HeadOutputs lm_head_log_probs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                               const at::Tensor& temperature, bool with_entropy, int64_t chunk_rows = 0);
 

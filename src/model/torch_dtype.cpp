@@ -5,7 +5,7 @@
 
 #include <cstring>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "io/safetensors.h"
 
 namespace verl {

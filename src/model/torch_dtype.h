@@ -1,11 +1,11 @@
-// torch_dtype.h — the one bridge between the torch-free element types (io/dtype.h) and
+// torch_dtype.h — the one bridge between the torch-free element types (core/dtype.h) and
 // libtorch's scalar types, and safetensors entries copied out as tensors.
 #pragma once
 #include <ATen/core/Tensor.h>
 
 #include <string>
 
-#include "io/dtype.h"
+#include "core/dtype.h"
 
 namespace verl {
 

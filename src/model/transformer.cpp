@@ -11,7 +11,7 @@
 #include <cstring>
 #include <map>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "model/lm_head.h"
 #include "model/weights.h"
 

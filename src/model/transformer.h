@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "model/config.h"
+#include "hf/config.h"
 #include "model/weights.h"
 
 namespace verl {

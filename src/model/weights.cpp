@@ -9,10 +9,10 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "io/file.h"
 #include "io/safetensors.h"
-#include "merge/hf_folder.h"
+#include "hf/folder.h"
 #include "model/torch_dtype.h"
 
 namespace verl {

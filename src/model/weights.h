@@ -13,7 +13,7 @@
 #include <utility>
 #include <vector>
 
-#include "model/config.h"
+#include "hf/config.h"
 
 namespace verl {
 

@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "dist/comm.h"
-#include "io/error.h"
+#include "core/error.h"
 
 using namespace verl;
 

@@ -14,10 +14,10 @@
 #include <string>
 
 #include "batch/batch.h"
-#include "io/error.h"
+#include "core/error.h"
 #include "io/file.h"
 #include "io/safetensors.h"
-#include "model/md5.h"
+#include "core/md5.h"
 #include "model/torch_dtype.h"
 #include "test_util.h"
 

@@ -11,7 +11,7 @@
 
 #include "engine/losses.h"
 #include "engine_test_util.h"
-#include "io/error.h"
+#include "core/error.h"
 #include "oracle_tensors.h"
 
 namespace verl::test {

@@ -15,7 +15,7 @@
 
 #include "engine/optim.h"
 #include "engine_test_util.h"
-#include "io/error.h"
+#include "core/error.h"
 #include "oracle_tensors.h"
 
 namespace verl::test {

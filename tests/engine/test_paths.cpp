@@ -9,7 +9,7 @@
 
 #include "engine/forward_step.h"
 #include "engine_test_util.h"
-#include "model/paths.h"
+#include "hf/paths.h"
 
 namespace verl::test {
 namespace {

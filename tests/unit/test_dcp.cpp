@@ -8,7 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/dcp.h"
-#include "io/error.h"
+#include "core/error.h"
 #include "io/safetensors.h"
 #include "merge/megatron_names.h"
 #include "test_util.h"

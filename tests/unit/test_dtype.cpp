@@ -6,7 +6,7 @@
 #include <fstream>
 #include <vector>
 
-#include "io/dtype.h"
+#include "core/dtype.h"
 #include "merge/merger.h"
 #include "test_util.h"
 

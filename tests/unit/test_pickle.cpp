@@ -10,7 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <map>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "io/pickle.h"
 #include "test_util.h"
 

@@ -8,7 +8,7 @@
 #include <memory>
 #include <sstream>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "io/zip.h"
 #include "test_util.h"
 

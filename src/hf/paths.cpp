@@ -1,5 +1,5 @@
 // paths.cpp — local-path resolution and the locked, manifest-checked copy cache.
-#include "model/paths.h"
+#include "hf/paths.h"
 
 #include <fcntl.h>
 #include <spawn.h>
@@ -13,9 +13,9 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "io/file.h"
-#include "model/md5.h"
+#include "core/md5.h"
 
 extern char** environ;
 

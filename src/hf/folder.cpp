@@ -1,10 +1,10 @@
-// hf_folder.cpp — see hf_folder.h.
-#include "merge/hf_folder.h"
+// folder.cpp — see folder.h.
+#include "hf/folder.h"
 
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace fs = std::filesystem;
 

@@ -1,11 +1,11 @@
 // config.cpp — HF config.json → ModelConfig, with the defaults each family's transformers
 // config class uses when a field is absent.
-#include "model/config.h"
+#include "hf/config.h"
 
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
-#include "io/error.h"
+#include "core/error.h"
 #include "io/file.h"
 
 namespace verl {

@@ -1,12 +1,12 @@
 // balance.cpp — port of verl.utils.seqlen_balancing. karmarkar_karp reproduces Python's heapq
 // (siftdown / siftup) and stable sorts step by step so that ties break the same way.
-#include "batch/balance.h"
+#include "core/balance.h"
 
 #include <algorithm>
 #include <numeric>
 #include <set>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 

@@ -1,5 +1,5 @@
 // md5.cpp — RFC 1321 MD5, straightforward single-buffer implementation.
-#include "model/md5.h"
+#include "core/md5.h"
 
 #include <cstdint>
 #include <cstring>

@@ -1,4 +1,4 @@
-// hf_folder.h — a HuggingFace model folder's weights (model.safetensors, or shards listed
+// folder.h — a HuggingFace model folder's weights (model.safetensors, or shards listed
 // by model.safetensors.index.json), opened lazily and looked up by tensor name.
 #pragma once
 #include <map>

@@ -1,10 +1,10 @@
 // dtype.cpp — dtype names and torch-identical float conversions (see dtype.h).
-#include "io/dtype.h"
+#include "core/dtype.h"
 
 #include <cmath>
 #include <cstring>
 
-#include "io/error.h"
+#include "core/error.h"
 
 namespace verl {
 
