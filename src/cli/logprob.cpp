@@ -5,6 +5,8 @@
 
 #include <CLI/CLI.hpp>
 
+#include "io/output.h"
+
 namespace verl {
 
 CLI::App* add_logprob_subcommand(CLI::App& app, LogprobOptions& o) {
@@ -31,6 +33,8 @@ CLI::App* add_logprob_subcommand(CLI::App& app, LogprobOptions& o) {
   c->add_flag("--quiet,-q", o.quiet, "No summary line");
   return c;
 }
+
+void check_logprob_options(const LogprobOptions& o) { refuse_same_file(o.out, "--out", o.batch, "--batch"); }
 
 }  // namespace verl
 #endif

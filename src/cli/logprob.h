@@ -6,4 +6,7 @@
 
 namespace verl {
 CLI::App* add_logprob_subcommand(CLI::App& app, LogprobOptions& o);
+// Checks that need no model: --out must not be the --batch file (by device + inode, so a
+// symlink or hard link counts). Throws Error.
+void check_logprob_options(const LogprobOptions& o);
 }
