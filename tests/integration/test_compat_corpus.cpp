@@ -1,5 +1,6 @@
 // test_compat_corpus.cpp — every checkpoint in tests/compat/corpus/ (written by torch
-// 2.4 … 2.15 themselves, see tests/compat/README.md) is merged by `verlcpp merge --dtype fp32`
+// 2.4 … 2.15 and megatron-core 0.19 themselves, see tests/compat/README.md) is merged by
+// `verlcpp merge --dtype fp32`
 // and must equal its unsharded reference (ref.safetensors, written by the same release from
 // the model before sharding) bit for bit: same names, dtypes, shapes and bytes; LoRA entries
 // also compare the adapter. MANIFEST.tsv lists what each release wrote; every written entry
@@ -72,9 +73,11 @@ TEST(CompatCorpus, EveryEntryMergesBitExact) {
   std::set<std::string> releases;
   size_t merged = 0;
   for (const auto& e : entries) {
+    // "2.13.0" (torch, FSDP) or "mcore-0.19.2" (megatron-core, torch_dist).
+    const bool megatron = e.torch.rfind("mcore-", 0) == 0;
     const std::string major_minor = e.torch.substr(0, e.torch.rfind('.'));
-    const fs::path dir = corpus() / ("torch-" + major_minor) / e.name;
-    SCOPED_TRACE("torch " + e.torch + " " + e.name);
+    const fs::path dir = corpus() / ((megatron ? "" : "torch-") + major_minor) / e.name;
+    SCOPED_TRACE(e.torch + " " + e.name);
     if (e.status != "written") {
       EXPECT_FALSE(fs::exists(dir)) << "skipped in the manifest but present";
       continue;
@@ -82,18 +85,19 @@ TEST(CompatCorpus, EveryEntryMergesBitExact) {
     ASSERT_TRUE(fs::exists(dir / "ckpt")) << dir;
     const fs::path out = tmp.path / major_minor / e.name;
     std::string log;
-    const int rc = run(verl::test::verlcpp_bin() + " merge --backend fsdp --local_dir " + q(dir / "ckpt") +
+    const int rc = run(verl::test::verlcpp_bin() + " merge --backend " + (megatron ? "megatron" : "fsdp") + " --local_dir " + q(dir / "ckpt") +
                            " --target_dir " + q(out) + " --dtype fp32 --quiet",
                        &log);
     ASSERT_EQ(rc, 0) << log;
     EXPECT_EQ(compare(out / "model.safetensors", dir / "ref.safetensors"), "");
     if (fs::exists(dir / "ref_adapter.safetensors"))
       EXPECT_EQ(compare(out / "lora_adapter" / "adapter_model.safetensors", dir / "ref_adapter.safetensors"), "");
-    releases.insert(major_minor);
+    releases.insert(megatron ? major_minor : "torch-" + major_minor);
     ++merged;
   }
-  for (const char* r : {"2.4", "2.6", "2.9", "2.12", "2.13", "2.15"}) EXPECT_TRUE(releases.count(r)) << "no entry of torch " << r;
-  std::printf("merged %zu corpus checkpoints of %zu torch releases bit for bit\n", merged, releases.size());
+  for (const char* r : {"torch-2.4", "torch-2.6", "torch-2.9", "torch-2.12", "torch-2.13", "torch-2.15", "mcore-0.19"})
+    EXPECT_TRUE(releases.count(r)) << "no entry of " << r;
+  std::printf("merged %zu corpus checkpoints of %zu releases bit for bit\n", merged, releases.size());
 }
 
 // The comparison itself must see a difference: one flipped byte of a reference.
