@@ -514,9 +514,21 @@ int run_merge(const MergeOptions& opt) {
     co.kind = OutputClaim::Kind::Folder;
     co.overwrite = opt.overwrite;
     co.what = "--target_dir";
-    list_inputs(opt.local_dir, co.inputs);
-    list_inputs(hf_dir, co.inputs);
-    if (megatron) list_inputs(mpaths.dist_dir, co.inputs);
+    std::vector<std::string> listed;
+    list_inputs(opt.local_dir, listed);
+    list_inputs(hf_dir, listed);
+    if (megatron) list_inputs(mpaths.dist_dir, listed);
+    // A previous output inside the checkpoint folder (--target_dir CKPT/merged) is not an input:
+    // what lies below the target is dropped, except the folders that are read (then refused).
+    std::error_code ec;
+    const fs::path rt = fs::weakly_canonical(fs::absolute(opt.target_dir), ec);
+    const std::set<std::string> roots = {opt.local_dir, hf_dir.string(), megatron ? mpaths.dist_dir : opt.local_dir};
+    for (const auto& in : listed) {
+      const fs::path ri = fs::weakly_canonical(fs::absolute(in), ec);
+      const auto rel = ri.lexically_relative(rt);
+      const bool below = !ec && !rel.empty() && *rel.begin() != "..";
+      if (!below || roots.count(in)) co.inputs.push_back(in);
+    }
     claim.emplace(opt.target_dir, co);
   }
   const fs::path target = claim ? fs::path(claim->target()) : fs::path();

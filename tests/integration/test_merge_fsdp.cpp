@@ -449,6 +449,22 @@ TEST_F(MergeFsdp, StaleTemporaryOfAKilledMergeIsRemoved) {
   check(out, ref("qwen2_w2"), "--dtype fp32");
 }
 
+TEST_F(MergeFsdp, TargetInsideTheCheckpointCanBeReplaced) {
+  // CKPT/merged is not an input: merging there twice (--overwrite) works and leaves CKPT alone.
+  const fs::path dir = g_root / "inside";
+  fs::remove_all(dir);
+  fs::copy(ckpt("qwen2_w2"), dir, fs::copy_options::recursive);
+  std::string log;
+  ASSERT_EQ(merge("", dir / "merged", "--dtype fp32", &log, dir), 0) << log;
+  ASSERT_EQ(merge("", dir / "merged", "--dtype fp32 --overwrite", &log, dir), 0) << log;
+  check(dir / "merged", ref("qwen2_w2"), "--dtype fp32");
+  EXPECT_TRUE(fs::exists(dir / "model_world_size_2_rank_1.pt"));
+  // The HF folder is an input, though.
+  EXPECT_NE(merge("", dir / "huggingface", "--overwrite", &log, dir), 0);
+  EXPECT_NE(log.find("the input"), std::string::npos) << log;
+  EXPECT_TRUE(fs::exists(dir / "huggingface" / "config.json"));
+}
+
 TEST_F(BadInput, MissingLocalDirSaysSo) {
   std::string log;
   EXPECT_NE(run(bin() + " merge --backend fsdp --local_dir " + q(g_root / "no_such_ckpt") + " --target_dir " +
