@@ -18,6 +18,8 @@
 #include "io/safetensors.h"
 #include "hf/paths.h"
 
+#include "io/output.h"
+
 namespace verl {
 
 namespace {
@@ -146,6 +148,8 @@ CLI::App* add_logprob_subcommand(CLI::App& app, LogprobOptions& o) {
   c->add_flag("--quiet,-q", o.quiet, "No summary line");
   return c;
 }
+
+void check_logprob_options(const LogprobOptions& o) { refuse_same_file(o.out, "--out", o.batch, "--batch"); }
 
 }  // namespace verl
 #endif

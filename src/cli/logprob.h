@@ -27,5 +27,8 @@ CLI::App* add_logprob_subcommand(CLI::App& app, LogprobOptions& o);
 // Validates the input file, resolves the model's local paths, builds it, runs infer_batch and
 // writes the outputs to a temporary file that is renamed into place.
 int run_logprob(const LogprobOptions& o);
+// Checks that need no model: --out must not be the --batch file (by device + inode, so a
+// symlink or hard link counts). Throws Error.
+void check_logprob_options(const LogprobOptions& o);
 
 }  // namespace verl

@@ -97,7 +97,10 @@ int main(int argc, char** argv) {
       return verl::run_merge(mo);
     }
 #ifdef VERLCPP_WITH_TORCH
-    if (app.got_subcommand("logprob")) return verl::run_logprob(lo);
+    if (app.got_subcommand("logprob")) {
+      verl::check_logprob_options(lo);
+      return verl::run_logprob(lo);
+    }
     if (app.got_subcommand("train")) return verl::run_train(ta);
 #endif
   } catch (const verl::Error& e) {

@@ -19,11 +19,21 @@ std::string err() { return std::strerror(errno); }
 }  // namespace
 
 File::File(const std::string& path) : path_(path) {
-  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO must not wait for a writer. Only regular files are inputs.
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd_ < 0) fail(path, ": cannot open: ", err());
   struct stat st {};
-  if (::fstat(fd_, &st) != 0) fail(path, ": cannot stat: ", err());
+  const bool ok = ::fstat(fd_, &st) == 0;
+  const std::string e = ok ? "" : err();
+  if (!ok || !S_ISREG(st.st_mode)) ::close(std::exchange(fd_, -1));  // the destructor will not run
+  if (!ok) fail(path, ": cannot stat: ", e);
   if (S_ISDIR(st.st_mode)) fail(path, ": is a directory, expected a file");
+  if (!S_ISREG(st.st_mode))
+    fail(path, ": is not a regular file (", S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISCHR(st.st_mode) ? "a character device"
+                                             : S_ISBLK(st.st_mode) ? "a block device" : S_ISSOCK(st.st_mode) ? "a socket" : "special",
+         "): refusing to read it");
+  const int fl = ::fcntl(fd_, F_GETFL);
+  if (fl >= 0) ::fcntl(fd_, F_SETFL, fl & ~O_NONBLOCK);
   size_ = static_cast<uint64_t>(st.st_size);
 }
 File::~File() {

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <unordered_set>
 
 #include "core/error.h"
 
@@ -37,29 +38,35 @@ std::string brief(const json& v) {
   return s.size() > 80 ? s.substr(0, 77) + "..." : s;
 }
 
-// Header JSON for the writer: metadata first, then the tensors in data order.
+// Header JSON for the writer: metadata first, then the tensors in data order. Built as text
+// (an ordered_json object looks keys up linearly: quadratic in the number of tensors).
 std::string build_header(const std::vector<StSpec>& specs,
                          const std::map<std::string, std::string>& metadata, const std::string& where,
                          uint64_t* total) {
-  nlohmann::ordered_json h = nlohmann::ordered_json::object();
-  if (!metadata.empty()) h["__metadata__"] = metadata;
-  std::set<std::string> seen;
-  uint64_t off = 0;
-  for (const auto& s : specs) {
-    if (s.name == "__metadata__") fail(where, ": tensor name '__metadata__' is reserved");
-    if (!seen.insert(s.name).second) fail(where, ": tensor '", s.name, "' listed twice");
-    auto n = byte_size(s.shape, dtype_size(s.dtype));
-    if (!n) fail(where, ": tensor '", s.name, "': invalid shape ", shape_str(s.shape));
-    if (__builtin_add_overflow(off, *n, &off)) fail(where, ": total data size overflows");
-    h[s.name] = {{"dtype", dtype_st_name(s.dtype)}, {"shape", s.shape}, {"data_offsets", {off - *n, off}}};
-  }
-  *total = off;
-  std::string text;
+  std::unordered_set<std::string> seen;
+  std::string text = "{";
   try {
-    text = h.dump();
+    if (!metadata.empty()) text += "\"__metadata__\":" + json(metadata).dump();
+    uint64_t off = 0;
+    for (const auto& s : specs) {
+      if (s.name == "__metadata__") fail(where, ": tensor name '__metadata__' is reserved");
+      if (!seen.insert(s.name).second) fail(where, ": tensor '", s.name, "' listed twice");
+      auto n = byte_size(s.shape, dtype_size(s.dtype));
+      if (!n) fail(where, ": tensor '", s.name, "': invalid shape ", shape_str(s.shape));
+      if (__builtin_add_overflow(off, *n, &off)) fail(where, ": total data size overflows");
+      if (text.size() > 1) text += ',';
+      text += json(s.name).dump();
+      text += ":{\"dtype\":\"";
+      text += dtype_st_name(s.dtype);
+      text += "\",\"shape\":[";
+      for (size_t i = 0; i < s.shape.size(); ++i) text += (i ? "," : "") + std::to_string(s.shape[i]);
+      text += "],\"data_offsets\":[" + std::to_string(off - *n) + "," + std::to_string(off) + "]}";
+    }
+    *total = off;
   } catch (const json::exception&) {
     fail(where, ": tensor names and metadata must be valid UTF-8");
   }
+  text += '}';
   text.append((8 - text.size() % 8) % 8, ' ');
   return text;
 }
@@ -85,22 +92,43 @@ void parse_safetensors_header(const std::string& text, uint64_t data_size, const
   if (text.empty() || text[0] != '{')
     fail(w, ": expected a JSON object starting with '{', found ",
          text.empty() ? std::string("nothing") : "'" + brief(json(text.substr(0, 16))) + "'");
-  // The callback bounds nesting (the format needs depth 2) and rejects duplicate names.
-  std::set<std::string> keys;
-  std::string dup;
+  // A first SAX pass bounds nesting (the format needs depth 2) and rejects duplicate names;
+  // then a plain DOM parse. Both are linear in the header size (nlohmann's callback parser
+  // rescans the parent object at every closing brace: quadratic in the number of keys).
+  struct Check : json::json_sax_t {
+    std::unordered_set<std::string> keys;
+    int depth = 0;
+    std::string problem;
+    bool open() {
+      if (++depth > 3) { problem = "nested too deeply"; return false; }
+      return true;
+    }
+    bool null() override { return true; }
+    bool boolean(bool) override { return true; }
+    bool number_integer(json::number_integer_t) override { return true; }
+    bool number_unsigned(json::number_unsigned_t) override { return true; }
+    bool number_float(json::number_float_t, const std::string&) override { return true; }
+    bool string(std::string&) override { return true; }
+    bool binary(json::binary_t&) override { return true; }
+    bool start_object(std::size_t) override { return open(); }
+    bool end_object() override { --depth; return true; }
+    bool start_array(std::size_t) override { return open(); }
+    bool end_array() override { --depth; return true; }
+    bool key(std::string& k) override {
+      if (depth == 1 && !keys.insert(k).second) { problem = "duplicate key '" + k + "'"; return false; }
+      return true;
+    }
+    bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) override {
+      problem = std::string("invalid JSON: ") + e.what();
+      return false;
+    }
+  } check;
+  if (!json::sax_parse(text, &check)) fail(w, ": ", check.problem.empty() ? "invalid JSON" : check.problem);
   json h;
   try {
-    h = json::parse(text, [&](int depth, json::parse_event_t ev, json& v) {
-      if ((ev == json::parse_event_t::object_start || ev == json::parse_event_t::array_start) && depth > 2)
-        throw Error("nested too deeply");
-      if (ev == json::parse_event_t::key && depth == 1 && !keys.insert(v.get<std::string>()).second)
-        throw Error("duplicate key '" + v.get<std::string>() + "'");
-      return true;
-    });
+    h = json::parse(text);
   } catch (const json::exception& e) {
     fail(w, ": invalid JSON: ", e.what());
-  } catch (const Error& e) {
-    fail(w, ": ", e.what());
   }
   if (!h.is_object()) fail(w, ": expected a JSON object, found ", h.type_name());
 

@@ -50,7 +50,189 @@ Placement decode_placement(const ValuePtr& p, const std::string& where) {
   return out;
 }
 
+// The state dict of an inert object (or the dict half of a (dict, slots) state).
+const Value* state_dict_of(const Value& obj) {
+  if (!obj.state) return nullptr;
+  if (obj.state->is(Value::Kind::Dict)) return obj.state.get();
+  if (obj.state->is(Value::Kind::Tuple) && obj.state->items.size() == 2)
+    for (size_t k : {1u, 0u})
+      if (obj.state->items[k]->is(Value::Kind::Dict) && obj.state->items[k]->dict_size()) return obj.state->items[k].get();
+  return nullptr;
+}
+
+// One mesh dim of a CuTe-style layout: its modes (sizes and strides), flattened from
+// nested tuples; a bare integer is one mode; () is a size-1 dim with no modes.
+void flatten_modes(const ValuePtr& v, const char* what, const std::string& where, std::vector<int64_t>& out) {
+  if (!v) fail(where, ": ", what, ": expected a tuple of integers, found nothing");
+  if (v->is(Value::Kind::Int)) { out.push_back(v->i); return; }
+  if (!(v->is(Value::Kind::Tuple) || v->is(Value::Kind::List)))
+    fail(where, ": ", what, ": expected a tuple of integers, found ", v->repr());
+  for (const auto& it : v->items) flatten_modes(it, what, where, out);
+}
+
+struct Modes { std::vector<int64_t> shape, stride; };
+
+// Ranks of a layout: walk every coordinate of the concatenated modes in row-major order,
+// rank = rank_map[sum(c_i * stride_i)] (torch's _MeshLayout.remap_to_tensor).
+std::vector<int64_t> walk_layout(const std::vector<Modes>& dims, const std::vector<int64_t>& map, const std::string& where) {
+  std::vector<int64_t> shape, stride;
+  for (const auto& d : dims) {
+    shape.insert(shape.end(), d.shape.begin(), d.shape.end());
+    stride.insert(stride.end(), d.stride.begin(), d.stride.end());
+  }
+  int64_t total = 1;
+  for (auto s : shape) {
+    if (s < 0 || s > (1 << 20)) fail(where, ": mesh layout size ", s, " is implausible");
+    total *= s;
+    if (total > (1 << 22)) fail(where, ": mesh layout has implausibly many ranks");
+  }
+  std::vector<int64_t> out;
+  for (int64_t lin = 0; lin < total; ++lin) {
+    int64_t rem = lin, idx = 0;
+    for (size_t d = shape.size(); d-- > 0;) {
+      idx += (rem % shape[d]) * stride[d];
+      rem /= shape[d];
+    }
+    if (idx < 0 || idx >= static_cast<int64_t>(map.size()))
+      fail(where, ": mesh layout indexes element ", idx, " of a rank map of ", map.size());
+    out.push_back(map[static_cast<size_t>(idx)]);
+  }
+  return out;
+}
+
 }  // namespace
+
+std::string field_names(const Value& obj) {
+  const Value* d = state_dict_of(obj);
+  std::string out;
+  if (d)
+    for (size_t i = 0; i + 1 < d->items.size(); i += 2)
+      out += (out.empty() ? "" : ", ") + (d->items[i]->is(Value::Kind::Str) ? d->items[i]->str : d->items[i]->repr(1));
+  if (obj.args && !obj.args->items.empty())
+    out += (out.empty() ? "" : "; ") + std::string("constructor args ") + obj.args->repr(1);
+  return out.empty() ? "none" : out;
+}
+
+std::string describe_value(const Value& v) {
+  switch (v.kind) {
+    case Value::Kind::None: return "None";
+    case Value::Kind::Bool: return "a bool";
+    case Value::Kind::Int: return "an int";
+    case Value::Kind::Float: return "a float";
+    case Value::Kind::Str: return "a str";
+    case Value::Kind::Bytes: return "bytes";
+    case Value::Kind::Tuple: return "a tuple";
+    case Value::Kind::List: return "a list";
+    case Value::Kind::Dict: return "a dict";
+    case Value::Kind::Set: return "a set";
+    case Value::Kind::Global: return "a reference to " + v.str;
+    case Value::Kind::Object: return "a " + v.str + " object";
+    case Value::Kind::Storage: return "a bare storage";
+    case Value::Kind::Tensor: return "a tensor";
+  }
+  return "an unknown value";
+}
+
+MeshInfo decode_device_mesh(const Value& mesh, const std::string& where,
+                            const std::function<std::vector<int64_t>(const TensorRef&)>& read_ints) {
+  const std::string cls = mesh.str.empty() ? std::string("DeviceMesh") : mesh.str;
+  auto unknown = [&](const std::string& what) {
+    fail(where, ": cannot read the device mesh (", cls, "): ", what, "; fields found: ", field_names(mesh),
+         ". Known layouts: 'mesh' rank tensor (torch 2.4-2.9), '_layout' _MeshLayout{shape, stride} or "
+         "{axes} with '_rank_map' (torch 2.10+)");
+  };
+  MeshInfo out;
+  auto names = mesh.attr("mesh_dim_names");
+  if (!names) names = mesh.attr("_mesh_dim_names");
+  if (names && (names->is(Value::Kind::Tuple) || names->is(Value::Kind::List)))
+    for (const auto& n : names->items) out.dim_names.push_back(n->as_str("mesh dim name"));
+
+  if (auto mt = mesh.attr("mesh"); mt && mt->is(Value::Kind::Tensor)) {
+    out.layout = "'mesh' rank tensor";
+    out.shape = mt->tensor->size;
+    if (!read_ints) unknown("no reader for the rank tensor");
+    out.ranks = read_ints(*mt->tensor);
+  } else if (auto layout = mesh.attr("_layout"); layout && layout->is(Value::Kind::Object)) {
+    std::vector<Modes> dims;
+    if (auto axes = layout->attr("axes")) {
+      // torch 2.13+: one _FlatLayout per mesh dim.
+      out.layout = layout->str + "{axes}";
+      if (!(axes->is(Value::Kind::Tuple) || axes->is(Value::Kind::List)))
+        fail(where, ": mesh layout axes: expected a tuple of layouts, found ", axes->repr());
+      for (const auto& ax : axes->items) {
+        if (!ax->is(Value::Kind::Object))
+          fail(where, ": mesh layout axis: expected a layout object, found ", ax->repr());
+        if (!ax->attr("shape") || !ax->attr("stride"))
+          fail(where, ": mesh layout axis ", ax->str, " without shape/stride (fields found: ", field_names(*ax), ")");
+        Modes m;
+        flatten_modes(ax->attr("shape"), "mesh layout axis shape", where, m.shape);
+        flatten_modes(ax->attr("stride"), "mesh layout axis stride", where, m.stride);
+        if (m.shape.size() != m.stride.size()) fail(where, ": mesh layout axis shape and stride differ in length");
+        dims.push_back(std::move(m));
+      }
+    } else if (layout->attr("shape") && layout->attr("stride")) {
+      // torch 2.10-2.12: one (possibly nested) shape/stride pair, a mode per mesh dim.
+      out.layout = layout->str + "{shape, stride}";
+      auto sh = layout->attr("shape"), st = layout->attr("stride");
+      auto as_modes = [&](const ValuePtr& v) -> std::vector<ValuePtr> {
+        if (v->is(Value::Kind::Int)) return {v};
+        if (v->is(Value::Kind::Tuple) || v->is(Value::Kind::List)) return v->items;
+        fail(where, ": mesh layout shape: expected a tuple of integers, found ", v->repr());
+      };
+      auto shm = as_modes(sh), stm = as_modes(st);
+      if (shm.size() != stm.size()) fail(where, ": mesh layout shape and stride differ in length");
+      for (size_t d = 0; d < shm.size(); ++d) {
+        Modes m;
+        flatten_modes(shm[d], "mesh layout shape", where, m.shape);
+        flatten_modes(stm[d], "mesh layout stride", where, m.stride);
+        if (m.shape.size() != m.stride.size()) fail(where, ": mesh layout shape and stride differ in length");
+        dims.push_back(std::move(m));
+      }
+    } else {
+      fail(where, ": cannot read the device mesh layout (", layout->str, "): fields found: ", field_names(*layout),
+           ". Known: {shape, stride} (torch 2.10-2.12), {axes} (torch 2.13+)");
+    }
+    for (const auto& d : dims) {
+      int64_t n = 1;
+      for (auto s : d.shape) n *= s;
+      out.shape.push_back(n);
+    }
+    // The rank map: this mesh's, else (a sub-mesh) its root's.
+    ValuePtr rm = mesh.attr("_rank_map");
+    if (!(rm && rm->is(Value::Kind::Tensor)))
+      if (auto root = mesh.attr("_root_mesh"); root && root->is(Value::Kind::Object)) rm = root->attr("_rank_map");
+    if (!(rm && rm->is(Value::Kind::Tensor))) unknown("a _layout without a '_rank_map' tensor");
+    if (!read_ints) unknown("no reader for the rank map");
+    out.ranks = walk_layout(dims, read_ints(*rm->tensor), where);
+  } else {
+    unknown(mesh.attr("_layout") ? "'_layout' is " + mesh.attr("_layout")->repr(1) : "neither 'mesh' nor '_layout'");
+  }
+  int64_t total = 1;
+  for (auto s : out.shape) total *= s;
+  if (static_cast<int64_t>(out.ranks.size()) != total)
+    fail(where, ": device mesh of shape ", out.shape.size(), "-D has ", out.ranks.size(), " ranks, expected ", total);
+  if (!out.dim_names.empty() && out.dim_names.size() != out.shape.size())
+    fail(where, ": device mesh has ", out.shape.size(), " dims but ", out.dim_names.size(), " dim names");
+
+  // Which rank saved it: `_rank` (torch 2.11+), else its coordinate on every dim.
+  if (auto r = mesh.attr("_rank"); r && r->is(Value::Kind::Int)) {
+    out.file_rank = r->i;
+    out.rank_source = "DeviceMesh._rank";
+  } else if (auto c = mesh.attr("_coordinate_on_dim");
+             c && (c->is(Value::Kind::Tuple) || c->is(Value::Kind::List)) && c->items.size() == out.shape.size()) {
+    int64_t lin = 0;
+    bool ok = true;
+    for (size_t d = 0; d < out.shape.size(); ++d) {
+      if (!c->items[d]->is(Value::Kind::Int) || c->items[d]->i < 0 || c->items[d]->i >= out.shape[d]) { ok = false; break; }
+      lin = lin * out.shape[d] + c->items[d]->i;
+    }
+    if (ok) {
+      out.file_rank = out.ranks[static_cast<size_t>(lin)];
+      out.rank_source = "DeviceMesh._coordinate_on_dim";
+    }
+  }
+  return out;
+}
 
 std::string Placement::str() const {
   switch (kind) {
@@ -69,10 +251,12 @@ CkptTensor decode_dtensor(const Value& obj, const std::string& key, const std::s
   CkptTensor out;
   out.key = key;
   auto local = obj.attr("_local_tensor");
-  if (!local || !local->is(Value::Kind::Tensor)) fail(w, ": DTensor without a _local_tensor");
+  if (!local || !local->is(Value::Kind::Tensor))
+    fail(w, ": ", obj.str, " without a _local_tensor (fields found: ", field_names(obj), ")");
   out.local = *local->tensor;
   auto spec = obj.attr("_spec");
-  if (!spec || !spec->is(Value::Kind::Object)) fail(w, ": DTensor without a _spec");
+  if (!spec || !spec->is(Value::Kind::Object))
+    fail(w, ": ", obj.str, " without a _spec (fields found: ", field_names(obj), ")");
   auto meta = std::make_shared<DTensorMeta>();
 
   // Global shape: tensor_meta.shape, else the wrapper-subclass args (cls, dtype, size, ...).
@@ -85,47 +269,24 @@ CkptTensor decode_dtensor(const Value& obj, const std::string& key, const std::s
     shape = tm->items[0];
   }
   if (!shape && obj.args && obj.args->items.size() > 2) shape = obj.args->items[2];
+  if (!shape) fail(w, ": DTensor global shape not found (", spec->str, " fields: ", field_names(*spec), ")");
   meta->global_shape = int_tuple(shape, "DTensor global shape", w);
 
   auto pl = spec->attr("placements");
-  if (!pl || !(pl->is(Value::Kind::Tuple) || pl->is(Value::Kind::List))) fail(w, ": DTensorSpec without placements");
+  if (!pl || !(pl->is(Value::Kind::Tuple) || pl->is(Value::Kind::List)))
+    fail(w, ": ", spec->str, " without placements (fields found: ", field_names(*spec), ")");
   for (const auto& p : pl->items) meta->placements.push_back(decode_placement(p, w));
 
   auto mesh = spec->attr("mesh");
-  if (!mesh || !mesh->is(Value::Kind::Object)) fail(w, ": DTensorSpec without a device mesh");
-  auto names = mesh->attr("mesh_dim_names");
-  if (!names) names = mesh->attr("_mesh_dim_names");
-  if (names && (names->is(Value::Kind::Tuple) || names->is(Value::Kind::List)))
-    for (const auto& n : names->items) meta->mesh_dim_names.push_back(n->as_str("mesh dim name"));
-
-  if (auto mt = mesh->attr("mesh"); mt && mt->is(Value::Kind::Tensor)) {
-    // torch <= 2.8: the mesh is a tensor of rank ids.
-    meta->mesh_shape = mt->tensor->size;
-    if (read_ints) meta->mesh_ranks = read_ints(*mt->tensor);
-  } else if (auto layout = mesh->attr("_layout"); layout) {
-    // torch >= 2.9: _MeshLayout(shape, stride) indexing a flat _rank_map tensor.
-    auto lshape = int_tuple(layout->attr("shape"), "mesh layout shape", w);
-    auto lstride = int_tuple(layout->attr("stride"), "mesh layout stride", w);
-    if (lshape.size() != lstride.size()) fail(w, ": mesh layout shape and stride differ in length");
-    meta->mesh_shape = lshape;
-    auto rm = mesh->attr("_rank_map");
-    if (rm && rm->is(Value::Kind::Tensor) && read_ints) {
-      auto map = read_ints(*rm->tensor);
-      int64_t total = 1;
-      for (auto s : lshape) total *= s;
-      for (int64_t lin = 0; lin < total; ++lin) {
-        int64_t rem = lin, idx = 0;
-        for (size_t d = lshape.size(); d-- > 0;) {
-          idx += (rem % lshape[d]) * lstride[d];
-          rem /= lshape[d];
-        }
-        if (idx < 0 || idx >= static_cast<int64_t>(map.size())) fail(w, ": mesh layout indexes outside the rank map");
-        meta->mesh_ranks.push_back(map[static_cast<size_t>(idx)]);
-      }
-    }
-  } else {
-    fail(w, ": cannot read the device mesh shape (neither 'mesh' nor '_layout' present)");
-  }
+  if (!mesh || !mesh->is(Value::Kind::Object))
+    fail(w, ": ", spec->str, " without a device mesh (fields found: ", field_names(*spec), ")");
+  MeshInfo mi = decode_device_mesh(*mesh, w, read_ints);
+  meta->mesh_shape = std::move(mi.shape);
+  meta->mesh_dim_names = std::move(mi.dim_names);
+  meta->mesh_ranks = std::move(mi.ranks);
+  meta->file_rank = mi.file_rank;
+  meta->rank_source = std::move(mi.rank_source);
+  meta->mesh_layout = std::move(mi.layout);
   if (meta->placements.size() != meta->mesh_shape.size())
     fail(w, ": ", meta->placements.size(), " placements for a ", meta->mesh_shape.size(), "-D mesh");
   out.dtensor = meta;
@@ -234,7 +395,7 @@ void TorchCheckpoint::collect(const ValuePtr& v, const std::string& prefix, int 
     } else if (val->is(Value::Kind::Dict)) {
       collect(val, key, depth + 1);
     } else {
-      other_keys_.push_back(key);
+      other_values_.emplace_back(key, describe_value(*val));
     }
   }
 }

@@ -30,9 +30,34 @@ struct DTensorMeta {
   std::vector<Placement> placements;  // one per mesh dim
   std::vector<int64_t> mesh_shape;
   std::vector<std::string> mesh_dim_names;
-  std::vector<int64_t> mesh_ranks;  // row-major rank ids of the mesh (may be empty if unreadable)
+  std::vector<int64_t> mesh_ranks;  // row-major rank ids of the mesh (empty: ShardedTensor, ranks 0..n-1)
   int64_t shard_offset = -1;        // ShardedTensor only: where the local shard starts along its dim
+  // The rank that saved this DTensor, where the mesh records it (torch 2.11+ `_rank`, else
+  // `_coordinate_on_dim` looked up in the mesh); -1 when not recorded.
+  int64_t file_rank = -1;
+  std::string rank_source;  // which field gave file_rank, for messages
+  std::string mesh_layout;  // which DeviceMesh layout was read, for messages
 };
+
+// What a pickled torch.distributed DeviceMesh means, read from whichever of its known
+// layouts is present (checkpoint-formats.md §3): torch 2.4–2.9 `mesh` rank tensor; 2.10–2.12
+// `_layout` = _MeshLayout{shape, stride} over `_rank_map`; 2.13+ `_layout` = _MeshLayout{axes:
+// one _FlatLayout{shape, stride} per mesh dim}. Unknown layouts fail naming the class and the
+// fields found. `read_ints` fetches an integer tensor's values.
+struct MeshInfo {
+  std::vector<int64_t> shape;
+  std::vector<std::string> dim_names;
+  std::vector<int64_t> ranks;  // row-major
+  int64_t file_rank = -1;
+  std::string rank_source, layout;
+};
+MeshInfo decode_device_mesh(const Value& mesh, const std::string& where,
+                            const std::function<std::vector<int64_t>(const TensorRef&)>& read_ints);
+
+// "an int", "a str", "None", "a torch.Foo object", ... for "is X, not a tensor" messages.
+std::string describe_value(const Value& v);
+// Field names of an inert object (its BUILD state dict), comma-separated, for messages.
+std::string field_names(const Value& obj);
 
 struct CkptTensor {
   std::string key;
@@ -47,8 +72,9 @@ class TorchCheckpoint {
   const std::string& path() const { return zip_.path(); }
   const std::vector<CkptTensor>& tensors() const { return tensors_; }  // file order
   const CkptTensor* find(const std::string& key) const;
-  // Keys whose value is not a tensor (skipped by the merger), e.g. "_extra_state" bytes.
-  const std::vector<std::string>& other_keys() const { return other_keys_; }
+  // Keys whose value is not a tensor, with what they are ("an int", "a Foo object", ...),
+  // e.g. "_extra_state" bytes. The merger decides which of them are an error.
+  const std::vector<std::pair<std::string, std::string>>& other_values() const { return other_values_; }
 
   // Copies elements [first, first+n) of the row-major view `t` into dst (t.dtype, dense).
   void read_elements(const TensorRef& t, int64_t first, int64_t n, void* dst) const;
@@ -65,7 +91,7 @@ class TorchCheckpoint {
   mutable std::unique_ptr<MappedFile> map_;
   std::string prefix_;
   std::vector<CkptTensor> tensors_;
-  std::vector<std::string> other_keys_;
+  std::vector<std::pair<std::string, std::string>> other_values_;
   std::unordered_map<std::string, size_t> index_;
   struct Rec { uint64_t data_offset, size; };
   std::unordered_map<std::string, Rec> storages_;  // storage key -> record

@@ -43,7 +43,38 @@ int shard_mesh_dim(const DTensorMeta& m) {
   return static_cast<int>(m.mesh_shape.size()) - 1;
 }
 
+// verlcpp's own checkpoints: int64 {rank, world_size, step} in every model_/optim_ file.
+constexpr const char* kRankKey = "_verlcpp.rank_world_step";
+
+bool ends_with(const std::string& s, const std::string& suf) {
+  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
+}
+
 }  // namespace
+
+// Every value must be a tensor (TransformerEngine-style `_extra_state` bytes excepted), and
+// where the file records who wrote it, that must be the rank in its name.
+void FsdpSource::check_file(const TorchCheckpoint& f, int rank) {
+  for (const auto& [key, what] : f.other_values())
+    if (!ends_with(key, "_extra_state")) fail(f.path(), ": key '", key, "' is ", what, ", not a tensor");
+  const std::string swapped = " (rank files renamed, swapped or copied over each other?)";
+  if (const CkptTensor* t = f.find(kRankKey)) {
+    if (t->dtensor || t->local.numel() != 3)
+      fail(f.path(), ": key '", kRankKey, "' should be an int64 tensor {rank, world_size, step}");
+    const auto v = f.read_ints(t->local);
+    if (v[0] != rank || v[1] != world_)
+      fail(f.path(), ": written by rank ", v[0], " of world size ", v[1], " (", kRankKey, ") but its name says rank ", rank,
+           " of world size ", world_, swapped);
+    if (step_ < 0) step_ = v[2];
+    else if (v[2] != step_)
+      fail(f.path(), ": saved at step ", v[2], " but ", files_.empty() ? std::string("rank 0") : files_[0]->path(),
+           " at step ", step_, " (files of different checkpoints mixed)");
+  }
+  for (const auto& t : f.tensors())
+    if (t.dtensor && t.dtensor->file_rank >= 0 && t.dtensor->file_rank != rank)
+      fail(f.path(), ": key '", t.key, "' was saved by rank ", t.dtensor->file_rank, " (", t.dtensor->rank_source,
+           ") but the file name says rank ", rank, swapped);
+}
 
 FsdpSource::~FsdpSource() = default;
 
@@ -138,13 +169,16 @@ FsdpSource::FsdpSource(const std::string& local_dir) : dir_(local_dir) {
   }
 
   for (int r : ranks) {
-    if (r == 0 && rank0) files_.push_back(std::move(rank0));
-    else files_.push_back(std::make_unique<TorchCheckpoint>(rank_file(dir_, world_, r)));
+    std::unique_ptr<TorchCheckpoint> f =
+        (r == 0 && rank0) ? std::move(rank0) : std::make_unique<TorchCheckpoint>(rank_file(dir_, world_, r));
+    check_file(*f, r);
+    files_.push_back(std::move(f));
     file_rank_.push_back(r);
     input_bytes_ += File(files_.back()->path()).size();
   }
   const TorchCheckpoint& first = *files_[0];
-  for (const auto& t : first.tensors()) plan_tensor(t.key);
+  for (const auto& t : first.tensors())
+    if (t.key != kRankKey) plan_tensor(t.key);
   // Keys present on another rank only are a malformed checkpoint.
   for (size_t f = 1; f < files_.size(); ++f)
     for (const auto& t : files_[f]->tensors())
@@ -157,7 +191,9 @@ void FsdpSource::plan_flat_units(const nlohmann::json& j) {
   const int fsdp = j.value("fsdp_size", world_);
   if (fsdp < 1 || world_ % fsdp != 0) fail(cfg.string(), ": fsdp_size ", fsdp, " does not divide world_size ", world_);
   for (int r = 0; r < fsdp; ++r) {  // the first shard group holds one whole replica
-    files_.push_back(std::make_unique<TorchCheckpoint>(rank_file(dir_, world_, r)));
+    auto f = std::make_unique<TorchCheckpoint>(rank_file(dir_, world_, r));
+    check_file(*f, r);
+    files_.push_back(std::move(f));
     file_rank_.push_back(r);
     input_bytes_ += File(files_.back()->path()).size();
   }
@@ -281,6 +317,17 @@ void FsdpSource::plan_tensor(const std::string& key) {
       if (d < 0 || d >= static_cast<int64_t>(g.size()))
         fail(files_[0]->path(), ": key '", key, "' is sharded on dim ", p.dim, " of a ", g.size(), "-D tensor");
       plan.shard_dim = static_cast<int>(d);
+      // torch.chunk: rank f holds rows [f·C, min((f+1)·C, n)), C = ceil(n / ranks); a shard
+      // may be padded up to C rows (trimmed below), never more.
+      const int64_t nparts = static_cast<int64_t>(parts.size());
+      const int64_t chunk = (g[d] + nparts - 1) / nparts;
+      for (size_t f = 0; f < parts.size(); ++f) {
+        const int64_t rows = parts[f]->local.size.size() > static_cast<size_t>(d) ? parts[f]->local.size[d] : 0;
+        if (rows > chunk && parts[f]->dtensor->shard_offset < 0)
+          fail(files_[f]->path(), ": key '", key, "' local shard has ", rows, " rows along dim ", d,
+               " but its global shape ", shape_str(g), " gives each of ", nparts, " ranks at most ", chunk,
+               " (the recorded global shape is smaller than the shards)");
+      }
       int64_t off = 0;
       for (size_t f = 0; f < parts.size(); ++f) {
         const auto& ls = parts[f]->local.size;
@@ -400,6 +447,19 @@ void FsdpSource::read(size_t index, DType out, void* dst, ThreadPool& pool) cons
       pos = end;
     }
   });
+}
+
+bool FsdpSource::same_data(size_t a, size_t b) const {
+  const Plan &pa = plans_.at(a), &pb = plans_.at(b);
+  if (pa.pieces.size() != pb.pieces.size() || pa.shard_dim != pb.shard_dim || pa.flat != pb.flat) return false;
+  for (size_t i = 0; i < pa.pieces.size(); ++i) {
+    const TensorRef &x = local_of(pa.pieces[i]), &y = local_of(pb.pieces[i]);
+    if (pa.pieces[i].file != pb.pieces[i].file || pa.pieces[i].offset != pb.pieces[i].offset || x.storage.key.empty() ||
+        x.storage.key != y.storage.key || x.storage_offset != y.storage_offset || x.size != y.size || x.stride != y.stride ||
+        x.dtype != y.dtype)
+      return false;
+  }
+  return true;
 }
 
 std::string FsdpSource::describe() const {

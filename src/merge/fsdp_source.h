@@ -25,6 +25,7 @@ class FsdpSource : public CheckpointSource {
   void read(size_t index, DType out, void* dst, ThreadPool& pool) const override;
   std::string describe() const override;
   uint64_t input_bytes() const override { return input_bytes_; }
+  bool same_data(size_t a, size_t b) const override;
   int world_size() const { return world_; }
 
   // World size from fsdp_config.json, else from the file names (exposed for tests).
@@ -55,6 +56,8 @@ class FsdpSource : public CheckpointSource {
   std::vector<Plan> plans_;
   uint64_t input_bytes_ = 0;
   void plan_tensor(const std::string& key);
+  void check_file(const TorchCheckpoint& f, int rank);
+  int64_t step_ = -1;  // verlcpp checkpoints: the step every file records
 };
 
 }  // namespace verl

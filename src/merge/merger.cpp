@@ -22,6 +22,7 @@
 
 #include "core/error.h"
 #include "io/file.h"
+#include "io/output.h"
 #include "io/safetensors.h"
 #include "merge/fsdp_source.h"
 #include "hf/folder.h"
@@ -383,6 +384,99 @@ int run_test(const CheckpointSource& src, const std::vector<OutTensor>& model, c
   return 1;
 }
 
+// Every file of the inputs (recursively, symlinks followed once), for the output claim's
+// overlap check: a target must never be, or hold, any of them.
+void list_inputs(const fs::path& dir, std::vector<std::string>& out, int depth = 0) {
+  std::error_code ec;
+  out.push_back(dir.string());
+  if (depth > 4 || !fs::is_directory(dir, ec)) return;
+  size_t n = 0;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    if (++n > 100000) break;
+    if (e.is_directory(ec)) list_inputs(e.path(), out, depth + 1);
+    else out.push_back(e.path().string());
+  }
+}
+
+std::optional<int64_t> config_int(const ojson& c, const char* k) {
+  for (const ojson* o : {&c, c.contains("text_config") && c["text_config"].is_object() ? &c["text_config"] : nullptr})
+    if (o && o->contains(k) && (*o)[k].is_number_integer()) return (*o)[k].get<int64_t>();
+  return std::nullopt;
+}
+
+// The HF config must describe these weights: a config from another model would otherwise be
+// written beside them (and, saying "tied", drop lm_head). Checked before anything is written.
+void check_config_against_weights(const ojson& config, const fs::path& cfg_path, const CheckpointSource& src,
+                                  const std::vector<OutTensor>& model, std::optional<size_t> dropped_lm_head,
+                                  bool tied_by_flag, bool value_model, ThreadPool& pool) {
+  std::map<std::string, const OutTensor*> by;
+  for (const auto& t : model) by[t.name] = &t;
+  const std::string c = cfg_path.string();
+  const std::string hint = " (is --hf_model_config_path the config of another model?)";
+  auto shape = [&](const std::string& n) -> const std::vector<int64_t>* {
+    auto it = by.find(n);
+    return it == by.end() ? nullptr : &it->second->shape;
+  };
+  const auto vocab = config_int(config, "vocab_size"), hidden = config_int(config, "hidden_size");
+  const auto layers = config_int(config, "num_hidden_layers"), heads = config_int(config, "num_attention_heads");
+  const auto kv = config_int(config, "num_key_value_heads");
+  auto head_dim = config_int(config, "head_dim");
+  if (!head_dim && hidden && heads && *heads > 0) head_dim = *hidden / *heads;
+  const std::string emb = "model.embed_tokens.weight";
+  if (const auto* e = shape(emb); e && e->size() == 2) {
+    if (vocab && (*e)[0] != *vocab)
+      fail(c, ": vocab_size ", *vocab, " but the checkpoint's ", emb, " has ", (*e)[0], " rows", hint);
+    if (hidden && (*e)[1] != *hidden)
+      fail(c, ": hidden_size ", *hidden, " but the checkpoint's ", emb, " has ", (*e)[1], " columns", hint);
+  }
+  std::set<int64_t> seen_layers;
+  for (const auto& t : model) {
+    const std::string pre = "model.layers.";
+    if (t.name.compare(0, pre.size(), pre) != 0) continue;
+    const size_t e = t.name.find('.', pre.size());
+    const std::string num = t.name.substr(pre.size(), e - pre.size());
+    if (!num.empty() && num.find_first_not_of("0123456789") == std::string::npos && num.size() < 9)
+      seen_layers.insert(std::stoll(num));
+  }
+  if (layers && !seen_layers.empty() && static_cast<int64_t>(seen_layers.size()) != *layers)
+    fail(c, ": num_hidden_layers ", *layers, " but the checkpoint has ", seen_layers.size(), " layers", hint);
+  if (!seen_layers.empty()) {
+    const std::string l0 = "model.layers." + std::to_string(*seen_layers.begin()) + ".self_attn.";
+    if (const auto* q = shape(l0 + "q_proj.weight"); q && heads && head_dim && !q->empty() && (*q)[0] != *heads * *head_dim)
+      fail(c, ": ", *heads, " attention heads of ", *head_dim, " but the checkpoint's ", l0, "q_proj.weight has ", (*q)[0],
+           " rows", hint);
+    if (const auto* k = shape(l0 + "k_proj.weight"); k && kv && head_dim && !k->empty() && (*k)[0] != *kv * *head_dim)
+      fail(c, ": ", *kv, " key/value heads of ", *head_dim, " but the checkpoint's ", l0, "k_proj.weight has ", (*k)[0],
+           " rows", hint);
+    if (config.contains("attention_bias") && config["attention_bias"].is_boolean() &&
+        config["attention_bias"].get<bool>() != static_cast<bool>(shape(l0 + "q_proj.bias")))
+      fail(c, ": attention_bias is ", config["attention_bias"].get<bool>() ? "true" : "false", " but the checkpoint's ",
+           l0, "q_proj ", shape(l0 + "q_proj.bias") ? "has" : "has no", " bias", hint);
+  }
+  if (value_model || !shape(emb)) return;
+  const bool config_tied = config.contains("tie_word_embeddings") && config["tie_word_embeddings"].is_boolean() &&
+                           config["tie_word_embeddings"].get<bool>();
+  if (!config_tied && !tied_by_flag && !shape("lm_head.weight"))
+    fail(c, ": tie_word_embeddings is false but the checkpoint has no lm_head.weight", hint);
+  if (dropped_lm_head && !tied_by_flag) {
+    // Config says tied, the checkpoint has an lm_head: it must be the embedding itself.
+    const size_t e = by[emb]->src, h = *dropped_lm_head;
+    const auto& te = src.tensors()[e];
+    const auto& th = src.tensors()[h];
+    bool same = te.shape == th.shape && te.dtype == th.dtype;
+    if (same && !src.same_data(e, h)) {
+      const uint64_t n = static_cast<uint64_t>(te.numel()) * dtype_size(te.dtype);
+      auto a = alloc(n), b = alloc(n);
+      src.read(e, te.dtype, a.get(), pool);
+      src.read(h, th.dtype, b.get(), pool);
+      same = std::memcmp(a.get(), b.get(), n) == 0;
+    }
+    if (!same)
+      fail(c, ": tie_word_embeddings is true but the checkpoint's lm_head.weight differs from ", emb,
+           ": merging would drop the output head", hint);
+  }
+}
+
 }  // namespace
 
 int run_merge(const MergeOptions& opt) {
@@ -391,6 +485,11 @@ int run_merge(const MergeOptions& opt) {
   if (opt.local_dir.empty()) fail("--local_dir is required");
   if (!opt.test && opt.target_dir.empty()) fail("--target_dir is required");
   if (opt.test && opt.test_hf_dir.empty()) fail("--test needs --test_hf_dir REF (a HuggingFace folder to compare with)");
+  {
+    std::error_code ec;
+    if (!fs::exists(opt.local_dir, ec)) fail("--local_dir ", opt.local_dir, ": no such folder");
+    if (!fs::is_directory(opt.local_dir, ec)) fail("--local_dir ", opt.local_dir, ": is not a folder");
+  }
 
   // Megatron: the dist_ckpt folder and its HF config are found in verl's layouts.
   const bool megatron = opt.backend == "megatron";
@@ -407,18 +506,32 @@ int run_merge(const MergeOptions& opt) {
                     (config.contains("tie_word_embeddings") && config["tie_word_embeddings"].is_boolean() &&
                      config["tie_word_embeddings"].get<bool>());
 
-  // Refuse a non-empty target before doing any work.
-  fs::path target;
+  // Claim the target before doing any work: refused if it is or holds an input, if it is not
+  // empty (without --overwrite) or if another merge is writing it.
+  std::optional<OutputClaim> claim;
   if (!opt.test) {
-    target = fs::absolute(opt.target_dir).lexically_normal();
-    if (target.filename().empty()) target = target.parent_path();
-    if (fs::exists(target) && !fs::is_directory(target)) fail(target.string(), ": exists and is not a folder");
-    if (fs::exists(target) && !fs::is_empty(target) && !opt.overwrite)
-      fail(target.string(), ": exists and is not empty (pass --overwrite to replace it)");
-    const fs::path in_abs = fs::absolute(opt.local_dir).lexically_normal();
-    if (target == in_abs || starts_with(in_abs.string() + "/", target.string() + "/"))
-      fail(target.string(), ": the target would replace the input checkpoint");
+    OutputClaim::Options co;
+    co.kind = OutputClaim::Kind::Folder;
+    co.overwrite = opt.overwrite;
+    co.what = "--target_dir";
+    std::vector<std::string> listed;
+    list_inputs(opt.local_dir, listed);
+    list_inputs(hf_dir, listed);
+    if (megatron) list_inputs(mpaths.dist_dir, listed);
+    // A previous output inside the checkpoint folder (--target_dir CKPT/merged) is not an input:
+    // what lies below the target is dropped, except the folders that are read (then refused).
+    std::error_code ec;
+    const fs::path rt = fs::weakly_canonical(fs::absolute(opt.target_dir), ec);
+    const std::set<std::string> roots = {opt.local_dir, hf_dir.string(), megatron ? mpaths.dist_dir : opt.local_dir};
+    for (const auto& in : listed) {
+      const fs::path ri = fs::weakly_canonical(fs::absolute(in), ec);
+      const auto rel = ri.lexically_relative(rt);
+      const bool below = !ec && !rel.empty() && *rel.begin() != "..";
+      if (!below || roots.count(in)) co.inputs.push_back(in);
+    }
+    claim.emplace(opt.target_dir, co);
   }
+  const fs::path target = claim ? fs::path(claim->target()) : fs::path();
 
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
   ThreadPool pool(opt.threads > 0 ? static_cast<size_t>(opt.threads) : std::min(hw, 8u));
@@ -429,13 +542,13 @@ int run_merge(const MergeOptions& opt) {
   else
     src_ptr = std::make_unique<FsdpSource>(opt.local_dir);
   const CheckpointSource& src = *src_ptr;
-  if (!opt.quiet) std::fprintf(stderr, "%s\n", src.describe().c_str());
 
   // Name map: LoRA adapter tensors apart, base names restored, tied lm_head dropped.
   const auto& st = src.tensors();
   std::map<std::string, size_t> by_name;
   for (size_t i = 0; i < st.size(); ++i) by_name[st[i].name] = i;
   LoraInfo lora;
+  std::optional<size_t> dropped_lm_head;
   std::vector<OutTensor> model, adapter;
   std::set<std::string> used;
   for (size_t i = 0; i < st.size(); ++i) {
@@ -463,7 +576,10 @@ int run_merge(const MergeOptions& opt) {
     std::string name = n;
     if (starts_with(name, "base_model.model.")) name = name.substr(std::strlen("base_model.model."));
     name = replace_all(replace_all(name, ".base_layer.weight", ".weight"), ".base_layer.bias", ".bias");
-    if (tied && name == "lm_head.weight") continue;
+    if (tied && name == "lm_head.weight") {
+      dropped_lm_head = i;
+      continue;
+    }
     if (opt.fuse_lora && n.find(".base_layer.weight") != std::string::npos) {
       const std::string stem = n.substr(0, n.size() - std::strlen(".base_layer.weight"));
       auto a = by_name.find(stem + ".lora_A.default.weight");
@@ -516,17 +632,18 @@ int run_merge(const MergeOptions& opt) {
     lora_scale = lora.alpha / static_cast<double>(lora.r);
   }
 
+  if (model.empty())
+    fail(opt.local_dir, ": the checkpoint holds no model tensors", adapter.empty() ? "" : " (only LoRA adapter weights)",
+         ": nothing to merge");
+  check_config_against_weights(config, cfg_path, src, model, dropped_lm_head, opt.tie_word_embedding, opt.is_value_model,
+                               pool);
+  // Every check is done: from here on only info lines (errors come before any of them).
+  if (!opt.quiet) std::fprintf(stderr, "%s\n", src.describe().c_str());
+
   if (opt.test) return run_test(src, model, opt, lora_scale, pool);
 
-  // Everything is written under a hidden temporary folder beside the target, then renamed.
-  const fs::path parent = target.parent_path();
-  std::error_code ec;
-  fs::create_directories(parent, ec);
-  if (ec) fail(parent.string(), ": cannot create the parent of the target: ", ec.message());
-  const fs::path tmp = parent / ("." + target.filename().string() + ".tmp-" + std::to_string(::getpid()));
-  fs::remove_all(tmp, ec);
-  if (!fs::create_directory(tmp, ec) || ec)
-    fail(parent.string(), ": cannot write here (", ec ? ec.message() : std::string("mkdir failed"), ")");
+  // Everything is written under the claim's temporary folder beside the target, then renamed.
+  const fs::path tmp = claim->temp();
   try {
     uint64_t total = 0;
     for (const auto& t : model) total += t.nbytes();
@@ -604,13 +721,7 @@ int run_merge(const MergeOptions& opt) {
                    hf_dir.c_str());
 
     // Publish: replace the target only now that everything is complete.
-    fs::path old;
-    if (fs::exists(target)) {
-      old = parent / ("." + target.filename().string() + ".old-" + std::to_string(::getpid()));
-      fs::rename(target, old);
-    }
-    fs::rename(tmp, target);
-    if (!old.empty()) fs::remove_all(old, ec);
+    claim->commit();
 
     if (!opt.quiet) {
       const double t = progress.elapsed();
@@ -620,7 +731,7 @@ int run_merge(const MergeOptions& opt) {
                    adapter.empty() ? "" : (", LoRA adapter in lora_adapter/" + std::string(opt.fuse_lora ? " (fused into the base weights)" : "")).c_str());
     }
   } catch (...) {
-    fs::remove_all(tmp, ec);
+    claim.reset();  // removes the temporary folder, releases the claim
     throw;
   }
   if (!opt.hf_upload_path.empty())

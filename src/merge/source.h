@@ -33,6 +33,9 @@ class CheckpointSource {
   virtual std::string describe() const = 0;
   // Total bytes of the input files that read() touches (for the disk floor / progress).
   virtual uint64_t input_bytes() const = 0;
+  // True if tensors a and b are known to be the same bytes (one storage saved under two
+  // names, e.g. tied embeddings); false when unknown.
+  virtual bool same_data(size_t a, size_t b) const { return false; }
 };
 
 }  // namespace verl

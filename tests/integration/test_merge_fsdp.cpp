@@ -5,6 +5,12 @@
 // a non-zero exit and no output folder.
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -207,10 +213,23 @@ class BadInput : public MergeFsdp {
     fs::copy(ckpt("qwen2_w2"), dir, fs::copy_options::recursive);
     return dir;
   }
+  void tamper(const fs::path& file, const std::string& mode) {
+    std::string out;
+    ASSERT_EQ(run(py() + " " + oracle("tamper_ckpt.py") + " --file " + q(file) + " --mode " + mode, &out), 0) << out;
+  }
+  // Sizes and modification times of every file under dir: inputs must stay untouched.
+  static std::map<std::string, std::pair<uintmax_t, fs::file_time_type>> snapshot(const fs::path& dir) {
+    std::map<std::string, std::pair<uintmax_t, fs::file_time_type>> m;
+    for (const auto& e : fs::recursive_directory_iterator(dir))
+      if (e.is_regular_file()) m[e.path().string()] = {e.file_size(), e.last_write_time()};
+    return m;
+  }
   void expect_error(const fs::path& dir, const std::string& must_mention, const std::string& extra = "") {
     const fs::path out = g_root / "bad_out" / dir.filename();
+    const auto before = snapshot(dir);
     std::string log;
     int rc = merge("", out, extra, &log, dir);
+    EXPECT_EQ(snapshot(dir), before) << "inputs changed";
     EXPECT_NE(rc, 0) << log;
     EXPECT_NE(log.find("verlcpp: error:"), std::string::npos) << log;
     EXPECT_NE(log.find(must_mention), std::string::npos) << "message should mention '" << must_mention << "': " << log;
@@ -291,6 +310,237 @@ TEST_F(BadInput, WrongFlags) {
   EXPECT_NE(log.find("/nonexistent"), std::string::npos) << log;
   EXPECT_NE(run(bin() + " merge --backend fsdp --local_dir . --target_dir /tmp/x --dtype fp8", &log), 0);
   EXPECT_NE(run(bin() + " merge --bogus", &log), 0);
+}
+
+}  // namespace
+
+namespace {
+
+// --- issue 9 §3: never a wrong model, never lost data -----------------------------------
+
+TEST_F(BadInput, SymlinkedInputAsTargetWithOverwrite) {
+  // --local_dir reached through a symlink, --target_dir the real folder, --overwrite: the
+  // rank files must survive (they used to be deleted).
+  auto dir = broken("symlinked");
+  const fs::path link = g_root / "bad" / "symlinked_link";
+  fs::remove(link);
+  fs::create_directory_symlink(dir, link);
+  const auto before = snapshot(dir);
+  for (auto [in, out] : {std::pair{link, dir}, std::pair{dir, link}, std::pair{link, dir.parent_path()}}) {
+    std::string log;
+    EXPECT_NE(merge("", out, "--overwrite", &log, in), 0) << log;
+    EXPECT_NE(log.find("the input"), std::string::npos) << log;
+    EXPECT_EQ(snapshot(dir), before);
+  }
+}
+
+TEST_F(BadInput, ValueThatIsNotATensor) {
+  for (const char* mode : {"int", "record"}) {
+    SCOPED_TRACE(mode);
+    auto dir = broken(std::string("not_tensor_") + mode);
+    tamper(dir / "model_world_size_2_rank_1.pt", mode);  // on one rank only
+    expect_error(dir, mode == std::string("int") ? "is an int, not a tensor" : "argparse.Namespace object, not a tensor");
+  }
+  auto dir = broken("only_record");
+  tamper(dir / "model_world_size_2_rank_0.pt", "only_record");
+  expect_error(dir, "key 'x' is a argparse.Namespace object, not a tensor");
+}
+
+TEST_F(BadInput, ZeroTensorsIsAnError) {
+  auto dir = broken("only_extra");
+  for (const char* r : {"model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"}) tamper(dir / r, "only_extra");
+  expect_error(dir, "no model tensors");
+}
+
+TEST_F(BadInput, KeyOnSomeRanksOnly) {
+  auto dir = broken("drop_key");
+  tamper(dir / "model_world_size_2_rank_1.pt", "drop_key");
+  expect_error(dir, "is missing");
+}
+
+TEST_F(BadInput, RankFilesSwappedOrCopied) {
+  auto dir = broken("swapped");
+  fs::rename(dir / "model_world_size_2_rank_0.pt", dir / "tmp.pt");
+  fs::rename(dir / "model_world_size_2_rank_1.pt", dir / "model_world_size_2_rank_0.pt");
+  fs::rename(dir / "tmp.pt", dir / "model_world_size_2_rank_1.pt");
+  expect_error(dir, "saved by rank 1");
+  auto copied = broken("copied");
+  fs::copy_file(copied / "model_world_size_2_rank_0.pt", copied / "model_world_size_2_rank_1.pt",
+                fs::copy_options::overwrite_existing);
+  expect_error(copied, "was saved by rank 0 (DeviceMesh._rank) but the file name says rank 1");
+}
+
+TEST_F(BadInput, GlobalShapeSmallerThanShards) {
+  auto dir = broken("global_small");
+  for (const char* r : {"model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"}) tamper(dir / r, "global_small");
+  expect_error(dir, "smaller than the shards");
+}
+
+TEST_F(BadInput, ConfigOfAnotherModel) {
+  // A Llama config (tied, other sizes) on Qwen2 weights: refused before anything is written,
+  // and the error is the only line even without --quiet (no info line before it).
+  const fs::path out = g_root / "bad_out" / "other_config";
+  std::string log;
+  int rc = run(bin() + " merge --backend fsdp --local_dir " + q(ckpt("qwen2_w2")) + " --target_dir " + q(out) +
+                   " --hf_model_config_path " + q(ckpt("llama_tied_w2") / "huggingface"),
+               &log);
+  EXPECT_NE(rc, 0) << log;
+  EXPECT_EQ(log.rfind("verlcpp: error: ", 0), 0u) << log;
+  EXPECT_NE(log.find("hidden_size 72"), std::string::npos) << log;
+  EXPECT_EQ(std::count(log.begin(), log.end(), '\n'), 1) << log;
+  EXPECT_FALSE(fs::exists(out));
+  // Same sizes, but the config says tied while the checkpoint's lm_head is its own tensor.
+  auto dir = broken("tied_config");
+  std::ifstream in(dir / "huggingface" / "config.json");
+  std::string cfg((std::istreambuf_iterator<char>(in)), {});
+  in.close();
+  const auto p = cfg.find("\"tie_word_embeddings\": false");
+  ASSERT_NE(p, std::string::npos) << cfg;
+  cfg.replace(p, std::strlen("\"tie_word_embeddings\": false"), "\"tie_word_embeddings\": true");
+  std::ofstream(dir / "huggingface" / "config.json") << cfg;
+  expect_error(dir, "lm_head.weight differs from model.embed_tokens.weight");
+}
+
+TEST_F(BadInput, ConcurrentMergeIntoTheSameTarget) {
+  // Another merge holds the target's claim: this one fails at once with a clear line and
+  // touches neither the other's temporary nor the existing output.
+  const fs::path out = g_root / "bad_out" / "concurrent";
+  fs::remove_all(out);
+  std::string log;
+  ASSERT_EQ(merge("qwen2_w2", out, "--dtype fp32", &log), 0) << log;
+  const fs::path lock = out.parent_path() / ".concurrent.lock";
+  const fs::path other_tmp = out.parent_path() / (".concurrent.tmp-" + std::to_string(::getpid()));
+  fs::create_directories(other_tmp);
+  std::ofstream(other_tmp / "half.safetensors") << "the other merge's work";
+  // flock(1) holds the lock (as a running merge does) until its stdin closes.
+  FILE* holder = ::popen(("exec flock -x " + q(lock) + " cat >/dev/null").c_str(), "w");
+  ASSERT_NE(holder, nullptr);
+  for (int i = 0; i < 500; ++i) {  // wait until flock holds it (it creates the file first)
+    if (run("flock -n -x " + q(lock) + " true") != 0) break;
+    ::usleep(20000);
+  }
+  const int rc = merge("qwen2_w2", out, "--overwrite", &log);
+  ::pclose(holder);
+  EXPECT_NE(rc, 0) << log;
+  EXPECT_NE(log.find("another process"), std::string::npos) << log;
+  EXPECT_TRUE(fs::exists(other_tmp / "half.safetensors")) << "the other merge's temporary was touched";
+  check(out, ref("qwen2_w2"), "--dtype fp32");
+  fs::remove_all(other_tmp);
+}
+
+TEST_F(BadInput, FifoInsteadOfARankFile) {
+  auto dir = broken("fifo");
+  fs::remove(dir / "model_world_size_2_rank_1.pt");
+  ASSERT_EQ(::mkfifo((dir / "model_world_size_2_rank_1.pt").c_str(), 0644), 0);
+  expect_error(dir, "model_world_size_2_rank_1.pt: is not a regular file (a FIFO)");
+}
+
+TEST_F(MergeFsdp, StaleTemporaryOfAKilledMergeIsRemoved) {
+  const fs::path out = g_root / "out" / "stale";
+  const pid_t p = ::fork();
+  if (p == 0) ::_exit(0);
+  ::waitpid(p, nullptr, 0);
+  const fs::path stale = out.parent_path() / (".stale.tmp-" + std::to_string(p));
+  fs::create_directories(stale);
+  std::ofstream(stale / "model.safetensors") << std::string(1 << 16, 'x');
+  std::string log;
+  ASSERT_EQ(merge("qwen2_w2", out, "--dtype fp32", &log), 0) << log;
+  EXPECT_FALSE(fs::exists(stale)) << "a dead merge's temporary folder must be removed";
+  check(out, ref("qwen2_w2"), "--dtype fp32");
+}
+
+TEST_F(MergeFsdp, TargetInsideTheCheckpointCanBeReplaced) {
+  // CKPT/merged is not an input: merging there twice (--overwrite) works and leaves CKPT alone.
+  const fs::path dir = g_root / "inside";
+  fs::remove_all(dir);
+  fs::copy(ckpt("qwen2_w2"), dir, fs::copy_options::recursive);
+  std::string log;
+  ASSERT_EQ(merge("", dir / "merged", "--dtype fp32", &log, dir), 0) << log;
+  ASSERT_EQ(merge("", dir / "merged", "--dtype fp32 --overwrite", &log, dir), 0) << log;
+  check(dir / "merged", ref("qwen2_w2"), "--dtype fp32");
+  EXPECT_TRUE(fs::exists(dir / "model_world_size_2_rank_1.pt"));
+  // The HF folder is an input, though.
+  EXPECT_NE(merge("", dir / "huggingface", "--overwrite", &log, dir), 0);
+  EXPECT_NE(log.find("the input"), std::string::npos) << log;
+  EXPECT_TRUE(fs::exists(dir / "huggingface" / "config.json"));
+}
+
+TEST_F(BadInput, MissingLocalDirSaysSo) {
+  std::string log;
+  EXPECT_NE(run(bin() + " merge --backend fsdp --local_dir " + q(g_root / "no_such_ckpt") + " --target_dir " +
+                    q(g_root / "bad_out" / "nothing"),
+                &log),
+            0);
+  EXPECT_NE(log.find("--local_dir " + (g_root / "no_such_ckpt").string() + ": no such folder"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(g_root / "bad_out" / "nothing"));
+}
+
+TEST_F(BadInput, LogprobOutEqualToBatchIsRefused) {
+  std::string help;
+  run(bin() + " --help", &help);
+  if (help.find("logprob") == std::string::npos) GTEST_SKIP() << "verlcpp built without the engine";
+  const fs::path batch = g_root / "bad" / "batch.safetensors";
+  std::ofstream(batch) << "not even read";
+  fs::remove(g_root / "bad" / "batch_link.safetensors");
+  fs::create_symlink(batch, g_root / "bad" / "batch_link.safetensors");
+  for (const char* out : {"batch.safetensors", "batch_link.safetensors"}) {
+    std::string log;
+    EXPECT_NE(run(bin() + " logprob --model " + q(g_root / "no_model") + " --batch " + q(batch) + " --out " +
+                      q(g_root / "bad" / out),
+                  &log),
+              0);
+    EXPECT_NE(log.find("same file"), std::string::npos) << log;
+    std::ifstream in(batch);
+    EXPECT_EQ(std::string((std::istreambuf_iterator<char>(in)), {}), "not even read");
+  }
+}
+
+// --- verlcpp's own flat-unit checkpoints: rank, world size and step in every file ------
+
+TEST_F(MergeFsdp, VerlcppFlatRankWorldStep) {
+  const fs::path flat = g_root / "verlcpp_flat", old = g_root / "verlcpp_flat_old";
+  std::string log;
+  ASSERT_EQ(run(py() + " " + oracle("tamper_ckpt.py") + " --mode to_verlcpp_flat --file " + q(g_root / "qwen2_w2") +
+                    " --out " + q(flat) + " --world 2 --step 5",
+                &log),
+            0)
+      << log;
+  ASSERT_EQ(run(py() + " " + oracle("tamper_ckpt.py") + " --mode to_verlcpp_flat --file " + q(g_root / "qwen2_w2") +
+                    " --out " + q(old) + " --world 2 --no-rank-key",
+                &log),
+            0)
+      << log;
+  // Both merge to the reference; the rank key is not a parameter.
+  for (const auto& d : {flat, old}) {
+    const fs::path out = g_root / "out" / d.filename();
+    ASSERT_EQ(merge("", out, "--dtype fp32", &log, d), 0) << log;
+    check(out, ref("qwen2_w2"), "--dtype fp32 --logits");
+  }
+  // Swapped rank files.
+  const fs::path sw = g_root / "bad" / "verlcpp_swapped";
+  fs::remove_all(sw);
+  fs::create_directories(sw.parent_path());
+  fs::copy(flat, sw, fs::copy_options::recursive);
+  fs::rename(sw / "model_world_size_2_rank_0.pt", sw / "t.pt");
+  fs::rename(sw / "model_world_size_2_rank_1.pt", sw / "model_world_size_2_rank_0.pt");
+  fs::rename(sw / "t.pt", sw / "model_world_size_2_rank_1.pt");
+  EXPECT_NE(merge("", g_root / "bad_out" / "verlcpp_swapped", "", &log, sw), 0);
+  EXPECT_NE(log.find("written by rank 1 of world size 2 (_verlcpp.rank_world_step) but its name says rank 0"),
+            std::string::npos)
+      << log;
+  // A rank file of another step.
+  const fs::path mixed = g_root / "bad" / "verlcpp_mixed";
+  fs::remove_all(mixed);
+  fs::copy(flat, mixed, fs::copy_options::recursive);
+  ASSERT_EQ(run(py() + " " + oracle("tamper_ckpt.py") + " --mode to_verlcpp_flat --file " + q(g_root / "qwen2_w2") +
+                    " --out " + q(g_root / "bad" / "verlcpp_step9") + " --world 2 --step 9",
+                &log),
+            0);
+  fs::copy_file(g_root / "bad" / "verlcpp_step9" / "model_world_size_2_rank_1.pt", mixed / "model_world_size_2_rank_1.pt",
+                fs::copy_options::overwrite_existing);
+  EXPECT_NE(merge("", g_root / "bad_out" / "verlcpp_mixed", "", &log, mixed), 0);
+  EXPECT_NE(log.find("saved at step 9"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(g_root / "bad_out" / "verlcpp_mixed"));
 }
 
 }  // namespace

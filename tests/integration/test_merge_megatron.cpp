@@ -6,6 +6,7 @@
 // tensors after the same dtype cast, same logits. Bad inputs: one clear line, non-zero
 // exit, no output folder.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <filesystem>
 #include <fstream>
@@ -224,6 +225,46 @@ TEST_F(MegatronBadInput, NotACheckpoint) {
   const fs::path dir = g_root / "bad" / "empty";
   fs::create_directories(dir);
   expect_error(dir, "no Megatron distributed checkpoint");
+}
+
+// Issue 9 §3 for the Megatron backend: FIFOs are refused instead of hanging, the checkpoint is
+// never the target, and an HF config of another model is refused before writing.
+TEST_F(MegatronBadInput, FifoInsteadOfADistcpOrMetadata) {
+  for (const char* f : {"__2_0.distcp", ".metadata"}) {
+    SCOPED_TRACE(f);
+    auto dir = broken(std::string("fifo") + (f[0] == '.' ? "_md" : "_distcp"));
+    fs::remove(dist(dir) / f);
+    ASSERT_EQ(::mkfifo((dist(dir) / f).c_str(), 0644), 0);
+    expect_error(dir, std::string(f) + ": is not a regular file (a FIFO)");
+  }
+}
+
+TEST_F(MegatronBadInput, CheckpointIsNeverTheTarget) {
+  auto dir = broken("self_target");
+  const fs::path link = g_root / "bad" / "self_target_link";
+  fs::remove(link);
+  fs::create_directory_symlink(dir, link);
+  for (const fs::path& out : {dir, dir / "model", dist(dir)}) {
+    std::string log;
+    EXPECT_NE(merge(link, out, "--overwrite", &log), 0) << log;
+    EXPECT_NE(log.find("the input"), std::string::npos) << log;
+  }
+  EXPECT_TRUE(fs::exists(dist(dir) / ".metadata"));
+  EXPECT_TRUE(fs::exists(dist(dir) / "__0_0.distcp"));
+}
+
+TEST_F(MegatronBadInput, ConfigOfAnotherModel) {
+  auto dir = broken("other_config");
+  const fs::path cfg = dir / "model" / "huggingface" / "config.json";
+  std::ifstream in(cfg);
+  std::string text((std::istreambuf_iterator<char>(in)), {});
+  in.close();
+  const std::string from = "\"num_hidden_layers\": 3";
+  const auto p = text.find(from);
+  ASSERT_NE(p, std::string::npos) << text;
+  text.replace(p, from.size(), "\"num_hidden_layers\": 2");
+  std::ofstream(cfg) << text;
+  expect_error(dir, "should have 2 layers (num_hidden_layers)");
 }
 
 }  // namespace

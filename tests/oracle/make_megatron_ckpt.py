@@ -49,6 +49,10 @@ from make_fsdp_ckpt import build_generation_config, build_tokenizer, randomize_ 
 
 DENSE = dict(vocab_size=302, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+# --tiny: the same structure at a few KB per checkpoint (for the committed tests/compat corpus).
+TINY_DENSE = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+TINY_MOE = dict(TINY_DENSE)
 MOE = dict(vocab_size=302, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
@@ -409,7 +413,16 @@ def main():
     ap.add_argument("--out", required=True, help="parent folder; each case lands in OUT/<case>")
     ap.add_argument("--case", required=True, help=f"comma-separated cases: {', '.join(CASES)}")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true",
+                    help="hidden 16, vocab 40, 2 layers (tests/compat corpus entries of a few KB)")
     a = ap.parse_args()
+    if a.tiny:
+        for c in CASES.values():
+            c.sizes = dict(TINY_MOE if c.sizes is MOE else TINY_DENSE)
+            for k, v in (("moe_intermediate_size", 8), ("head_dim", 4), ("shared_expert_intermediate_size", 12)):
+                if k in c.extra:
+                    c.extra[k] = v
+            c.extra.update(bos_token_id=1, eos_token_id=2, pad_token_id=1)  # inside the small vocabulary
     names = [c for c in a.case.split(",") if c]
     for n in names:
         if n not in CASES:

@@ -258,3 +258,39 @@ save_file({'x': torch.ones(100), 'y': torch.zeros(3, 3, dtype=torch.bfloat16)}, 
     expect_error(dir / "cut.safetensors", {});
   }
 }
+
+namespace {
+// 150k tensors (a large MoE's key count): header writing and parsing are linear in the number
+// of keys (both were quadratic: > 2 minutes here, past this test's CTest timeout). The file
+// must also be valid for the Python reader, and read back with every name and offset.
+TEST(Safetensors, ManyKeysRoundTrip) {
+  test::TempDir d;
+  const std::string path = d / "many.safetensors";
+  const int n = 150000;
+  std::vector<StSpec> specs;
+  for (int i = 0; i < n; ++i) specs.push_back({"model.layers." + std::to_string(i) + ".w", DType::F32, {1}});
+  {
+    SafetensorsWriter w(path, specs);
+    std::vector<float> v(n);
+    for (int i = 0; i < n; ++i) v[i] = static_cast<float>(i);
+    w.write(v.data(), v.size() * sizeof(float));
+    w.finish();
+  }
+  SafetensorsReader r(path);
+  ASSERT_EQ(r.tensors().size(), static_cast<size_t>(n));
+  for (int i : {0, 1, 77777, n - 1}) {
+    const StTensor& t = r.at("model.layers." + std::to_string(i) + ".w");
+    float x;
+    std::memcpy(&x, r.data(t), 4);
+    EXPECT_EQ(x, static_cast<float>(i));
+  }
+  const std::string out = test::run_python(R"(
+import sys
+from safetensors import safe_open
+with safe_open(sys.argv[1] if len(sys.argv) > 1 else ")" + path + R"(", "np") as f:
+    keys = list(f.keys())
+    print(len(keys), float(f.get_tensor("model.layers.149999.w")[0]))
+)", d.path.string());
+  EXPECT_NE(out.find("150000 149999.0"), std::string::npos) << out;
+}
+}  // namespace
