@@ -59,29 +59,17 @@ Batch read_batch(const std::string& path) {
   return b;
 }
 
-void write_outputs(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& outs) {
-  namespace fs = std::filesystem;
+// Writes the outputs to the claim's temporary file and publishes it (io/output.h).
+void write_outputs(OutputClaim& claim, const std::vector<std::pair<std::string, at::Tensor>>& outs) {
   std::vector<StSpec> specs;
   for (const auto& [name, t] : outs) specs.push_back({name, DType::F32, {t.size(0)}});
-  fs::path target(path);
-  fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  if (!fs::is_directory(dir)) fail(path, ": the output folder does not exist");
-  std::string tmp = (dir / ("." + target.filename().string() + ".tmp-" + std::to_string(::getpid()))).string();
-  try {
-    SafetensorsWriter w(tmp, specs);
-    for (const auto& [name, t] : outs) {
-      at::Tensor c = t.contiguous();
-      w.write(c.data_ptr(), c.numel() * sizeof(float));
-    }
-    w.finish(false);
-    std::error_code ec;
-    fs::rename(tmp, target, ec);
-    if (ec) fail(path, ": cannot move the output into place: ", ec.message());
-  } catch (...) {
-    std::error_code ec;
-    fs::remove(tmp, ec);
-    throw;
+  SafetensorsWriter w(claim.temp(), specs);
+  for (const auto& [name, t] : outs) {
+    at::Tensor c = t.contiguous();
+    w.write(c.data_ptr(), c.numel() * sizeof(float));
   }
+  w.finish(false);
+  claim.commit();
 }
 
 }  // namespace
@@ -96,6 +84,10 @@ int run_logprob(const LogprobOptions& o) {
   auto t0 = std::chrono::steady_clock::now();
   Batch batch = read_batch(o.batch);
   ModelPaths paths = resolve_model_paths(o.model, o.hf_config_path, "", o.cache_dir);
+  // The output is claimed before any model work: a concurrent run on the same --out, or an --out
+  // that is one of the inputs, fails here; an interrupted run leaves no partial file.
+  OutputClaim claim(o.out, {OutputClaim::Kind::File, /*overwrite=*/true,
+                            {o.batch, paths.local_path, paths.local_hf_config_path}, "--out"});
   auto model = Transformer::load(paths.local_hf_config_path, paths.local_path, dtype);
   auto t1 = std::chrono::steady_clock::now();
   InferOptions io;
@@ -114,7 +106,7 @@ int run_logprob(const LogprobOptions& o) {
     outs.push_back({"log_probs", so.log_probs.values});
     if (o.entropy) outs.push_back({"entropy", so.entropy.values});
   }
-  write_outputs(o.out, outs);
+  write_outputs(claim, outs);
   if (!o.quiet) {
     const int64_t nnz = batch.sequences["input_ids"].offsets.back();
     double load_s = std::chrono::duration<double>(t1 - t0).count(), run_s = std::chrono::duration<double>(t2 - t1).count();

@@ -28,6 +28,7 @@
 #include "engine/fsdp_engine.h"
 #include "core/error.h"
 #include "io/file.h"
+#include "io/output.h"
 
 namespace verl {
 
@@ -185,10 +186,10 @@ void agree(Comm& c, const std::string& err, const std::function<void()>& cleanup
 }
 
 struct SavePaths {
-  fs::path dir, step_dir, final_dir, tmp, old;
+  fs::path dir, step_dir, final_dir, latest;
   SavePaths(const std::string& d, const std::string& role, int64_t step)
       : dir(d), step_dir(dir / ("global_step_" + std::to_string(step))), final_dir(step_dir / role),
-        tmp(step_dir / ("." + role + ".tmp")), old(step_dir / ("." + role + ".old")) {}
+        latest(dir / "latest_checkpointed_iteration.txt") {}
 };
 
 void write_fsdp_config(const fs::path& tmp, FsdpModel& model, int world) {
@@ -258,62 +259,56 @@ void prune_checkpoints(const fs::path& dir, int64_t step, int max_keep) {
   }
 }
 
-// Phase 3 on rank 0: the folder into place, then the latest-step file. When the latest-step file
-// cannot be written, the new folder is taken out again (an older one of the same step restored).
-void publish(const SavePaths& p, int64_t step, int max_keep) {
-  const bool replacing = fs::exists(p.final_dir);
-  if (replacing) {
-    fs::remove_all(p.old);
-    fs::rename(p.final_dir, p.old);
-  }
-  fs::rename(p.tmp, p.final_dir);
-  const fs::path latest = p.dir / "latest_checkpointed_iteration.txt";
-  const fs::path latest_tmp = latest.string() + ".tmp";
-  const std::string err = guarded([&] {
-    write_text_file(latest_tmp.string(), std::to_string(step));
-    fs::rename(latest_tmp, latest);
-  });
-  if (!err.empty()) {
-    std::error_code ec;
-    fs::remove(latest_tmp, ec);
-    fs::remove_all(p.final_dir, ec);
-    if (replacing) fs::rename(p.old, p.final_dir, ec);
-    throw Error(err);
-  }
-  if (replacing) fs::remove_all(p.old);
-  prune_checkpoints(p.dir, step, max_keep);
-}
-
 }  // namespace
 
+// Rank 0 claims the role folder and the latest-step file (io/output.h: exclusive, stale
+// temporaries of dead runs removed, never over an input) and tells every rank where the
+// temporary folder is; all ranks write into it; rank 0 writes the latest-step file's temporary,
+// then publishes the folder and that file by rename. A failure on any rank is agreed on after
+// each phase: every rank raises the same line and the claims' temporaries are removed.
 void FsdpEngine::save_checkpoint(const std::string& dir, const std::string& role, int64_t step, int max_ckpt_to_keep,
                                  const nlohmann::json& extra) {
   const int W = world_.size(), r = world_.rank();
   const SavePaths p(dir, role, step);
-  bool created_step_dir = false;  // rank 0
+  std::unique_ptr<OutputClaim> folder, latest;  // rank 0
+  bool created_step_dir = false;
   auto cleanup = [&] {
+    folder.reset();
+    latest.reset();
     std::error_code ec;
-    fs::remove_all(p.tmp, ec);
     if (created_step_dir) fs::remove(p.step_dir, ec);  // only when empty
   };
   const std::string context = "; checkpoint " + p.final_dir.string() + " not saved (nothing of it left behind)";
+  std::array<char, 4096> tmp_name{};
   std::string err = guarded([&] {
     if (r != 0) return;
     created_step_dir = !fs::exists(p.step_dir);
     fs::create_directories(p.step_dir);
-    fs::remove_all(p.tmp);
-    fs::create_directories(p.tmp);
+    std::vector<std::string> inputs{cfg_.model_path};
+    if (!cfg_.hf_config_path.empty()) inputs.push_back(cfg_.hf_config_path);
+    folder = std::make_unique<OutputClaim>(
+        p.final_dir.string(), OutputClaim::Options{OutputClaim::Kind::Folder, /*overwrite=*/true, inputs, "checkpoint"});
+    if (folder->temp().size() >= tmp_name.size()) fail(folder->temp(), ": path too long");
+    std::strncpy(tmp_name.data(), folder->temp().c_str(), tmp_name.size() - 1);
   });
   agree(world_, err, cleanup, context);
+  world_.broadcast(tmp_name.data(), tmp_name.size(), DType::U8, 0);
+  const fs::path tmp(tmp_name.data());
   err = guarded([&] {
-    write_rank_files(p.tmp, W, r, step, *model_, opt_.get(), sched_.get(), extra);
+    write_rank_files(tmp, W, r, step, *model_, opt_.get(), sched_.get(), extra);
     if (r != 0) return;
-    write_fsdp_config(p.tmp, *model_, W);
-    copy_hf_files(p.tmp / "huggingface", cfg_);
+    write_fsdp_config(tmp, *model_, W);
+    copy_hf_files(tmp / "huggingface", cfg_);
+    latest = std::make_unique<OutputClaim>(p.latest.string(), OutputClaim::Options{OutputClaim::Kind::File, true, {},
+                                                                                   p.latest.filename().string()});
+    write_text_file(latest->temp(), std::to_string(step));
   });
   agree(world_, err, cleanup, context);
   err = guarded([&] {
-    if (r == 0) publish(p, step, max_ckpt_to_keep);
+    if (r != 0) return;
+    folder->commit();
+    latest->commit();
+    prune_checkpoints(p.dir, step, max_ckpt_to_keep);
   });
   agree(world_, err, cleanup, context);
   world_.barrier();
