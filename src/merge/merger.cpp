@@ -453,7 +453,7 @@ void check_config_against_weights(const ojson& config, const fs::path& cfg_path,
       fail(c, ": attention_bias is ", config["attention_bias"].get<bool>() ? "true" : "false", " but the checkpoint's ",
            l0, "q_proj ", shape(l0 + "q_proj.bias") ? "has" : "has no", " bias", hint);
   }
-  if (value_model || !shape(emb)) return;
+  if (value_model || shape("score.weight") || !shape(emb)) return;  // a value head has no lm_head
   const bool config_tied = config.contains("tie_word_embeddings") && config["tie_word_embeddings"].is_boolean() &&
                            config["tie_word_embeddings"].get<bool>();
   if (!config_tied && !tied_by_flag && !shape("lm_head.weight"))
