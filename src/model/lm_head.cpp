@@ -71,20 +71,23 @@ struct ChunkedHeadFn : public torch::autograd::Function<ChunkedHeadFn> {
     const at::Tensor g_ent = grads.size() > 1 ? grads[1] : at::Tensor();
     at::Tensor dh = at::empty_like(h);
     at::Tensor dw = at::zeros(w.sizes(), w.options().dtype(at::kFloat));
+    // Per-row factors with the temperature folded in: ∂/∂(h·Wᵀ) = ∂/∂z / T.
+    const at::Tensor gl = g_lp.defined() ? (g_lp / temp).unsqueeze(1) : at::zeros({n, 1}, temp.options());
+    const at::Tensor ge = g_ent.defined() ? (g_ent / temp).unsqueeze(1) : at::Tensor();
     for (int64_t s = 0; s < n; s += chunk) {
       const int64_t c = std::min(chunk, n - s);
       at::Tensor z = chunk_logits(h, w, temp, s, c);
-      at::Tensor p = (z - lse.narrow(0, s, c).unsqueeze(1)).exp_();
-      at::Tensor dz = at::zeros_like(z);
-      if (g_lp.defined()) {
-        at::Tensor g = g_lp.narrow(0, s, c).unsqueeze(1);
-        dz.sub_(p * g).scatter_add_(1, labels.narrow(0, s, c).unsqueeze(1), g);
-      }
-      if (g_ent.defined()) {
+      const at::Tensor lse_c = lse.narrow(0, s, c).unsqueeze(1), gl_c = gl.narrow(0, s, c);
+      at::Tensor dz;
+      if (ge.defined()) {  // p · ((Σp·z − z)·ge − gl)
+        at::Tensor p = (z - lse_c).exp_();
         at::Tensor ez = (p * z).sum(1, true);
-        dz.add_(p * (ez - z) * g_ent.narrow(0, s, c).unsqueeze(1));
+        dz = z.neg_().add_(ez).mul_(ge.narrow(0, s, c)).sub_(gl_c).mul_(p);
+      } else {  // −p · gl, in place over the chunk's logits
+        dz = z.sub_(lse_c).exp_().mul_(gl_c.neg());
       }
-      at::Tensor g = dz.div_(temp.narrow(0, s, c).unsqueeze(1)).to(h.scalar_type());
+      dz.scatter_add_(1, labels.narrow(0, s, c).unsqueeze(1), gl_c);
+      const at::Tensor g = dz.to(h.scalar_type());
       const at::Tensor hc = h.narrow(0, s, c);
       dh.narrow(0, s, c).copy_(at::mm(g, w));
       if (w.scalar_type() == at::kFloat) dw.addmm_(g.t(), hc);
