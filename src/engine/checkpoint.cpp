@@ -28,6 +28,7 @@
 #include "engine/fsdp_engine.h"
 #include "core/error.h"
 #include "io/file.h"
+#include "io/json_file.h"
 #include "io/output.h"
 
 namespace verl {
@@ -147,12 +148,7 @@ int64_t step_of_folder(const fs::path& role_dir) {
 void check_fsdp_config(const fs::path& d, int world) {
   const fs::path fc_path = d / "fsdp_config.json";
   if (!fs::exists(fc_path)) fail(fc_path.string(), ": missing (not a verlcpp checkpoint folder)");
-  nlohmann::json fc;
-  try {
-    fc = nlohmann::json::parse(read_text_file(fc_path.string()));
-  } catch (const std::exception& e) {
-    fail(fc_path.string(), ": invalid JSON: ", e.what());
-  }
+  const nlohmann::json fc = read_json_file(fc_path.string());
   if (fc.value("world_size", -1) != world)
     fail(fc_path.string(), ": saved with world_size ", fc.value("world_size", -1), ", this job has ", world,
          " ranks (resume with the same world size)");

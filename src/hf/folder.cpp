@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/json_file.h"
 
 namespace fs = std::filesystem;
 
@@ -15,12 +16,7 @@ HfFolder::HfFolder(const std::string& dir) : dir_(dir) {
   const fs::path index = fs::path(dir) / "model.safetensors.index.json";
   std::vector<std::string> files;
   if (fs::exists(index)) {
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(read_text_file(index.string()));
-    } catch (const nlohmann::json::exception& e) {
-      fail(index.string(), ": invalid JSON: ", e.what());
-    }
+    const nlohmann::json j = read_json_file(index.string());
     if (!j.contains("weight_map") || !j["weight_map"].is_object()) fail(index.string(), ": no weight_map object");
     std::map<std::string, size_t> file_idx;
     for (auto& [name, f] : j["weight_map"].items()) {

@@ -12,6 +12,7 @@
 
 #include "core/error.h"
 #include "io/file.h"
+#include "io/json_file.h"
 #include "io/torch_checkpoint.h"
 #include "merge/thread_pool.h"
 
@@ -88,12 +89,7 @@ int FsdpSource::detect_world_size(const std::string& dir) {
   }
   const fs::path cfg = fs::path(dir) / "fsdp_config.json";
   if (fs::exists(cfg)) {
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(read_text_file(cfg.string()));
-    } catch (const nlohmann::json::exception& e) {
-      fail(cfg.string(), ": invalid JSON: ", e.what());
-    }
+    const nlohmann::json j = read_json_file(cfg.string());
     if (!j.is_object() || !j.contains("world_size") || !j["world_size"].is_number_integer() ||
         j["world_size"].get<int64_t>() < 1 || j["world_size"].get<int64_t>() > 1000000)
       fail(cfg.string(), ": expected a positive integer \"world_size\"");
@@ -127,7 +123,7 @@ FsdpSource::FsdpSource(const std::string& local_dir) : dir_(local_dir) {
   {
     const fs::path cfg = fs::path(dir_) / "fsdp_config.json";
     if (fs::exists(cfg)) {
-      nlohmann::json j = nlohmann::json::parse(read_text_file(cfg.string()));
+      const nlohmann::json j = read_json_file(cfg.string());
       if (j.contains("units")) {
         plan_flat_units(j);
         return;

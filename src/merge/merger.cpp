@@ -22,6 +22,7 @@
 
 #include "core/error.h"
 #include "io/file.h"
+#include "io/json_file.h"
 #include "io/output.h"
 #include "io/safetensors.h"
 #include "merge/fsdp_source.h"
@@ -296,13 +297,7 @@ std::vector<size_t> shard_bounds(const std::vector<OutTensor>& t, uint64_t cap) 
   return b;
 }
 
-ojson read_json(const fs::path& p) {
-  try {
-    return ojson::parse(read_text_file(p.string()));
-  } catch (const nlohmann::json::exception& e) {
-    fail(p.string(), ": invalid JSON: ", e.what());
-  }
-}
+ojson read_json(const fs::path& p) { return read_json_file<ojson>(p.string()); }
 
 struct LoraInfo {
   bool present = false;
