@@ -138,11 +138,18 @@ int64_t check_record(const Dict& d, const fs::path& path, int rank, int world, i
 }
 
 // N of a .../global_step_N/<role> folder, or -1.
-int64_t step_of_folder(const fs::path& role_dir) {
-  std::smatch m;
-  const std::string n = fs::absolute(role_dir).lexically_normal().parent_path().filename().string();
+// The N of global_step_N: the folder itself (verl's SFT trainer saves there) or its parent
+// (<run>/global_step_N/<role>); -1 when neither is named so.
+int64_t step_of_folder(const fs::path& ckpt_dir) {
   static const std::regex re("global_step_([0-9]{1,18})");
-  return std::regex_match(n, m, re) ? std::stoll(m[1]) : -1;
+  fs::path d = fs::absolute(ckpt_dir).lexically_normal();
+  if (d.filename().empty()) d = d.parent_path();
+  for (const fs::path& n : {d.filename(), d.parent_path().filename()}) {
+    std::smatch m;
+    const std::string s = n.string();
+    if (std::regex_match(s, m, re)) return std::stoll(m[1]);
+  }
+  return -1;
 }
 
 void check_fsdp_config(const fs::path& d, int world) {
@@ -180,13 +187,6 @@ void agree(Comm& c, const std::string& err, const std::function<void()>& cleanup
   c.barrier();
   fail(msg.data(), context);
 }
-
-struct SavePaths {
-  fs::path dir, step_dir, final_dir, latest;
-  SavePaths(const std::string& d, const std::string& role, int64_t step)
-      : dir(d), step_dir(dir / ("global_step_" + std::to_string(step))), final_dir(step_dir / role),
-        latest(dir / "latest_checkpointed_iteration.txt") {}
-};
 
 void write_fsdp_config(const fs::path& tmp, FsdpModel& model, int world) {
   // The flat-unit table: what `verlcpp merge` needs to cut parameters out of the shards.
@@ -257,6 +257,30 @@ void prune_checkpoints(const fs::path& dir, int64_t step, int max_keep) {
 
 }  // namespace
 
+// Where a save publishes: the checkpoint folder, and (for a run folder) the latest-step file
+// and the folder whose old global_step_* are pruned; both empty for an exact folder.
+struct SaveTarget {
+  fs::path final_dir, step_dir, latest, prune_dir;
+  int64_t step = 0;
+  static SaveTarget in_run(const std::string& dir, const std::string& role, int64_t step) {
+    SaveTarget p;
+    p.step_dir = fs::path(dir) / ("global_step_" + std::to_string(step));
+    p.final_dir = p.step_dir / role;
+    p.latest = fs::path(dir) / "latest_checkpointed_iteration.txt";
+    p.prune_dir = dir;
+    p.step = step;
+    return p;
+  }
+  static SaveTarget exact(const std::string& folder, int64_t step) {
+    SaveTarget p;
+    p.final_dir = fs::absolute(folder).lexically_normal();
+    if (p.final_dir.filename().empty()) p.final_dir = p.final_dir.parent_path();
+    p.step_dir = p.final_dir.parent_path();
+    p.step = step;
+    return p;
+  }
+};
+
 // Rank 0 claims the role folder and the latest-step file (io/output.h: exclusive, stale
 // temporaries of dead runs removed, never over an input) and tells every rank where the
 // temporary folder is; all ranks write into it; rank 0 writes the latest-step file's temporary,
@@ -264,8 +288,16 @@ void prune_checkpoints(const fs::path& dir, int64_t step, int max_keep) {
 // each phase: every rank raises the same line and the claims' temporaries are removed.
 void FsdpEngine::save_checkpoint(const std::string& dir, const std::string& role, int64_t step, int max_ckpt_to_keep,
                                  const nlohmann::json& extra) {
+  save(SaveTarget::in_run(dir, role, step), max_ckpt_to_keep, extra);
+}
+
+void FsdpEngine::save_checkpoint_folder(const std::string& folder, int64_t step, const nlohmann::json& extra) {
+  save(SaveTarget::exact(folder, step), 0, extra);
+}
+
+void FsdpEngine::save(const SaveTarget& p, int max_ckpt_to_keep, const nlohmann::json& extra) {
   const int W = world_.size(), r = world_.rank();
-  const SavePaths p(dir, role, step);
+  const int64_t step = p.step;
   std::unique_ptr<OutputClaim> folder, latest;  // rank 0
   bool created_step_dir = false;
   auto cleanup = [&] {
@@ -295,6 +327,7 @@ void FsdpEngine::save_checkpoint(const std::string& dir, const std::string& role
     if (r != 0) return;
     write_fsdp_config(tmp, *model_, W);
     copy_hf_files(tmp / "huggingface", cfg_);
+    if (p.latest.empty()) return;
     latest = std::make_unique<OutputClaim>(p.latest.string(), OutputClaim::Options{OutputClaim::Kind::File, true, {},
                                                                                    p.latest.filename().string()});
     write_text_file(latest->temp(), std::to_string(step));
@@ -303,8 +336,8 @@ void FsdpEngine::save_checkpoint(const std::string& dir, const std::string& role
   err = guarded([&] {
     if (r != 0) return;
     folder->commit();
-    latest->commit();
-    prune_checkpoints(p.dir, step, max_ckpt_to_keep);
+    if (latest) latest->commit();
+    if (!p.prune_dir.empty()) prune_checkpoints(p.prune_dir, step, max_ckpt_to_keep);
   });
   agree(world_, err, cleanup, context);
   world_.barrier();

@@ -149,6 +149,11 @@ OptimizerStepResult FsdpEngine::optimizer_step() {
   return r;
 }
 
+void FsdpEngine::zero_grad() {
+  model_->zero_grad();
+  if (opt_) opt_->zero_grad(true);
+}
+
 double FsdpEngine::lr_scheduler_step() {
   if (!sched_) fail("this engine was built forward_only: no LR scheduler");
   const double lr = sched_->step();

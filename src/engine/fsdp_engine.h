@@ -23,6 +23,7 @@
 namespace verl {
 
 class Comm;
+struct SaveTarget;  // engine/checkpoint.cpp
 
 // Per-token outputs of one micro-batch's packed row (autograd-connected in training).
 // log_probs [nnz] fp32: position t scores token t+1 (0 at a sequence's last token); entropy
@@ -87,7 +88,17 @@ class FsdpEngine {
   // load_checkpoint, which checks every file's rank / world size / step record.
   void save_checkpoint(const std::string& dir, const std::string& role, int64_t step, int max_ckpt_to_keep,
                        const nlohmann::json& extra);
-  nlohmann::json load_checkpoint(const std::string& ckpt_dir);  // a global_step_N/<role> folder
+  // The same into exactly `folder`, with no latest-step file and no pruning: verl's
+  // BaseEngine.save_checkpoint(local_path), where the trainer keeps those itself.
+  void save_checkpoint_folder(const std::string& folder, int64_t step, const nlohmann::json& extra);
+  // A folder written by either save (global_step_N/<role>, or any folder save_checkpoint_folder wrote).
+  nlohmann::json load_checkpoint(const std::string& ckpt_dir);
+
+  // One micro-batch's forward on its packed row (autograd-connected in grad mode): what verl's
+  // forward_step runs before handing the outputs to a loss (the Python binding's path).
+  TokenOutputs forward_micro(const ModelInputs& in, bool needs_entropy) { return forward(in, needs_entropy); }
+  // Zeroes the accumulated (reduced) gradients, as optimizer.zero_grad() does.
+  void zero_grad();
 
  private:
   EngineConfig cfg_;
@@ -99,6 +110,7 @@ class FsdpEngine {
   int64_t global_step_ = 0;
   MicroBatchOptions micro_batching();
   TokenOutputs forward(const ModelInputs& in, bool needs_entropy);
+  void save(const SaveTarget& target, int max_ckpt_to_keep, const nlohmann::json& extra);
 };
 
 // Pads per-token data of a micro-batch into [B, Tmax] (and a [B, Tmax] mask of real tokens).

@@ -1,0 +1,86 @@
+"""config.py — VerlcppEngineConfig: verl's engine config for strategy "verlcpp".
+
+It has exactly the fields of verl's FSDPEngineConfig (verl/workers/config/engine.py), with
+the same names, defaults and meaning, because it *is* one (a subclass), and differs only in
+`strategy="verlcpp"` and in what it refuses: a setting verl.cpp does not implement yet is an
+error naming it, never silently ignored. `unsupported_settings` lists them; `check_supported`
+runs at construction (verl builds engine configs from Hydra / omegaconf through
+`omega_conf_to_dataclass`, which calls __post_init__).
+"""
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+from verl.workers.config.engine import EngineConfig, FSDPEngineConfig
+
+# field -> (the value we support, why the others are refused)
+_UNSUPPORTED = {
+    "param_offload": (False, "parameter offload is not implemented in verl.cpp yet"),
+    "optimizer_offload": (False, "optimizer offload is not implemented in verl.cpp yet"),
+    "offload_policy": (False, "FSDP2 CPU offload policy is not implemented in verl.cpp yet"),
+    "ulysses_sequence_parallel_size": (1, "Ulysses sequence parallelism is not implemented in the verlcpp backend yet"),
+    "use_fused_kernels": (False, "fused kernels are not implemented in verl.cpp (its LM head is chunked already)"),
+    "pad_to_length": (False, "pad_to_length is not implemented in verl.cpp"),
+}
+
+_PRECISIONS = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
+
+
+def _precision(value, what):
+    key = str(value).lower().replace("torch.", "")
+    if key not in _PRECISIONS:
+        raise ValueError(f"verlcpp: {what}={value!r} is not supported (fp32 or bf16; fp16 is not implemented)")
+    return _PRECISIONS[key]
+
+
+@dataclass
+class VerlcppEngineConfig(FSDPEngineConfig):
+    """FSDPEngineConfig for the verl.cpp engine (`engine.strategy=verlcpp`)."""
+
+    strategy: str = "verlcpp"
+
+    def __post_init__(self):
+        # FSDPEngineConfig.__post_init__ asserts an FSDP strategy; keep everything else it inherits.
+        EngineConfig.__post_init__(self)
+        if self.strategy != "verlcpp":
+            raise ValueError(f"VerlcppEngineConfig: strategy must be 'verlcpp', got {self.strategy!r}")
+        check_supported(self)
+
+
+def unsupported_settings(cfg) -> list[str]:
+    """The settings of `cfg` that verl.cpp does not implement, each with the reason."""
+    bad = []
+    for name, (ok, why) in _UNSUPPORTED.items():
+        v = getattr(cfg, name, ok)
+        if v != ok and not (v is None and ok in (False, 1)):
+            bad.append(f"{name}={v!r}: {why}")
+    if _precision(getattr(cfg, "model_dtype", "fp32"), "model_dtype") != "fp32":
+        bad.append(f"model_dtype={cfg.model_dtype!r}: verl.cpp keeps fp32 master weights (model_dtype fp32)")
+    qat = getattr(cfg, "qat", None)
+    if qat is not None and getattr(qat, "enable", False):
+        bad.append("qat.enable=True: quantization-aware training is not implemented in verl.cpp")
+    mp = cfg.mixed_precision
+    if mp:
+        for k in ("reduce_dtype", "buffer_dtype"):
+            if k in mp and _precision(mp[k], f"mixed_precision.{k}") != "fp32":
+                bad.append(f"mixed_precision.{k}={mp[k]!r}: verl.cpp reduces gradients and keeps buffers in fp32")
+        extra = set(mp) - {"param_dtype", "reduce_dtype", "buffer_dtype", "_target_"}
+        if extra:
+            bad.append(f"mixed_precision keys {sorted(extra)}: unknown (param_dtype, reduce_dtype, buffer_dtype)")
+    return bad
+
+
+def check_supported(cfg):
+    bad = unsupported_settings(cfg)
+    if bad:
+        raise ValueError("verlcpp engine: unsupported settings: " + "; ".join(bad))
+
+
+def compute_dtype(cfg) -> str:
+    """The compute dtype verl's FSDP engine would use: mixed_precision.param_dtype, bf16 when unset
+    (FSDPEngine._build_fsdp_module)."""
+    mp = cfg.mixed_precision or {}
+    return _precision(mp.get("param_dtype", "bf16"), "mixed_precision.param_dtype")
+
+
+def fsdp_field_names() -> list[str]:
+    return [f.name for f in fields(FSDPEngineConfig)]

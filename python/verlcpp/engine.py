@@ -1,0 +1,304 @@
+"""engine.py — VerlcppEngine: verl's BaseEngine (verl/workers/engine/base.py) over the C++ engine.
+
+verl's trainers (SFT trainer, TrainingWorker in PPO) drive engines through BaseEngine; this
+class is registered as backend "verlcpp" for `language_model` and `value_model`, so
+`engine.strategy=verlcpp` selects it. It mirrors FSDPEngineWithLMHead / FSDPEngineWithValueHead
+(verl/workers/engine/fsdp/transformer_impl.py) step for step, with the model itself in C++:
+
+  forward_backward_batch   verl's own code: global loss-token count (all-reduced over dp),
+                           prepare_micro_batches (fixed or token-balanced), postprocess_batch_func
+  forward_step             packed row of the micro-batch -> C++ forward (FSDP units gathered just
+                           in time, chunked LM head) -> nested log_probs / entropy / values that
+                           carry autograd into the C++ graph -> verl's Python loss_function
+  backward                 loss.backward() here runs the C++ backward (re-gather, reduce-scatter)
+  optimizer_step           C++ AdamW on the fp32 shards, global grad-norm clip, skip if not finite
+  checkpoints              verl.cpp's sharded layout in verl's folders (`verlcpp merge` merges it)
+
+The data-parallel group is torch.distributed's WORLD group; the C++ side runs its collectives
+on that same group (gloo for CPU tensors) by name.
+"""
+import json
+import os
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from tensordict import TensorDict
+
+from verl.utils import tensordict_utils as tu
+from verl.utils.dataset.dataset_utils import DatasetPadMode
+from verl.workers.engine.base import BaseEngine, BaseEngineCtx
+from verl.workers.engine.utils import postprocess_batch_func, prepare_micro_batches
+
+from . import config as vconfig
+
+
+def _ext():
+    from . import _C  # the extension is loaded only when an engine is built
+
+    return _C
+
+
+def _collective_timeout_s() -> float:
+    v = os.environ.get("VERLCPP_COLLECTIVE_TIMEOUT_S", "1800")
+    try:
+        t = float(v)
+    except ValueError:
+        raise ValueError(f"VERLCPP_COLLECTIVE_TIMEOUT_S={v!r}: expected a number of seconds") from None
+    if not t > 0:
+        raise ValueError(f"VERLCPP_COLLECTIVE_TIMEOUT_S={v!r}: must be positive")
+    return t
+
+
+def _optimizer_settings(opt) -> dict:
+    """verl's FSDPOptimizerConfig -> the C++ AdamW and LR schedule (what build_optimizer and
+    FSDPEngine._build_lr_scheduler make of it); anything else is refused by name."""
+    if opt is None:
+        return {}
+    name = str(getattr(opt, "optimizer", "AdamW"))
+    impl = str(getattr(opt, "optimizer_impl", "torch.optim"))
+    if name.lower() != "adamw" or impl != "torch.optim":
+        raise ValueError(f"verlcpp engine: optimizer {impl}.{name} is not supported (torch.optim AdamW only)")
+    extra = dict(getattr(opt, "override_optimizer_config", None) or {})
+    eps = extra.pop("eps", 1e-8)
+    if extra:
+        raise ValueError(f"verlcpp engine: override_optimizer_config keys {sorted(extra)} are not supported (eps only)")
+    sched = str(getattr(opt, "lr_scheduler_type", "constant"))
+    if getattr(opt, "warmup_style", None):
+        sched = str(opt.warmup_style)
+    if sched not in ("constant", "cosine"):
+        raise ValueError(f"verlcpp engine: lr_scheduler_type={sched!r} is not supported (constant, cosine), as in verl's FSDP engine")
+    clip = float(opt.clip_grad)
+    if not clip > 0:
+        raise ValueError(f"verlcpp engine: clip_grad={clip} (verl's FSDP engine would zero every gradient); use a positive norm")
+    betas = list(opt.betas)
+    return {
+        "lr": float(opt.lr),
+        "betas": [float(b) for b in betas],
+        "eps": float(eps),
+        "weight_decay": float(opt.weight_decay),
+        "grad_clip": clip,
+        "lr_scheduler_type": sched,
+        "total_training_steps": int(opt.total_training_steps),
+        "lr_warmup_steps": int(opt.lr_warmup_steps if opt.lr_warmup_steps is not None else -1),
+        "lr_warmup_steps_ratio": float(opt.lr_warmup_steps_ratio),
+        "min_lr_ratio": float(getattr(opt, "min_lr_ratio", None) or 0.0),
+        "num_cycles": float(getattr(opt, "num_cycles", 0.5)),
+        "zero_indexed_step": bool(getattr(opt, "zero_indexed_step", True)),
+    }
+
+
+def _model_settings(model_config) -> dict:
+    if getattr(model_config, "lora_rank", 0) > 0:
+        raise ValueError("verlcpp engine: LoRA (model.lora_rank > 0) is not implemented yet")
+    if getattr(model_config, "enable_activation_offload", False):
+        raise ValueError("verlcpp engine: model.enable_activation_offload is not implemented")
+    if getattr(model_config, "use_fused_kernels", False):
+        raise ValueError("verlcpp engine: model.use_fused_kernels is not implemented (the LM head is chunked already)")
+    path = getattr(model_config, "local_path", None) or model_config.path
+    hf_cfg = getattr(model_config, "local_hf_config_path", None) or ""
+    return {
+        "model_path": str(path),
+        "hf_config_path": str(hf_cfg) if hf_cfg and str(hf_cfg) != str(path) else "",
+        "gradient_checkpointing": bool(getattr(model_config, "enable_gradient_checkpointing", False)),
+    }
+
+
+def _per_token(value, lengths: torch.Tensor, what: str) -> torch.Tensor:
+    """A scalar or per-sample [B] value spread over each sample's tokens (verl_F.expand_as_nested)."""
+    if isinstance(value, torch.Tensor):
+        v = value.detach().to("cpu", torch.float32).reshape(-1)
+        if v.numel() != lengths.numel():
+            raise ValueError(f"verlcpp engine: '{what}' has {v.numel()} values for {lengths.numel()} samples")
+        return torch.repeat_interleave(v, lengths)
+    return torch.full((int(lengths.sum()),), float(value), dtype=torch.float32)
+
+
+class VerlcppEngineCtx(BaseEngineCtx):
+    """train_mode / eval_mode: BaseEngineCtx (no offload here), and in training the gradients
+    are zeroed on exit as EngineTrainModeCtx does."""
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        if self.mode == "train" and (self.zero_grad_on_exit or exc_type is not None):
+            self.engine.optimizer_zero_grad()
+        super().__exit__(exc_type, exc_val, exc_tb)
+
+
+class VerlcppEngine(BaseEngine):
+    """verl.cpp's engine for a causal LM (log-probs, entropy); VerlcppValueEngine for critics."""
+
+    value_model = False
+
+    def __init__(self, model_config, engine_config, optimizer_config, checkpoint_config):
+        super().__init__()
+        vconfig.check_supported(engine_config)
+        self.model_config = model_config
+        self.engine_config = engine_config
+        self.optimizer_config = optimizer_config
+        self.checkpoint_config = checkpoint_config
+        self.mode = None
+        self._cpp = None
+        if not dist.is_initialized():
+            raise RuntimeError("verlcpp engine: torch.distributed is not initialised (verl's trainers do this; "
+                               "under torchrun call torch.distributed.init_process_group first)")
+
+    # ---- building -------------------------------------------------------------------------
+    def initialize(self):
+        ec = self.engine_config
+        settings = {
+            "param_dtype": vconfig.compute_dtype(ec),
+            "reshard_after_forward": bool(ec.reshard_after_forward),
+            "forward_prefetch": bool(ec.forward_prefetch),
+            "fsdp_size": int(ec.fsdp_size),
+            "forward_only": bool(ec.forward_only),
+        }
+        settings.update(_model_settings(self.model_config))
+        if not ec.forward_only:
+            settings.update(_optimizer_settings(self.optimizer_config))
+        group = self.get_data_parallel_group()
+        self._cpp = _ext().Engine(json.dumps(settings), group.group_name, _collective_timeout_s())
+        if self._cpp.is_value_model != self.value_model:
+            kind = "a value model (...ForTokenClassification, num_labels=1)" if self.value_model else "a causal LM"
+            raise ValueError(f"verlcpp engine: {settings['model_path']} is not {kind}")
+
+    @property
+    def is_param_offload_enabled(self) -> bool:
+        return False
+
+    @property
+    def is_optimizer_offload_enabled(self) -> bool:
+        return False
+
+    def train_mode(self, **kwargs):
+        return VerlcppEngineCtx(self, "train", **kwargs)
+
+    def eval_mode(self, **kwargs):
+        return VerlcppEngineCtx(self, "eval", **kwargs)
+
+    # ---- parallel layout ------------------------------------------------------------------
+    def get_data_parallel_rank(self):
+        return dist.get_rank()
+
+    def get_data_parallel_size(self):
+        return dist.get_world_size()
+
+    def get_data_parallel_group(self):
+        return dist.group.WORLD
+
+    def is_mp_src_rank_with_outputs(self):
+        return True
+
+    # ---- forward / backward ---------------------------------------------------------------
+    def forward_backward_batch(self, data: TensorDict, loss_function: Callable, forward_only=False):
+        tu.assign_non_tensor(data, sp_size=1)
+        return_model_output = tu.get_non_tensor_data(data=data, key="return_model_output", default=False)
+        batch_num_tokens = data["loss_mask"].sum().to(torch.int64).cpu()
+        dist.all_reduce(batch_num_tokens, op=dist.ReduceOp.SUM, group=self.get_data_parallel_group())
+        tu.assign_non_tensor(data, batch_num_tokens=batch_num_tokens.item())
+        tu.assign_non_tensor(data, dp_size=self.get_data_parallel_size())
+        micro_batches, indices = prepare_micro_batches(
+            data=data, dp_group=self.get_data_parallel_group(), same_micro_num_in_dp=True
+        )
+        outputs = []
+        ctx = torch.no_grad() if forward_only else nullcontext()
+        for micro_batch in micro_batches:
+            with ctx:
+                loss, meta = self.forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
+                if not forward_only:
+                    loss.backward()
+                    if not return_model_output:
+                        meta.pop("model_output", None)
+            outputs.append(meta)
+        return postprocess_batch_func(output_lst=outputs, indices=indices, data=data)
+
+    def _model_output(self, micro_batch: TensorDict) -> dict:
+        pad_mode = tu.get_non_tensor_data(data=micro_batch, key="pad_mode", default=DatasetPadMode.NO_PADDING)
+        if pad_mode != DatasetPadMode.NO_PADDING:
+            raise NotImplementedError(f"verlcpp engine: pad_mode {pad_mode} is not supported (no_padding)")
+        for key in ("calculate_sum_pi_squared", "distillation_use_topk", "distillation_only"):
+            if tu.get_non_tensor_data(data=micro_batch, key=key, default=False):
+                raise NotImplementedError(f"verlcpp engine: {key}=True is not implemented yet")
+        if len(micro_batch.get("multi_modal_inputs", [])):
+            raise NotImplementedError("verlcpp engine: multi-modal inputs are not supported yet")
+        calculate_entropy = bool(tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False))
+        input_ids = micro_batch["input_ids"]
+        position_ids = micro_batch["position_ids"]
+        if input_ids.device.type != "cpu":
+            raise NotImplementedError(f"verlcpp engine: data on {input_ids.device}; this build computes on the CPU")
+        if position_ids.dim() == 3:
+            raise NotImplementedError("verlcpp engine: 3-D (multi-modal rope) position_ids are not supported yet")
+        cu_seqlens = input_ids.offsets().to(torch.int64)
+        lengths = cu_seqlens.diff()
+        temperature = micro_batch["temperature"] if "temperature" in micro_batch.keys() else 1.0
+        out = self._cpp.forward_micro(
+            input_ids.values(), cu_seqlens, position_ids.values(), _per_token(temperature, lengths, "temperature"),
+            calculate_entropy and not self.value_model,
+        )
+        nested = lambda t: torch.nested.nested_tensor_from_jagged(t, cu_seqlens)  # noqa: E731
+        if self.value_model:
+            return {"values": nested(out["values"])}
+        model_output = {"log_probs": nested(out["log_probs"])}
+        if calculate_entropy:
+            model_output["entropy"] = nested(out["entropy"])
+        return model_output
+
+    def forward_step(self, micro_batch: TensorDict, loss_function, forward_only):
+        model_output = self._model_output(micro_batch)
+        if loss_function is not None:
+            loss, metrics = loss_function(model_output=model_output, data=micro_batch, dp_group=self.get_data_parallel_group())
+        else:
+            assert forward_only, "forward_only must be True when loss_function is None"
+            loss, metrics = torch.tensor(1.0), {}
+        detached = {k: v.detach() for k, v in model_output.items()}
+        return loss, {"model_output": detached, "loss": loss.detach().item(), "metrics": metrics}
+
+    # ---- optimizer ------------------------------------------------------------------------
+    def optimizer_zero_grad(self):
+        self._cpp.zero_grad()
+
+    def optimizer_step(self):
+        grad_norm, stepped = self._cpp.optimizer_step()
+        if not stepped:
+            print(f"WARN: grad_norm is not finite: {grad_norm}")
+        return grad_norm
+
+    def lr_scheduler_step(self):
+        return self._cpp.lr_scheduler_step()
+
+    def to(self, device: str, model: bool = True, optimizer: bool = True, grad: bool = True):
+        super().to(device=device, model=model, optimizer=optimizer, grad=grad)
+        if device not in ("cpu",) and not device.startswith("cpu"):
+            raise NotImplementedError(f"verlcpp engine: to({device!r}): this build computes on the CPU")
+
+    # ---- weights out ----------------------------------------------------------------------
+    def get_per_tensor_param(self, **kwargs):
+        """(generator of (HF name, full fp32 tensor), None): one FSDP unit is gathered at a time.
+        A collective: every rank must run the generator to the end."""
+        cpp = self._cpp
+
+        def gen():
+            for i in range(cpp.num_units()):
+                for name, t in cpp.unit_params(i):
+                    yield name, t
+
+        return gen(), None
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, local_path: str, hdfs_path: Optional[str] = None, global_step: int = 0,
+                        max_ckpt_to_keep: Optional[int] = None, **kwargs) -> None:
+        if hdfs_path:
+            raise NotImplementedError("verlcpp engine: hdfs_path is not supported; save locally")
+        self._cpp.save_checkpoint(str(local_path), int(global_step), json.dumps({"global_step": int(global_step)}))
+
+    def load_checkpoint(self, local_path: str, hdfs_path: Optional[str] = None, del_local_after_load: bool = True,
+                        **kwargs) -> None:
+        if hdfs_path:
+            raise NotImplementedError("verlcpp engine: hdfs_path is not supported; load locally")
+        self._cpp.load_checkpoint(str(local_path))
+
+
+class VerlcppValueEngine(VerlcppEngine):
+    """The critic: per-token values from a ...ForTokenClassification (num_labels=1) model."""
+
+    value_model = True

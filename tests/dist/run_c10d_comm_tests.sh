@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# run_c10d_comm_tests.sh — the collectives test for the Comm over torch.distributed (what the
+# engine uses inside verl): 1, 2, 3 and 4 ranks under torchrun (gloo, oversubscribed on 2
+# cores), closed-form values; then a rank that stalls must make the others fail with the
+# watchdog's one line within the timeout, never hang.
+#   run_c10d_comm_tests.sh PYTHON MODULE_DIR
+set -uo pipefail
+PY=$1
+DIR=$2
+HERE=$(cd "$(dirname "$0")" && pwd)
+fail=0
+say() { echo "== $*"; }
+run() { timeout 180 "$PY" -m torch.distributed.run --nproc_per_node "$1" --master_port "$2" "$HERE/c10d_comm_check.py" "$DIR" "${@:3}"; }
+
+for n in 1 2 3 4; do
+  say "torchrun --nproc_per_node $n (gloo)"
+  run "$n" $((29600 + n)) collectives || { echo "FAILED at n=$n"; fail=1; }
+done
+
+say "a stalled rank: the others must fail within the 3 s watchdog"
+start=$(date +%s)
+out=$(run 2 29611 stall 3 2>&1); rc=$?
+el=$(( $(date +%s) - start ))
+grep -i "verlcpp\|error" <<<"$out" | head -5
+pkill -9 -f "c10d_comm_check.py $DIR stall" 2>/dev/null || true
+if [[ $rc -eq 0 || $rc -eq 124 ]]; then echo "FAILED: rc=$rc (0 = no error, 124 = hung)"; fail=1; fi
+if ! grep -q "collective all_reduce over torch.distributed group" <<<"$out"; then echo "FAILED: no watchdog message"; fail=1; fi
+if (( el > 60 )); then echo "FAILED: took ${el}s"; fail=1; fi
+
+[[ $fail -eq 0 ]] && echo "ALL OK"
+exit $fail
