@@ -28,7 +28,7 @@ _PRECISIONS = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "b
 def _precision(value, what):
     key = str(value).lower().replace("torch.", "")
     if key not in _PRECISIONS:
-        raise ValueError(f"verlcpp: {what}={value!r} is not supported (fp32 or bf16; fp16 is not implemented)")
+        raise ValueError(f"verlcpp engine: {what}={value!r} is not supported (fp32 or bf16; fp16 is not implemented)")
     return _PRECISIONS[key]
 
 
@@ -60,6 +60,8 @@ def unsupported_settings(cfg) -> list[str]:
         bad.append("qat.enable=True: quantization-aware training is not implemented in verl.cpp")
     mp = cfg.mixed_precision
     if mp:
+        if "param_dtype" in mp:
+            _precision(mp["param_dtype"], "mixed_precision.param_dtype")
         for k in ("reduce_dtype", "buffer_dtype"):
             if k in mp and _precision(mp[k], f"mixed_precision.{k}") != "fp32":
                 bad.append(f"mixed_precision.{k}={mp[k]!r}: verl.cpp reduces gradients and keeps buffers in fp32")
