@@ -1,11 +1,16 @@
 # A "cpu" platform for verl (0.9.1), so that `VERL_PLATFORM=cpu` runs verl's own trainers and
 # workers on a machine without GPUs (gloo collectives, CPU tensors). It mirrors verl's
-# verl/plugin/platform/platform_cuda.py (PlatformCUDA) with a torch.cuda-like device module
-# for the CPU, and patches the two process-group initialisers of verl/utils/distributed.py that
-# build an invalid backend string on CPU. verl itself is not edited.
+# verl/plugin/platform/platform_cuda.py (PlatformCUDA) with a torch.cuda-like device module for the
+# CPU, and patches, from outside verl (each patch below names the verl file:line it addresses):
+#   - verl/utils/distributed.py:63,83  process-group backend "cpu:gloo,cpu:gloo" -> "gloo"
+#   - verl/workers/engine/base.py:399  fsdp/fsdp2 engines (registered for cuda/npu) also serve device cpu
+#   - verl/utils/model.py:645-650      the critic's value-head model loads with the config's attention
+#                                      (sdpa) instead of a hard-coded flash_attention_2
+# Every patch only acts while the platform is "cpu"; on other platforms verl's code runs unchanged.
 #
-# Loaded by verl at `import verl`, either through the `verl.plugins` entry point (the verlcpp
-# package calls register()) or with VERL_USE_EXTERNAL_MODULES=verlcpp.cpu_platform (verl/__init__.py:49-52
+# Loaded by verl at `import verl`, either through the `verl.plugins` entry point (the verlcpp package
+# calls register(); it must do so before anything imports verl.workers.engine, whose import already
+# resolves the platform) or with VERL_USE_EXTERNAL_MODULES=verlcpp.cpu_platform (verl/__init__.py:49-52
 # only imports the module, so importing it registers). It imports nothing else from verlcpp.
 
 import importlib.abc

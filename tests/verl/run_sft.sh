@@ -75,7 +75,7 @@ run_once() {
     data.max_token_len_per_gpu=512 data.pad_mode=no_padding data.max_length=512 data.num_workers=0 \
     model.path="$FIX/model" model.use_remove_padding=True model.enable_gradient_checkpointing=False \
     +model.override_config.attn_implementation=sdpa \
-    "${ENGINE[@]}" '+engine.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}' \
+    "${ENGINE[@]}" '++engine.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}' \
     engine.use_torch_compile=False \
     optim.lr=1e-3 optim.lr_warmup_steps=0 \
     trainer.total_epochs=1 trainer.total_training_steps="$steps" "trainer.logger=[console,file]" \

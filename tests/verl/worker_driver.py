@@ -148,7 +148,7 @@ def to_td(batch, keys, **meta):
 
 
 def hf_sequences(batch):
-    """Each valid sequence alone: (ids [L], positions [L])."""
+    """Each sequence without its padding: a list of [L] token-id tensors."""
     out = []
     for i in range(batch["input_ids"].shape[0]):
         m = batch["attention_mask"][i].bool()
@@ -282,7 +282,7 @@ def main():
 
     # (c) two PPO steps with verl's ppo_loss on the same batch (ratio 1 at step 1, clipped later)
     actor_config = ActorConfig(
-        strategy=args.strategy if args.strategy in ("fsdp", "fsdp2") else "fsdp2",
+        strategy=args.strategy,  # only the loss reads this config; no strategy-specific checks
         rollout_n=1,
         ppo_micro_batch_size_per_gpu=-1,
         use_kl_loss=True,
@@ -317,7 +317,7 @@ def main():
     ok &= check("critic_values_max_abs_vs_hf", all_max(max_abs(values, hf_critic(critic_path, seqs))), ATOL_VS_HF, results)
     tensors["values"] = gather_list(values)
 
-    critic_config = CriticConfig(strategy="fsdp2", rollout_n=1, ppo_micro_batch_size_per_gpu=-1, cliprange_value=0.5)
+    critic_config = CriticConfig(strategy=args.strategy, rollout_n=1, ppo_micro_batch_size_per_gpu=-1, cliprange_value=0.5)
     critic.set_loss_fn(partial(value_loss, config=critic_config))
     batch["values"] = no_padding_2_padding(values_nested, td).detach() * batch["response_mask"]
     td = to_td(batch, base_keys + ["values", "returns"], temperature=1.0)
