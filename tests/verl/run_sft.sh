@@ -83,7 +83,7 @@ run_once() {
     trainer.project_name=verl-cpu trainer.experiment_name="sft-$STRATEGY" \
     trainer.default_local_dir="$OUT/ckpt" trainer.resume_mode="$resume" \
     trainer.save_freq="${SAVE_FREQ:--1}" trainer.test_freq=-1 \
-    "${SEARCH[@]}" "$@"
+    hydra.run.dir="$OUT/hydra" "${SEARCH[@]}" "$@"
 }
 
 rm -rf "$OUT/ckpt" "$OUT"/metrics*.jsonl
