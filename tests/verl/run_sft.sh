@@ -105,7 +105,9 @@ if [ $status -ne 0 ]; then
   log=$OUT/log.txt
   [ -f "$OUT/log_resume.txt" ] && log=$OUT/log_resume.txt
   echo "run_sft.sh: verl sft_trainer with strategy=$STRATEGY failed (exit $status); last lines of $log:" >&2
-  grep -v '^\s*$' "$log" | tail -25 >&2
+  grep -v '^\s*$' "$log" | grep -v '^\[rank[0-9]*\]:' | tail -12 >&2
+  # the rank's own exception (torchrun's summary above only says which rank failed)
+  grep -m1 -E '^(\[rank[0-9]+\]: )?[A-Za-z_.]*(Error|Exception): ' "$log" | grep -v ChildFailedError >&2 || true
   exit $status
 fi
 n=$(wc -l < "$OUT/metrics.jsonl")

@@ -36,6 +36,8 @@ timeout --kill-after=10 "${WORKER_TIMEOUT:-300}" "$VENV/bin/torchrun" --standalo
 grep '^\[worker_driver\]' "$OUT/worker_log.txt" || true
 if [ $status -ne 0 ]; then
   echo "run_worker.sh: worker_driver.py with strategy=$STRATEGY failed (exit $status); last lines of $OUT/worker_log.txt:" >&2
-  grep -v '^\s*$' "$OUT/worker_log.txt" | grep -v '^\[worker_driver\]' | tail -25 >&2
+  grep -v '^\s*$' "$OUT/worker_log.txt" | grep -v '^\[worker_driver\]' | grep -v '^\[rank[0-9]*\]:' | tail -12 >&2
+  # the rank's own exception (torchrun's summary above only says which rank failed)
+  grep -m1 -E '^(\[rank[0-9]+\]: )?[A-Za-z_.]*(Error|Exception): ' "$OUT/worker_log.txt" | grep -v ChildFailedError >&2 || true
   exit $status
 fi
