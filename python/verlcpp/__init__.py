@@ -9,8 +9,10 @@ registers backend "verlcpp" for language_model and value_model on cuda and cpu, 
 platform (VERL_PLATFORM=cpu), and the Hydra config. The same registration happens when verl
 is told `VERL_USE_EXTERNAL_MODULES=verlcpp`.
 """
-from .config import VerlcppEngineConfig  # noqa: F401
-from . import plugin as _plugin  # noqa: F401  (registers the backend)
+# The cpu platform first: importing verl.workers.engine already resolves the platform.
+from . import cpu_platform as _cpu_platform  # noqa: F401,E402  (registers at import)
+from .config import VerlcppEngineConfig  # noqa: F401,E402
+from . import plugin as _plugin  # noqa: F401,E402  (registers the backend)
 
 
 def __getattr__(name):

@@ -1,6 +1,7 @@
 """plugin.py — what `import verl` loads from the `verl.plugins` entry point (verl/__init__.py):
 registers backend "verlcpp" with verl's EngineRegistry (verl/workers/engine/base.py) for
-language_model and value_model on cuda and cpu, and the `cpu` platform when this package has it.
+language_model and value_model on cuda and cpu, and the `cpu` platform (cpu_platform.py,
+selected with VERL_PLATFORM=cpu).
 Idempotent: the registry refuses a key twice, so a second call does nothing.
 """
 _done = False
@@ -11,6 +12,9 @@ def register():
     if _done:
         return
     _done = True
+    from . import cpu_platform  # before verl.workers.engine, which resolves the platform at import
+
+    cpu_platform.register()
     from verl.workers.engine.base import EngineRegistry
 
     from .engine import VerlcppEngine, VerlcppValueEngine
@@ -20,11 +24,6 @@ def register():
         devices = [d for d in ("cuda", "cpu") if d not in have]
         if devices:
             EngineRegistry.register(model_type=model_type, backend="verlcpp", device=devices)(cls)
-    try:
-        from . import cpu_platform
-    except ImportError:
-        return
-    cpu_platform.register()
 
 
 register()

@@ -91,11 +91,9 @@ TokenOutputs model_forward(const Transformer& model, ParamProvider& params, cons
     if (!m.is_null() && !(m.is_object() && m.empty()))
       fail(model.config().architecture, " is a text-only model, but the batch carries multi_modal_inputs");
   TokenOutputs out = model.forward(params, in, calculate_entropy);
-  if (!model.is_value_model()) {
-    const at::Tensor valid = next_token_mask(in);
-    out.log_probs = out.log_probs * valid;
-    if (out.entropy.defined()) out.entropy = out.entropy * valid;
-  }
+  // A sequence's last position has no next token to score: its log-prob is 0. Its entropy (of
+  // the next-token distribution) is kept, as verl's prepare_model_outputs keeps it.
+  if (!model.is_value_model()) out.log_probs = out.log_probs * next_token_mask(in);
   return out;
 }
 

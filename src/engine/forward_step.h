@@ -29,7 +29,7 @@ struct ModelInputs : PackedRow {
 ModelInputs prepare_model_inputs(const Batch& micro_batch, double temperature, int sp_size = 1, int sp_rank = 0);
 
 // The model's forward on a packed micro-batch with parameters from `params` (the dense
-// reference, or the FSDP units): float32 per-token outputs of this rank's slice, 0 at each
+// reference, or the FSDP units): float32 per-token outputs of this rank's slice; log-probs 0 at each
 // sequence's last position (there is no next token to score). Differentiable in grad mode.
 TokenOutputs model_forward(const Transformer& model, ParamProvider& params, const ModelInputs& in,
                            bool calculate_entropy);
@@ -37,7 +37,8 @@ TokenOutputs model_forward(const Transformer& model, ParamProvider& params, cons
 TokenOutputs model_forward(const Transformer& model, const ModelInputs& in, bool calculate_entropy);
 
 // Per-sample outputs (micro-batch order). log_probs[t] = log p(token t+1 | ≤ t); 0 at each
-// sequence's last position (as is entropy there).
+// sequence's last position; entropy is that of every position's next-token distribution
+// (the last one included, as in verl).
 struct SampleOutputs {
   Jagged log_probs, entropy, values;
 };

@@ -155,6 +155,12 @@ ModelConfig parse_model_config(const std::string& text, const std::string& where
     c.num_labels = n;
   }
   c.torch_dtype = get_or<std::string>(j, "torch_dtype", get_or<std::string>(j, "dtype", "", where), where);
+  // transformers builds the embedding as nn.Embedding(vocab, hidden, padding_idx=pad_token_id).
+  if (j.contains("pad_token_id") && j["pad_token_id"].is_number_integer()) {
+    c.pad_token_id = j["pad_token_id"].get<int64_t>();
+    if (c.pad_token_id < 0 || c.pad_token_id >= c.vocab_size)
+      fail(where, ": pad_token_id ", c.pad_token_id, " is outside the vocabulary (0 .. ", c.vocab_size - 1, ")");
+  }
   return c;
 }
 

@@ -2,6 +2,7 @@
 // families the engine implements (Llama, Qwen2, Qwen3) with a causal-LM or value (`score`)
 // head. Unknown architectures and rope scalings are errors that name what is supported.
 #pragma once
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,8 @@ struct ModelConfig {
   int num_labels = 1;           // value head width
   std::string hidden_act = "silu";
   std::string torch_dtype;      // "bfloat16", "float32", ... (informative)
+  // The embedding row that gets no gradient (transformers: nn.Embedding padding_idx); -1: none.
+  int64_t pad_token_id = -1;
 };
 
 // Every architecture string the engine builds.

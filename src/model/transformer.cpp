@@ -226,7 +226,8 @@ at::Tensor Transformer::embed_and_layers(ParamProvider& p, const RootParams& r, 
   LayerContext ctx;
   ctx.cu_seqlens = cu;
   rope_cos_sin(inv_freq_, row.position_ids, dtype_, &ctx.cos, &ctx.sin);
-  at::Tensor h = at::embedding(r.embed, row.input_ids);
+  // padding_idx: that row's gradient stays zero, as in transformers' nn.Embedding(padding_idx=pad_token_id).
+  at::Tensor h = at::embedding(r.embed, row.input_ids, cfg_.pad_token_id);
   for (int i = 0; i < cfg_.num_layers; ++i) h = p.run_layer(*this, i, h, ctx);
   return rms_norm(h, r.final_norm, cfg_.rms_norm_eps);
 }

@@ -78,7 +78,6 @@ def reference(model, seqs, temps, dtype):
         lp = torch.zeros(len(s))
         lp[:-1] = logp[:-1].gather(1, s[1:].unsqueeze(1)).squeeze(1)
         ent = -(torch.softmax(logits, -1) * logp).sum(-1)
-        ent[-1] = 0
         lps.append(lp)
         ents.append(ent)
     res["log_probs"] = torch.cat(lps)

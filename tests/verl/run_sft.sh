@@ -48,8 +48,9 @@ fi
 
 # verl on the CPU: the platform from python/verlcpp/cpu_platform.py, one thread per rank (2 cores)
 export VERL_PLATFORM=cpu
-export VERL_USE_EXTERNAL_MODULES=${VERL_USE_EXTERNAL_MODULES:-verlcpp.cpu_platform}
-export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
+export VERL_USE_EXTERNAL_MODULES=${VERL_USE_EXTERNAL_MODULES:-verlcpp}
+# the built package (python/verlcpp + its extension): <build>/python
+export PYTHONPATH=${VERLCPP_PYTHONPATH:-$ROOT/${BUILD_DIR:-build}/python}${PYTHONPATH:+:$PYTHONPATH}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TOKENIZERS_PARALLELISM=false
 export HYDRA_FULL_ERROR=1

@@ -25,8 +25,9 @@ if [ ! -f "$FIX/fixture.json" ]; then
   "$VENV/bin/python" "$HERE/make_fixture.py" "$FIX" > "$OUT/fixture.log" 2>&1 || { cat "$OUT/fixture.log" >&2; exit 1; }
 fi
 export VERL_PLATFORM=cpu
-export VERL_USE_EXTERNAL_MODULES=${VERL_USE_EXTERNAL_MODULES:-verlcpp.cpu_platform}
-export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
+export VERL_USE_EXTERNAL_MODULES=${VERL_USE_EXTERNAL_MODULES:-verlcpp}
+# the built package (python/verlcpp + its extension): <build>/python
+export PYTHONPATH=${VERLCPP_PYTHONPATH:-$ROOT/${BUILD_DIR:-build}/python}${PYTHONPATH:+:$PYTHONPATH}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TOKENIZERS_PARALLELISM=false
 rm -f "$OUT/worker.json" "$OUT/worker_tensors.pt"

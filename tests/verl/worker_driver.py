@@ -30,10 +30,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-# verl on the CPU: our platform plugin (python/verlcpp/cpu_platform.py), loaded by `import verl`
+# verl on the CPU: the verlcpp package (its cpu platform and engine backend), loaded by `import verl`;
+# the built package is <build>/python (python/verlcpp + the extension), VERLCPP_PYTHONPATH overrides.
 os.environ.setdefault("VERL_PLATFORM", "cpu")
-os.environ.setdefault("VERL_USE_EXTERNAL_MODULES", "verlcpp.cpu_platform")
-sys.path.insert(0, os.path.join(ROOT, "python"))
+os.environ.setdefault("VERL_USE_EXTERNAL_MODULES", "verlcpp")
+sys.path.insert(0, os.environ.get("VERLCPP_PYTHONPATH", os.path.join(ROOT, os.environ.get("BUILD_DIR", "build"), "python")))
 
 from functools import partial  # noqa: E402
 
