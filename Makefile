@@ -23,6 +23,7 @@ bench: setup
 	@$(PY) bench/merge_megatron/bench_merge_megatron.py
 	@$(PY) bench/logprob/bench_logprob.py
 	@$(PY) bench/train/bench_train.py
+	@$(PY) bench/verl_engine/bench_verl_engine.py
 
 fuzz:
 	@bash fuzz/run.sh
