@@ -27,7 +27,7 @@ It prints a table and the ratios verlcpp/fsdp2 (speed: tokens/s ÷; memory: RSS 
 nothing; the goal (issue 10) is >= 1.5x tokens/s at <= 0.7x memory in fp32 and in bf16.
 
     python bench/verl_engine/bench_verl_engine.py [--steps 5] [--rounds 1] [--dtype fp32|bf16|both]
-                                                  [--strategies fsdp2,verlcpp] [--quick]
+                                                  [--strategies fsdp2,verlcpp] [--grad-ckpt on|off] [--quick]
 """
 import argparse
 import glob
@@ -180,7 +180,7 @@ def run_one(a, strategy, dtype, model_dir, data, tag, port):
            f"data.train_batch_size={a.bs}", f"data.micro_batch_size_per_gpu={a.mbs}", "data.use_dynamic_bsz=False",
            f"data.max_token_len_per_gpu={MAX_LEN * a.mbs}", "data.pad_mode=no_padding", f"data.max_length={MAX_LEN}",
            "data.num_workers=0",
-           f"model.path={model_dir}", "model.use_remove_padding=True", "model.enable_gradient_checkpointing=False",
+           f"model.path={model_dir}", "model.use_remove_padding=True", f"model.enable_gradient_checkpointing={a.grad_ckpt == 'on'}",
            "+model.override_config.attn_implementation=sdpa",
            *engine, f"++engine.mixed_precision={PRECISION[dtype]}", "engine.use_torch_compile=False",
            "optim.lr=1e-5", "optim.lr_warmup_steps=0",
@@ -230,6 +230,8 @@ def main():
     ap.add_argument("--strategies", default="fsdp2,verlcpp")
     ap.add_argument("--bs", type=int, default=8, help="global batch (sequences per step)")
     ap.add_argument("--mbs", type=int, default=2, help="micro-batch per rank (sequences)")
+    ap.add_argument("--grad-ckpt", choices=["on", "off"], default="on",
+                    help="model.enable_gradient_checkpointing (verl's default: on)")
     ap.add_argument("--quick", action="store_true", help="a 2-layer hidden-128 model, 3 steps: a smoke run")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per torchrun")
     ap.add_argument("--pythonpath", default=os.path.join(ROOT, os.environ.get("BUILD_DIR", "build"), "python"),
