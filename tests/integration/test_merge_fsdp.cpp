@@ -391,9 +391,7 @@ TEST_F(BadInput, ConfigOfAnotherModel) {
   EXPECT_FALSE(fs::exists(out));
   // Same sizes, but the config says tied while the checkpoint's lm_head is its own tensor.
   auto dir = broken("tied_config");
-  std::ifstream in(dir / "huggingface" / "config.json");
-  std::string cfg((std::istreambuf_iterator<char>(in)), {});
-  in.close();
+  std::string cfg = verl::test::slurp(dir / "huggingface" / "config.json");
   const auto p = cfg.find("\"tie_word_embeddings\": false");
   ASSERT_NE(p, std::string::npos) << cfg;
   cfg.replace(p, std::strlen("\"tie_word_embeddings\": false"), "\"tie_word_embeddings\": true");
@@ -490,8 +488,7 @@ TEST_F(BadInput, LogprobOutEqualToBatchIsRefused) {
                   &log),
               0);
     EXPECT_NE(log.find("same file"), std::string::npos) << log;
-    std::ifstream in(batch);
-    EXPECT_EQ(std::string((std::istreambuf_iterator<char>(in)), {}), "not even read");
+    EXPECT_EQ(verl::test::slurp(batch), "not even read");
   }
 }
 

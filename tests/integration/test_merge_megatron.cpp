@@ -210,11 +210,7 @@ TEST_F(MegatronBadInput, ChunkOverlap) {
 TEST_F(MegatronBadInput, UnsupportedArchitecture) {
   auto dir = broken("arch");
   const fs::path cfg = dir / "model" / "huggingface" / "config.json";
-  std::string text;
-  {
-    std::ifstream in(cfg);
-    text.assign(std::istreambuf_iterator<char>(in), {});
-  }
+  std::string text = verl::test::slurp(cfg);
   const std::string from = "Qwen2ForCausalLM";
   text.replace(text.find(from), from.size(), "GPTNeoXForCausalLM");
   std::ofstream(cfg, std::ios::trunc) << text;
@@ -256,9 +252,7 @@ TEST_F(MegatronBadInput, CheckpointIsNeverTheTarget) {
 TEST_F(MegatronBadInput, ConfigOfAnotherModel) {
   auto dir = broken("other_config");
   const fs::path cfg = dir / "model" / "huggingface" / "config.json";
-  std::ifstream in(cfg);
-  std::string text((std::istreambuf_iterator<char>(in)), {});
-  in.close();
+  std::string text = verl::test::slurp(cfg);
   const std::string from = "\"num_hidden_layers\": 3";
   const auto p = text.find(from);
   ASSERT_NE(p, std::string::npos) << text;

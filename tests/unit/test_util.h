@@ -1,5 +1,6 @@
-// test_util.h — helpers shared by the unit tests: a scratch folder per test and running
-// Python (the pinned venv) to build fixtures / references at test time.
+// test_util.h — helpers shared by the tests: a scratch folder per test, running Python (the
+// pinned venv) to build fixtures / references at test time, whole-file reads and writes, and
+// the message of the verl::Error a call throws.
 #pragma once
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -9,6 +10,8 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+
+#include "core/error.h"
 
 namespace verl::test {
 
@@ -67,6 +70,26 @@ inline std::string run_python(const std::string& code, const std::string& dir) {
   int rc = run(python() + " " + script, &out);
   EXPECT_EQ(rc, 0) << "python failed:\n" << out;
   return out;
+}
+
+// The bytes of a file (an existing one: a missing file fails the test).
+inline std::string slurp(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  EXPECT_TRUE(f.good()) << p;
+  return {std::istreambuf_iterator<char>(f), {}};
+}
+// Writes `s` as the whole file.
+inline void spit(const std::filesystem::path& p, const std::string& s) { std::ofstream(p, std::ios::binary) << s; }
+
+// The message of the verl::Error that `f` throws; `none` when it throws nothing.
+template <class F>
+std::string error_of(F&& f, const std::string& none = "") {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return none;
 }
 
 }  // namespace verl::test
