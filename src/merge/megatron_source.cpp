@@ -11,6 +11,7 @@
 
 #include "io/dcp.h"
 #include "core/error.h"
+#include "hf/names.h"
 #include "merge/megatron_names.h"
 #include "merge/thread_pool.h"
 
@@ -59,11 +60,10 @@ MegatronPaths locate_megatron_checkpoint(const std::string& local_dir, const std
 
 MegatronSource::~MegatronSource() = default;
 
-MegatronSource::MegatronSource(const std::string& dist_dir, const nlohmann::ordered_json& config,
-                               const MegatronOptions& opt)
+MegatronSource::MegatronSource(const std::string& dist_dir, const ModelConfig& config, const MegatronOptions& opt)
     : dir_(dist_dir) {
-  const MegatronModel m = MegatronModel::from_config(config, opt.tie_word_embedding, opt.is_value_model);
-  family_ = m.family;
+  const MegatronModel m(config, opt.tie_word_embedding, opt.is_value_model);
+  family_ = family_names(config.family).name;
   ckpt_ = std::make_unique<DcpCheckpoint>(dist_dir);
   const auto& ts = ckpt_->tensors();
   std::map<std::string, std::string> seen;  // HF name -> Megatron key

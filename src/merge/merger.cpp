@@ -26,6 +26,7 @@
 #include "io/output.h"
 #include "io/safetensors.h"
 #include "merge/fsdp_source.h"
+#include "hf/config.h"
 #include "hf/folder.h"
 #include "merge/megatron_source.h"
 #include "merge/progress.h"
@@ -532,7 +533,8 @@ int run_merge(const MergeOptions& opt) {
   ThreadPool pool(opt.threads > 0 ? static_cast<size_t>(opt.threads) : std::min(hw, 8u));
   std::unique_ptr<CheckpointSource> src_ptr;
   if (megatron)
-    src_ptr = std::make_unique<MegatronSource>(mpaths.dist_dir, config,
+    src_ptr = std::make_unique<MegatronSource>(mpaths.dist_dir,
+                                               parse_model_config(config.dump(), cfg_path.string(), ConfigUse::Megatron),
                                                MegatronOptions{opt.tie_word_embedding, opt.is_value_model});
   else
     src_ptr = std::make_unique<FsdpSource>(opt.local_dir);
