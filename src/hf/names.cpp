@@ -15,53 +15,57 @@ using S = Slot;
 using W = When;
 
 constexpr TensorName kRoot[] = {
-    {"model.embed_tokens.weight", "embedding.word_embeddings.weight", {}, F::None, S::Embed, W::Always, {D::Vocab, D::Hidden}},
-    {"model.norm.weight", "decoder.final_layernorm.weight", {}, F::None, S::FinalNorm, W::Always, {D::Hidden}},
-    {"model.norm.bias", "decoder.final_layernorm.bias", {}, F::None, S::None, W::Never, {D::Hidden}},
-    {"lm_head.weight", "output_layer.weight", {}, F::None, S::LmHead, W::Untied, {D::Vocab, D::Hidden}},
-    {"lm_head.bias", "output_layer.bias", {}, F::None, S::None, W::Never, {D::Vocab}},
-    {"score.weight", "output_layer.weight", {}, F::None, S::Score, W::ValueHead, {D::Labels, D::Hidden}},
-    {"score.bias", "output_layer.bias", {}, F::None, S::ScoreBias, W::ScoreBias, {D::Labels}},
+    {"model.embed_tokens.weight", "embedding.word_embeddings.weight", F::None, S::Embed, W::Always, {D::Vocab, D::Hidden}},
+    {"model.norm.weight", "decoder.final_layernorm.weight", F::None, S::FinalNorm, W::Always, {D::Hidden}},
+    {"model.norm.bias", "decoder.final_layernorm.bias", F::None, S::None, W::Never, {D::Hidden}},
+    {"lm_head.weight", "output_layer.weight", F::None, S::LmHead, W::Untied, {D::Vocab, D::Hidden}},
+    {"lm_head.bias", "output_layer.bias", F::None, S::None, W::Never, {D::Vocab}},
+    {"score.weight", "output_layer.weight", F::None, S::Score, W::ValueHead, {D::Labels, D::Hidden}},
+    {"score.bias", "output_layer.bias", F::None, S::ScoreBias, W::ScoreBias, {D::Labels}},
 };
 
 constexpr TensorName kLayer[] = {
-    {"input_layernorm.weight", "input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight", F::None,
-     S::InputNorm, W::Always, {D::Hidden}},
-    {"input_layernorm.bias", "input_layernorm.bias", "self_attention.linear_qkv.layer_norm_bias", F::None, S::None,
-     W::Never, {D::Hidden}},
-    {"self_attn.q_proj.weight", "self_attention.linear_qkv.weight", {}, F::Qkv, S::Qkv, W::Always, {D::QRows, D::Hidden}},
-    {"self_attn.k_proj.weight", "self_attention.linear_qkv.weight", {}, F::Qkv, S::Qkv, W::Always, {D::KvRows, D::Hidden}},
-    {"self_attn.v_proj.weight", "self_attention.linear_qkv.weight", {}, F::Qkv, S::Qkv, W::Always, {D::KvRows, D::Hidden}},
-    {"self_attn.q_proj.bias", "self_attention.linear_qkv.bias", {}, F::Qkv, S::QkvBias, W::AttentionBias, {D::QRows}},
-    {"self_attn.k_proj.bias", "self_attention.linear_qkv.bias", {}, F::Qkv, S::QkvBias, W::AttentionBias, {D::KvRows}},
-    {"self_attn.v_proj.bias", "self_attention.linear_qkv.bias", {}, F::Qkv, S::QkvBias, W::AttentionBias, {D::KvRows}},
-    {"self_attn.o_proj.weight", "self_attention.linear_proj.weight", {}, F::None, S::O, W::Always, {D::Hidden, D::QRows}},
-    {"self_attn.o_proj.bias", "self_attention.linear_proj.bias", {}, F::None, S::OBias, W::OProjBias, {D::Hidden}},
-    {"self_attn.q_norm.weight", "self_attention.q_layernorm.weight", {}, F::None, S::QNorm, W::QkNorm, {D::HeadDim}},
-    {"self_attn.k_norm.weight", "self_attention.k_layernorm.weight", {}, F::None, S::KNorm, W::QkNorm, {D::HeadDim}},
-    {"post_attention_layernorm.weight", "pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight", F::None,
-     S::PostNorm, W::Always, {D::Hidden}},
-    {"post_attention_layernorm.bias", "pre_mlp_layernorm.bias", "mlp.linear_fc1.layer_norm_bias", F::None, S::None,
-     W::Never, {D::Hidden}},
-    {"mlp.gate_proj.weight", "mlp.linear_fc1.weight", {}, F::GateUp, S::GateUp, W::Always, {D::Intermediate, D::Hidden}},
-    {"mlp.up_proj.weight", "mlp.linear_fc1.weight", {}, F::GateUp, S::GateUp, W::Always, {D::Intermediate, D::Hidden}},
-    {"mlp.gate_proj.bias", "mlp.linear_fc1.bias", {}, F::GateUp, S::GateUpBias, W::MlpBias, {D::Intermediate}},
-    {"mlp.up_proj.bias", "mlp.linear_fc1.bias", {}, F::GateUp, S::GateUpBias, W::MlpBias, {D::Intermediate}},
-    {"mlp.down_proj.weight", "mlp.linear_fc2.weight", {}, F::None, S::Down, W::Always, {D::Hidden, D::Intermediate}},
-    {"mlp.down_proj.bias", "mlp.linear_fc2.bias", {}, F::None, S::DownBias, W::MlpBias, {D::Hidden}},
+    {"input_layernorm.weight", "input_layernorm.weight", F::None, S::InputNorm, W::Always, {D::Hidden}},
+    {"input_layernorm.bias", "input_layernorm.bias", F::None, S::None, W::Never, {D::Hidden}},
+    {"self_attn.q_proj.weight", "self_attention.linear_qkv.weight", F::Qkv, S::Qkv, W::Always, {D::QRows, D::Hidden}},
+    {"self_attn.k_proj.weight", "self_attention.linear_qkv.weight", F::Qkv, S::Qkv, W::Always, {D::KvRows, D::Hidden}},
+    {"self_attn.v_proj.weight", "self_attention.linear_qkv.weight", F::Qkv, S::Qkv, W::Always, {D::KvRows, D::Hidden}},
+    {"self_attn.q_proj.bias", "self_attention.linear_qkv.bias", F::Qkv, S::QkvBias, W::AttentionBias, {D::QRows}},
+    {"self_attn.k_proj.bias", "self_attention.linear_qkv.bias", F::Qkv, S::QkvBias, W::AttentionBias, {D::KvRows}},
+    {"self_attn.v_proj.bias", "self_attention.linear_qkv.bias", F::Qkv, S::QkvBias, W::AttentionBias, {D::KvRows}},
+    {"self_attn.o_proj.weight", "self_attention.linear_proj.weight", F::None, S::O, W::Always, {D::Hidden, D::QRows}},
+    {"self_attn.o_proj.bias", "self_attention.linear_proj.bias", F::None, S::OBias, W::OProjBias, {D::Hidden}},
+    {"self_attn.q_norm.weight", "self_attention.q_layernorm.weight", F::None, S::QNorm, W::QkNorm, {D::HeadDim}},
+    {"self_attn.k_norm.weight", "self_attention.k_layernorm.weight", F::None, S::KNorm, W::QkNorm, {D::HeadDim}},
+    {"post_attention_layernorm.weight", "pre_mlp_layernorm.weight", F::None, S::PostNorm, W::Always, {D::Hidden}},
+    {"post_attention_layernorm.bias", "pre_mlp_layernorm.bias", F::None, S::None, W::Never, {D::Hidden}},
+    {"mlp.gate_proj.weight", "mlp.linear_fc1.weight", F::GateUp, S::GateUp, W::Always, {D::Intermediate, D::Hidden}},
+    {"mlp.up_proj.weight", "mlp.linear_fc1.weight", F::GateUp, S::GateUp, W::Always, {D::Intermediate, D::Hidden}},
+    {"mlp.gate_proj.bias", "mlp.linear_fc1.bias", F::GateUp, S::GateUpBias, W::MlpBias, {D::Intermediate}},
+    {"mlp.up_proj.bias", "mlp.linear_fc1.bias", F::GateUp, S::GateUpBias, W::MlpBias, {D::Intermediate}},
+    {"mlp.down_proj.weight", "mlp.linear_fc2.weight", F::None, S::Down, W::Always, {D::Hidden, D::Intermediate}},
+    {"mlp.down_proj.bias", "mlp.linear_fc2.bias", F::None, S::DownBias, W::MlpBias, {D::Hidden}},
     // MoE (not built by the engine): router, shared experts and their gate.
     {"{moe}.gate.weight", "mlp.router.weight"},
     {"{moe}.gate.e_score_correction_bias", "mlp.router.expert_bias"},
-    {"{shared}.gate_proj.weight", "mlp.shared_experts.linear_fc1.weight", {}, F::GateUp},
-    {"{shared}.up_proj.weight", "mlp.shared_experts.linear_fc1.weight", {}, F::GateUp},
+    {"{shared}.gate_proj.weight", "mlp.shared_experts.linear_fc1.weight", F::GateUp},
+    {"{shared}.up_proj.weight", "mlp.shared_experts.linear_fc1.weight", F::GateUp},
     {"{shared}.down_proj.weight", "mlp.shared_experts.linear_fc2.weight"},
     {"mlp.shared_expert_gate.weight", "mlp.shared_experts.gate_weight"},
 };
 
 constexpr TensorName kExpert[] = {
-    {"{gate}.weight", "linear_fc1.weight", {}, F::GateUp}, {"{up}.weight", "linear_fc1.weight", {}, F::GateUp},
-    {"{gate}.bias", "linear_fc1.bias", {}, F::GateUp},     {"{up}.bias", "linear_fc1.bias", {}, F::GateUp},
+    {"{gate}.weight", "linear_fc1.weight", F::GateUp}, {"{up}.weight", "linear_fc1.weight", F::GateUp},
+    {"{gate}.bias", "linear_fc1.bias", F::GateUp},     {"{up}.bias", "linear_fc1.bias", F::GateUp},
     {"{down}.weight", "linear_fc2.weight"},                {"{down}.bias", "linear_fc2.bias"},
+};
+
+// Transformer Engine fuses a layer's norms into the next linear; its keys name them there.
+constexpr std::pair<std::string_view, std::string_view> kTeAliases[] = {
+    {"self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"},
+    {"self_attention.linear_qkv.layer_norm_bias", "input_layernorm.bias"},
+    {"mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"},
+    {"mlp.linear_fc1.layer_norm_bias", "pre_mlp_layernorm.bias"},
 };
 
 constexpr FamilyNames kFamilies[] = {
@@ -83,6 +87,12 @@ std::string replace_all(std::string s, std::string_view from, std::string_view t
 std::span<const TensorName> root_names() { return kRoot; }
 std::span<const TensorName> layer_names() { return kLayer; }
 std::span<const TensorName> expert_names() { return kExpert; }
+
+std::string_view megatron_layer_name(std::string_view suffix) {
+  for (const auto& [te, name] : kTeAliases)
+    if (suffix == te) return name;
+  return suffix;
+}
 
 const FamilyNames& family_names(Family f) {
   for (const auto& n : kFamilies)

@@ -41,7 +41,6 @@ enum class When { Always, Untied, ValueHead, ScoreBias, AttentionBias, OProjBias
 struct TensorName {
   std::string_view hf;           // root: full name; layer: after "model.layers.<i>."; expert: after "{moe}.experts.<e>."
   std::string_view megatron;     // root: full key; layer: after "decoder.layers.[<i>.]"; expert: after the expert index
-  std::string_view megatron_te;  // Transformer Engine's spelling (a norm fused into the next linear), or empty
   Fused fused = Fused::None;
   Slot slot = Slot::None;
   When when = When::Never;
@@ -52,6 +51,9 @@ struct TensorName {
 std::span<const TensorName> root_names();
 std::span<const TensorName> layer_names();
 std::span<const TensorName> expert_names();
+// A layer key suffix in the table's spelling: Transformer Engine's names of the norms fused
+// into the next linear (self_attention.linear_qkv.layer_norm_weight, ...) become the plain ones.
+std::string_view megatron_layer_name(std::string_view suffix);
 
 // The per-family spellings that fill a row's placeholders {moe}, {shared}, {gate}, {up}, {down}.
 struct FamilyNames {

@@ -164,8 +164,9 @@ void parse_expert(const Key& k, LayerKey& lk) {
 std::vector<std::string> layer_templates(const LayerKey& lk, Fused* fused) {
   std::vector<std::string> templates;
   const bool expert = lk.expert != -2;
+  const std::string_view suffix = expert ? lk.suffix : megatron_layer_name(lk.suffix);
   for (const auto& t : expert ? expert_names() : layer_names())
-    if (t.megatron == lk.suffix || (!t.megatron_te.empty() && t.megatron_te == lk.suffix)) {
+    if (t.megatron == suffix) {
       *fused = t.fused;
       templates.push_back(expert ? "{moe}.experts.{e}." + std::string(t.hf) : std::string(t.hf));
     }
