@@ -45,6 +45,31 @@ struct TempDir {
   std::string operator/(const std::string& s) const { return (path / s).string(); }
 };
 
+// A path quoted for the shell ('...').
+inline std::string quoted(const std::filesystem::path& p) { return "'" + p.string() + "'"; }
+// tests/oracle/<script>, the Python that makes fixtures and references.
+inline std::string oracle_script(const std::string& script) { return source_dir() + "/tests/oracle/" + script; }
+
+// A suite's fixture folder, made once per test process: <tmp>/<prefix><pid>, fresh.
+inline std::filesystem::path fresh_suite_dir(const std::string& prefix) {
+  const auto d = std::filesystem::temp_directory_path() / (prefix + std::to_string(::getpid()));
+  std::filesystem::remove_all(d);
+  std::filesystem::create_directories(d);
+  return d;
+}
+// Removes *dir when the test program ends (VERLCPP_KEEP_TMP keeps it); register it once with
+// ::testing::AddGlobalTestEnvironment(new RemoveAtExit(&dir)).
+class RemoveAtExit : public ::testing::Environment {
+ public:
+  explicit RemoveAtExit(const std::filesystem::path* dir) : dir_(dir) {}
+  void TearDown() override {
+    if (!dir_->empty() && !std::getenv("VERLCPP_KEEP_TMP")) std::filesystem::remove_all(*dir_);
+  }
+
+ private:
+  const std::filesystem::path* dir_;
+};
+
 // Runs a shell command, returns its exit status; output captured into *out if given.
 inline int run(const std::string& cmd, std::string* out = nullptr) {
   std::string full = cmd + " 2>&1";
