@@ -83,23 +83,27 @@ inline float f16_to_f32(uint16_t h) {
   return u2f(result);
 }
 
-// Load element i of a float type as float / double.
-inline double load_f64(const void* p, DType t, size_t i) {
-  switch (t) {
-    case DType::F64: return static_cast<const double*>(p)[i];
-    case DType::F32: return static_cast<const float*>(p)[i];
-    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    default: return 0;
-  }
+// Element i of a float buffer, widened exactly (to double for F64, else to float).
+struct LoadF64 { static double at(const void* p, size_t i) { return static_cast<const double*>(p)[i]; } };
+struct LoadF32 { static float at(const void* p, size_t i) { return static_cast<const float*>(p)[i]; } };
+struct LoadBF16 { static float at(const void* p, size_t i) { return bf16_to_f32(static_cast<const uint16_t*>(p)[i]); } };
+struct LoadF16 { static float at(const void* p, size_t i) { return f16_to_f32(static_cast<const uint16_t*>(p)[i]); } };
+
+template <class T, class Load, class Store>
+void load_loop(const void* p, size_t n, Store store) {
+  for (size_t i = 0; i < n; ++i) store(i, static_cast<T>(Load::at(p, i)));
 }
-inline float load_f32(const void* p, DType t, size_t i) {
+
+// Calls store(i, x) with each element i of float type `t` as T (float, or double for a double
+// destination), dispatching on the source type once per call, not per element.
+template <class T, class Store>
+void load_each(const void* p, DType t, size_t n, Store store) {
   switch (t) {
-    case DType::F64: return static_cast<float>(static_cast<const double*>(p)[i]);
-    case DType::F32: return static_cast<const float*>(p)[i];
-    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    default: return 0;
+    case DType::F64: return load_loop<T, LoadF64>(p, n, store);
+    case DType::F32: return load_loop<T, LoadF32>(p, n, store);
+    case DType::BF16: return load_loop<T, LoadBF16>(p, n, store);
+    case DType::F16: return load_loop<T, LoadF16>(p, n, store);
+    default: return;
   }
 }
 }  // namespace
@@ -142,40 +146,14 @@ void convert(const void* src, DType a, void* dst, DType b, size_t n) {
   }
   if (!can_convert(a, b))
     fail("cannot convert ", dtype_st_name(a), " to ", dtype_st_name(b));
+  // Through float (double for a double destination), rounded as c10 rounds.
+  auto* h = static_cast<uint16_t*>(dst);
   switch (b) {
-    case DType::F64: {
-      auto* o = static_cast<double*>(dst);
-      for (size_t i = 0; i < n; ++i) o[i] = load_f64(src, a, i);
-      return;
-    }
-    case DType::F32: {
-      auto* o = static_cast<float*>(dst);
-      if (a == DType::BF16) {
-        auto* s = static_cast<const uint16_t*>(src);
-        auto* ou = static_cast<uint32_t*>(dst);
-        for (size_t i = 0; i < n; ++i) ou[i] = static_cast<uint32_t>(s[i]) << 16;
-        return;
-      }
-      for (size_t i = 0; i < n; ++i) o[i] = load_f32(src, a, i);
-      return;
-    }
-    case DType::BF16: {
-      auto* o = static_cast<uint16_t*>(dst);
-      if (a == DType::F32) {
-        auto* s = static_cast<const float*>(src);
-        for (size_t i = 0; i < n; ++i) o[i] = f32_to_bf16(s[i]);
-        return;
-      }
-      for (size_t i = 0; i < n; ++i) o[i] = f32_to_bf16(load_f32(src, a, i));
-      return;
-    }
-    case DType::F16: {
-      auto* o = static_cast<uint16_t*>(dst);
-      for (size_t i = 0; i < n; ++i) o[i] = f32_to_f16(load_f32(src, a, i));
-      return;
-    }
-    default:
-      fail("cannot convert ", dtype_st_name(a), " to ", dtype_st_name(b));
+    case DType::F64: return load_each<double>(src, a, n, [&](size_t i, double x) { static_cast<double*>(dst)[i] = x; });
+    case DType::F32: return load_each<float>(src, a, n, [&](size_t i, float x) { static_cast<float*>(dst)[i] = x; });
+    case DType::BF16: return load_each<float>(src, a, n, [&](size_t i, float x) { h[i] = f32_to_bf16(x); });
+    case DType::F16: return load_each<float>(src, a, n, [&](size_t i, float x) { h[i] = f32_to_f16(x); });
+    default: fail("cannot convert ", dtype_st_name(a), " to ", dtype_st_name(b));
   }
 }
 

@@ -1,5 +1,5 @@
 // config.cpp — HF config.json → ModelConfig, with the defaults each family's transformers
-// config class uses when a field is absent.
+// config class uses when a field is absent (see config.h).
 #include "hf/config.h"
 
 #include <filesystem>
@@ -17,15 +17,20 @@ struct Arch {
   const char* name;
   Family family;
   Head head;
+  bool engine;  // the engine builds it (the Megatron merger maps every one)
 };
 const Arch kArchs[] = {
-    {"LlamaForCausalLM", Family::Llama, Head::CausalLM},
-    {"LlamaForTokenClassification", Family::Llama, Head::TokenClassification},
-    {"Qwen2ForCausalLM", Family::Qwen2, Head::CausalLM},
-    {"Qwen2ForTokenClassification", Family::Qwen2, Head::TokenClassification},
-    {"Qwen3ForCausalLM", Family::Qwen3, Head::CausalLM},
-    {"Qwen3ForTokenClassification", Family::Qwen3, Head::TokenClassification},
+    {"LlamaForCausalLM", Family::Llama, Head::CausalLM, true},
+    {"LlamaForTokenClassification", Family::Llama, Head::TokenClassification, true},
+    {"Qwen2ForCausalLM", Family::Qwen2, Head::CausalLM, true},
+    {"Qwen2ForTokenClassification", Family::Qwen2, Head::TokenClassification, true},
+    {"Qwen3ForCausalLM", Family::Qwen3, Head::CausalLM, true},
+    {"Qwen3ForTokenClassification", Family::Qwen3, Head::TokenClassification, true},
+    {"Qwen2MoeForCausalLM", Family::Qwen2Moe, Head::CausalLM, false},
+    {"Qwen3MoeForCausalLM", Family::Qwen3Moe, Head::CausalLM, false},
+    {"MixtralForCausalLM", Family::Mixtral, Head::CausalLM, false},
 };
+bool serves(const Arch& a, ConfigUse use) { return a.engine || use == ConfigUse::Megatron; }
 
 template <class T>
 T get_or(const json& j, const char* key, T dflt, const std::string& where) {
@@ -46,18 +51,20 @@ int get_pos_int(const json& j, const char* key, const std::string& where) {
 }
 }  // namespace
 
-const std::vector<std::string>& supported_architectures() {
-  static const std::vector<std::string> v = [] {
+const std::vector<std::string>& supported_architectures(ConfigUse use) {
+  auto list = [](ConfigUse u) {
     std::vector<std::string> r;
-    for (const auto& a : kArchs) r.push_back(a.name);
+    for (const auto& a : kArchs)
+      if (serves(a, u)) r.push_back(a.name);
     return r;
-  }();
-  return v;
+  };
+  static const std::vector<std::string> engine = list(ConfigUse::Engine), megatron = list(ConfigUse::Megatron);
+  return use == ConfigUse::Engine ? engine : megatron;
 }
 
 namespace {
 
-const Arch& find_arch(const json& j, const std::string& where) {
+const Arch& find_arch(const json& j, const std::string& where, ConfigUse use) {
   std::string arch;
   if (j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty() &&
       j["architectures"][0].is_string())
@@ -70,16 +77,19 @@ const Arch& find_arch(const json& j, const std::string& where) {
     else arch = "model_type " + mt;
   }
   for (const auto& a : kArchs)
-    if (arch == a.name) return a;
+    if (arch == a.name && serves(a, use)) return a;
   std::string list;
-  for (const auto& a : supported_architectures()) list += (list.empty() ? "" : ", ") + a;
-  fail(where, ": unsupported architecture '", arch.empty() ? std::string("(none)") : arch, "'; supported: ", list);
+  for (const auto& a : supported_architectures(use)) list += (list.empty() ? "" : ", ") + a;
+  fail(where, ": unsupported architecture '", arch.empty() ? std::string("(none)") : arch, "'",
+       use == ConfigUse::Megatron ? " for the Megatron backend" : "", "; supported: ", list);
 }
 
-void parse_shape(const json& j, const std::string& where, ModelConfig& c) {
+void parse_shape(const json& j, const std::string& where, ConfigUse use, ModelConfig& c) {
   c.vocab_size = get_pos_int(j, "vocab_size", where);
   c.hidden_size = get_pos_int(j, "hidden_size", where);
-  c.intermediate_size = get_pos_int(j, "intermediate_size", where);
+  c.intermediate_size = use == ConfigUse::Engine || j.contains("intermediate_size")
+                            ? get_pos_int(j, "intermediate_size", where)
+                            : 0;
   c.num_layers = get_pos_int(j, "num_hidden_layers", where);
   c.num_heads = get_pos_int(j, "num_attention_heads", where);
   c.num_kv_heads = j.contains("num_key_value_heads") && !j["num_key_value_heads"].is_null()
@@ -92,10 +102,14 @@ void parse_shape(const json& j, const std::string& where, ModelConfig& c) {
                                                                   : c.hidden_size / c.num_heads;
   if (!j.contains("head_dim") && c.hidden_size % c.num_heads != 0)
     fail(where, ": hidden_size (", c.hidden_size, ") is not a multiple of num_attention_heads (", c.num_heads, ")");
-  if (c.head_dim % 2) fail(where, ": head_dim must be even for rotary embeddings, found ", c.head_dim);
+  if (use == ConfigUse::Engine && c.head_dim % 2)
+    fail(where, ": head_dim must be even for rotary embeddings, found ", c.head_dim);
+  c.num_experts = get_or<int>(j, "num_experts", get_or<int>(j, "num_local_experts", 0, where), where);
 }
 
-void parse_rope(const json& j, const std::string& where, ModelConfig& c) {
+// The engine's rotary embedding; a weight conversion (strict = false) keeps an unknown type as
+// written and does not refuse it.
+void parse_rope(const json& j, const std::string& where, bool strict, ModelConfig& c) {
   // transformers 5 moved rope_theta into rope_parameters; accept both.
   json rope = j.contains("rope_parameters") && j["rope_parameters"].is_object() ? j["rope_parameters"]
               : j.contains("rope_scaling") && j["rope_scaling"].is_object() ? j["rope_scaling"]
@@ -114,15 +128,42 @@ void parse_rope(const json& j, const std::string& where, ModelConfig& c) {
     c.rope_scaling.high_freq_factor = get_or<double>(rope, "high_freq_factor", 4.0, where);
     c.rope_scaling.original_max_position_embeddings =
         get_or<int>(rope, "original_max_position_embeddings", 8192, where);
-  } else {
+  } else if (strict) {
     fail(where, ": unsupported rope_scaling type '", rtype, "'; supported: default, linear, llama3");
+  } else {
+    c.rope_scaling.type = rtype;
   }
   if (c.rope_scaling.factor <= 0) fail(where, ": rope_scaling.factor must be positive");
 }
 
+// What the engine's forward implements (the merger converts weights whatever these say).
+void check_engine_forward(const json& j, const std::string& where, const ModelConfig& c) {
+  if (get_or<bool>(j, "use_sliding_window", false, where))
+    fail(where, ": use_sliding_window is not supported (full attention only)");
+  if (c.hidden_act != "silu")
+    fail(where, ": unsupported hidden_act '", c.hidden_act, "'; supported: silu (SwiGLU)");
+}
+
+// Biases and norms each family's HF modules have.
+void parse_family_flags(const json& j, const std::string& where, ModelConfig& c) {
+  const bool qwen2 = c.family == Family::Qwen2 || c.family == Family::Qwen2Moe;
+  c.attention_bias = qwen2 ? true : get_or<bool>(j, "attention_bias", false, where);
+  c.o_proj_bias = !qwen2 && c.attention_bias;
+  c.mlp_bias = c.family == Family::Llama ? get_or<bool>(j, "mlp_bias", false, where) : false;
+  c.qk_norm = c.family == Family::Qwen3 || c.family == Family::Qwen3Moe;
+}
+
+int parse_num_labels(const json& j, const std::string& where) {
+  int n = 2;  // transformers' PretrainedConfig default
+  if (j.contains("num_labels") && j["num_labels"].is_number_integer()) n = j["num_labels"].get<int>();
+  else if (j.contains("id2label") && j["id2label"].is_object()) n = int(j["id2label"].size());
+  if (n <= 0) fail(where, ": num_labels must be positive");
+  return n;
+}
+
 }  // namespace
 
-ModelConfig parse_model_config(const std::string& text, const std::string& where) {
+ModelConfig parse_model_config(const std::string& text, const std::string& where, ConfigUse use) {
   json j;
   try {
     j = json::parse(text);
@@ -131,29 +172,18 @@ ModelConfig parse_model_config(const std::string& text, const std::string& where
   }
   if (!j.is_object()) fail(where, ": expected a JSON object");
   ModelConfig c;
-  const Arch& arch = find_arch(j, where);
+  const Arch& arch = find_arch(j, where, use);
   c.architecture = arch.name;
   c.family = arch.family;
   c.head = arch.head;
-  parse_shape(j, where, c);
+  parse_shape(j, where, use, c);
   c.rms_norm_eps = get_or<double>(j, "rms_norm_eps", 1e-6, where);
-  parse_rope(j, where, c);
-  if (get_or<bool>(j, "use_sliding_window", false, where))
-    fail(where, ": use_sliding_window is not supported (full attention only)");
+  parse_rope(j, where, use == ConfigUse::Engine, c);
   c.tie_word_embeddings = get_or<bool>(j, "tie_word_embeddings", false, where);
-  c.attention_bias = c.family == Family::Qwen2 ? true : get_or<bool>(j, "attention_bias", false, where);
-  c.mlp_bias = c.family == Family::Llama ? get_or<bool>(j, "mlp_bias", false, where) : false;
-  c.qk_norm = c.family == Family::Qwen3;
+  parse_family_flags(j, where, c);
   c.hidden_act = get_or<std::string>(j, "hidden_act", "silu", where);
-  if (c.hidden_act != "silu")
-    fail(where, ": unsupported hidden_act '", c.hidden_act, "'; supported: silu (SwiGLU)");
-  if (c.head == Head::TokenClassification) {
-    int n = 2;  // transformers' PretrainedConfig default
-    if (j.contains("num_labels") && j["num_labels"].is_number_integer()) n = j["num_labels"].get<int>();
-    else if (j.contains("id2label") && j["id2label"].is_object()) n = int(j["id2label"].size());
-    if (n <= 0) fail(where, ": num_labels must be positive");
-    c.num_labels = n;
-  }
+  if (use == ConfigUse::Engine) check_engine_forward(j, where, c);
+  if (c.head == Head::TokenClassification) c.num_labels = parse_num_labels(j, where);
   c.torch_dtype = get_or<std::string>(j, "torch_dtype", get_or<std::string>(j, "dtype", "", where), where);
   // transformers builds the embedding as nn.Embedding(vocab, hidden, padding_idx=pad_token_id).
   if (j.contains("pad_token_id") && j["pad_token_id"].is_number_integer()) {

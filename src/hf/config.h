@@ -1,6 +1,9 @@
-// config.h — the transformer hyper-parameters read from a HuggingFace config.json, for the
-// families the engine implements (Llama, Qwen2, Qwen3) with a causal-LM or value (`score`)
-// head. Unknown architectures and rope scalings are errors that name what is supported.
+// config.h — the transformer hyper-parameters read from a HuggingFace config.json: the one
+// config.json parser of both the engine and the merger. The engine builds the dense families
+// (Llama, Qwen2, Qwen3) with a causal-LM or value (`score`) head; the Megatron merger maps the
+// MoE families too (Qwen2-MoE, Qwen3-MoE, Mixtral). Unknown architectures and (for the engine)
+// rope scalings and activations are errors that name what is supported. Defaults are those of
+// each family's transformers config class (LlamaConfig, Qwen2Config, ...).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -8,7 +11,7 @@
 
 namespace verl {
 
-enum class Family { Llama, Qwen2, Qwen3 };
+enum class Family { Llama, Qwen2, Qwen3, Qwen2Moe, Qwen3Moe, Mixtral };
 enum class Head { CausalLM, TokenClassification };
 
 struct RopeScaling {
@@ -28,19 +31,27 @@ struct ModelConfig {
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;
   bool attention_bias = false;  // q/k/v biases (Qwen2 always; Llama when attention_bias)
+  bool o_proj_bias = false;     // Llama's attention_bias biases o_proj too; Qwen2's does not
   bool mlp_bias = false;
   bool qk_norm = false;         // Qwen3: RMSNorm over head_dim on q and k
   int num_labels = 1;           // value head width
+  int num_experts = 0;          // MoE families: num_experts (Qwen) / num_local_experts (Mixtral)
   std::string hidden_act = "silu";
   std::string torch_dtype;      // "bfloat16", "float32", ... (informative)
   // The embedding row that gets no gradient (transformers: nn.Embedding padding_idx); -1: none.
   int64_t pad_token_id = -1;
 };
 
-// Every architecture string the engine builds.
-const std::vector<std::string>& supported_architectures();
+// Who reads the config: the engine (dense families, and only what its forward implements) or
+// the Megatron merger (MoE families too; rope, activation and attention window do not matter
+// to a weight conversion, and intermediate_size is not needed).
+enum class ConfigUse { Engine, Megatron };
+
+// Every architecture string the engine builds (or the Megatron merger maps).
+const std::vector<std::string>& supported_architectures(ConfigUse use = ConfigUse::Engine);
 // Parse config.json text; `where` names the file in errors.
-ModelConfig parse_model_config(const std::string& json_text, const std::string& where);
+ModelConfig parse_model_config(const std::string& json_text, const std::string& where,
+                               ConfigUse use = ConfigUse::Engine);
 // Read <dir>/config.json (or a path to the file itself).
 ModelConfig load_model_config(const std::string& dir_or_file);
 

@@ -59,22 +59,18 @@ int64_t DcpTensor::numel() const { return prod(size); }
 
 DcpCheckpoint::~DcpCheckpoint() = default;
 
-DcpCheckpoint::DcpCheckpoint(const std::string& dir) : dir_(dir) {
-  const fs::path mpath = fs::path(dir) / ".metadata";
-  if (!fs::is_directory(dir)) fail(dir, ": no such folder");
-  if (!fs::exists(mpath)) fail(mpath.string(), ": missing (not a PyTorch distributed checkpoint folder)");
-  const std::string where = mpath.string();
-  ValuePtr md = parse_pickle(read_text_file(where, 1u << 30), where);
-  if (!md->is(Value::Kind::Object) || !ends_with(md->str, ".Metadata"))
-    fail(where, ": expected a torch.distributed.checkpoint Metadata object, found ", md->repr(1));
-  ValuePtr sdm = need(md, "state_dict_metadata", where);
-  ValuePtr sdata = need(md, "storage_data", where);
-  if (!sdm->is(Value::Kind::Dict)) fail(where, ": state_dict_metadata is not a dict");
-  if (!sdata->is(Value::Kind::Dict)) fail(where, ": storage_data is not a dict");
+namespace {
 
-  // Storage entries: (fqn, chunk offsets) -> (file, offset, length).
-  struct Loc { int file; uint64_t off, len; };
-  std::map<std::pair<std::string, std::vector<int64_t>>, Loc> storage;
+// Storage entries of .metadata's storage_data: (fqn, chunk offsets) -> (file, offset, length).
+struct Loc {
+  int file;
+  uint64_t off, len;
+};
+using Storage = std::map<std::pair<std::string, std::vector<int64_t>>, Loc>;
+
+// Reads storage_data; the files it names are appended to `file_names` (ids: their index).
+Storage read_storage(const ValuePtr& sdata, const std::string& where, std::vector<std::string>& file_names) {
+  Storage storage;
   std::map<std::string, int> file_ids;
   for (size_t i = 0; i < sdata->dict_size(); ++i) {
     const ValuePtr& key = sdata->items[2 * i];
@@ -90,25 +86,89 @@ DcpCheckpoint::DcpCheckpoint(const std::string& dir) : dir_(dir) {
       fail(where, ": key '", fqn, "' is stored with transforms (", td->repr(), "): not supported");
     if (rel.empty() || rel.find("..") != std::string::npos || rel[0] == '/')
       fail(where, ": key '", fqn, "': suspicious storage file name '", rel, "'");
-    auto [it, fresh] = file_ids.emplace(rel, static_cast<int>(file_names_.size()));
-    if (fresh) file_names_.push_back(rel);
+    auto [it, fresh] = file_ids.emplace(rel, static_cast<int>(file_names.size()));
+    if (fresh) file_names.push_back(rel);
     if (!storage.emplace(std::make_pair(fqn, off), Loc{it->second, static_cast<uint64_t>(o), static_cast<uint64_t>(len)}).second)
       fail(where, ": key '", fqn, "' has two storage entries for the chunk at ", shape_str(off));
   }
+  return storage;
+}
 
-  // Every referenced file must exist and hold the items it is said to hold.
-  std::vector<uint64_t> need_len(file_names_.size(), 0);
+// One ChunkStorageMetadata of tensor t: inside the tensor, and held by a storage entry.
+DcpChunk read_chunk_meta(const ValuePtr& cv, const DcpTensor& t, const std::string& w, const Storage& storage) {
+  DcpChunk c;
+  c.offsets = ints(need(cv, "offsets", w), "chunk offsets", w);
+  c.sizes = ints(need(cv, "sizes", w), "chunk sizes", w);
+  if (c.offsets.size() != t.size.size() || c.sizes.size() != t.size.size())
+    fail(w, ": chunk at ", shape_str(c.offsets), " of size ", shape_str(c.sizes), " does not match the ", t.size.size(),
+         "-D tensor ", shape_str(t.size));
+  for (size_t k = 0; k < t.size.size(); ++k)
+    if (c.offsets[k] < 0 || c.sizes[k] < 0 || c.offsets[k] > t.size[k] || c.sizes[k] > t.size[k] - c.offsets[k])
+      fail(w, ": chunk at ", shape_str(c.offsets), " of size ", shape_str(c.sizes), " lies outside the tensor ",
+           shape_str(t.size));
+  auto it = storage.find({t.fqn, c.offsets});
+  if (it == storage.end() && c.offsets.empty()) it = storage.find({t.fqn, {}});
+  if (it == storage.end()) fail(w, ": chunk at ", shape_str(c.offsets), " has no storage entry (no file holds it)");
+  c.file = it->second.file;
+  c.offset = it->second.off;
+  c.length = it->second.len;
+  return c;
+}
+
+// One TensorStorageMetadata: size, dtype and chunks.
+DcpTensor read_tensor_meta(const std::string& fqn, const ValuePtr& m, const std::string& w, const Storage& storage) {
+  DcpTensor t;
+  t.fqn = fqn;
+  t.size = ints(need(m, "size", w), "size", w);
+  for (auto s : t.size)
+    if (s < 0) fail(w, ": negative size ", shape_str(t.size));
+  if (prod(t.size) > kMaxElems) fail(w, ": implausible size ", shape_str(t.size));
+  ValuePtr dt = need(need(m, "properties", w), "dtype", w);
+  const std::string dn = dt->is(Value::Kind::Global) || dt->is(Value::Kind::Str) ? dt->str : std::string();
+  auto d = dn.compare(0, 6, "torch.") == 0 ? dtype_from_torch_name(dn.substr(6)) : std::nullopt;
+  if (!d) fail(w, ": unsupported dtype ", dt->repr(1));
+  t.dtype = *d;
+  ValuePtr chunks = need(m, "chunks", w);
+  if (!chunks->is(Value::Kind::List) && !chunks->is(Value::Kind::Tuple)) fail(w, ": chunks is not a list");
+  for (const auto& cv : chunks->items) t.chunks.push_back(read_chunk_meta(cv, t, w, storage));
+  return t;
+}
+
+// Every referenced file must exist and hold the items it is said to hold; `*bytes` = their size.
+std::vector<std::shared_ptr<const File>> open_files(const Storage& storage, const std::vector<std::string>& names,
+                                                   const std::string& dir, const std::string& where, uint64_t* bytes) {
+  std::vector<uint64_t> need_len(names.size(), 0);
   for (const auto& [k, l] : storage) need_len[l.file] = std::max(need_len[l.file], l.off + l.len);
-  for (size_t f = 0; f < file_names_.size(); ++f) {
-    const fs::path p = fs::path(dir) / file_names_[f];
+  std::vector<std::shared_ptr<const File>> files;
+  for (size_t f = 0; f < names.size(); ++f) {
+    const fs::path p = fs::path(dir) / names[f];
     if (!fs::exists(p)) fail(p.string(), ": missing (named by ", where, ")");
     auto file = std::make_shared<File>(p.string());
     if (file->size() < need_len[f])
       fail(p.string(), ": ", file->size(), " bytes but the metadata places items up to byte ", need_len[f],
            " (truncated file)");
-    input_bytes_ += file->size();
-    files_.push_back(std::move(file));
+    *bytes += file->size();
+    files.push_back(std::move(file));
   }
+  return files;
+}
+
+}  // namespace
+
+DcpCheckpoint::DcpCheckpoint(const std::string& dir) : dir_(dir) {
+  const fs::path mpath = fs::path(dir) / ".metadata";
+  if (!fs::is_directory(dir)) fail(dir, ": no such folder");
+  if (!fs::exists(mpath)) fail(mpath.string(), ": missing (not a PyTorch distributed checkpoint folder)");
+  const std::string where = mpath.string();
+  ValuePtr md = parse_pickle(read_text_file(where, 1u << 30), where);
+  if (!md->is(Value::Kind::Object) || !ends_with(md->str, ".Metadata"))
+    fail(where, ": expected a torch.distributed.checkpoint Metadata object, found ", md->repr(1));
+  ValuePtr sdm = need(md, "state_dict_metadata", where);
+  ValuePtr sdata = need(md, "storage_data", where);
+  if (!sdm->is(Value::Kind::Dict)) fail(where, ": state_dict_metadata is not a dict");
+  if (!sdata->is(Value::Kind::Dict)) fail(where, ": storage_data is not a dict");
+  const Storage storage = read_storage(sdata, where, file_names_);
+  files_ = open_files(storage, file_names_, dir, where, &input_bytes_);
 
   for (size_t i = 0; i < sdm->dict_size(); ++i) {
     const std::string fqn = sdm->items[2 * i]->as_str("state_dict_metadata key");
@@ -122,39 +182,7 @@ DcpCheckpoint::DcpCheckpoint(const std::string& dir) : dir_(dir) {
       continue;
     }
     if (!ends_with(m->str, "TensorStorageMetadata")) fail(w, ": unknown storage metadata class ", m->str);
-    DcpTensor t;
-    t.fqn = fqn;
-    t.size = ints(need(m, "size", w), "size", w);
-    for (auto s : t.size)
-      if (s < 0) fail(w, ": negative size ", shape_str(t.size));
-    if (prod(t.size) > kMaxElems) fail(w, ": implausible size ", shape_str(t.size));
-    ValuePtr dt = need(need(m, "properties", w), "dtype", w);
-    const std::string dn = dt->is(Value::Kind::Global) || dt->is(Value::Kind::Str) ? dt->str : std::string();
-    auto d = dn.compare(0, 6, "torch.") == 0 ? dtype_from_torch_name(dn.substr(6)) : std::nullopt;
-    if (!d) fail(w, ": unsupported dtype ", dt->repr(1));
-    t.dtype = *d;
-    ValuePtr chunks = need(m, "chunks", w);
-    if (!chunks->is(Value::Kind::List) && !chunks->is(Value::Kind::Tuple)) fail(w, ": chunks is not a list");
-    for (const auto& cv : chunks->items) {
-      DcpChunk c;
-      c.offsets = ints(need(cv, "offsets", w), "chunk offsets", w);
-      c.sizes = ints(need(cv, "sizes", w), "chunk sizes", w);
-      if (c.offsets.size() != t.size.size() || c.sizes.size() != t.size.size())
-        fail(w, ": chunk at ", shape_str(c.offsets), " of size ", shape_str(c.sizes), " does not match the ",
-             t.size.size(), "-D tensor ", shape_str(t.size));
-      for (size_t k = 0; k < t.size.size(); ++k)
-        if (c.offsets[k] < 0 || c.sizes[k] < 0 || c.offsets[k] > t.size[k] || c.sizes[k] > t.size[k] - c.offsets[k])
-          fail(w, ": chunk at ", shape_str(c.offsets), " of size ", shape_str(c.sizes), " lies outside the tensor ",
-               shape_str(t.size));
-      auto it = storage.find({fqn, c.offsets});
-      if (it == storage.end() && c.offsets.empty()) it = storage.find({fqn, {}});
-      if (it == storage.end())
-        fail(w, ": chunk at ", shape_str(c.offsets), " has no storage entry (no file holds it)");
-      c.file = it->second.file;
-      c.offset = it->second.off;
-      c.length = it->second.len;
-      t.chunks.push_back(std::move(c));
-    }
+    DcpTensor t = read_tensor_meta(fqn, m, w, storage);
     check_layout(t);
     index_[fqn] = tensors_.size();
     tensors_.push_back(std::move(t));
@@ -199,8 +227,6 @@ std::shared_ptr<const DcpCheckpoint::Located> DcpCheckpoint::locate(const DcpTen
   }
   const File& f = file(c.file);
   const std::string w = f.path() + ": key '" + t.fqn + "' chunk at " + shape_str(c.offsets);
-  const size_t es = dtype_size(t.dtype);
-  const uint64_t nbytes = static_cast<uint64_t>(c.numel()) * es;
   auto loc = std::make_shared<Located>();
   loc->size = c.sizes;
   loc->stride.assign(c.sizes.size(), 1);
@@ -211,87 +237,94 @@ std::shared_ptr<const DcpCheckpoint::Located> DcpCheckpoint::locate(const DcpTen
   uint8_t head[12] = {0};
   const uint64_t peek = std::min<uint64_t>(f.size() - c.offset, sizeof head);
   if (peek) f.read_at(head, peek, c.offset);
-  if (peek >= 4 && head[0] == 'P' && head[1] == 'K' && head[2] == 3 && head[3] == 4) {
-    // A torch.save archive of the chunk.
-    ZipReader zip(files_[c.file], c.offset, c.length);
-    const std::string prefix = zip.torch_prefix();
-    const ZipEntry* pkl = zip.find(prefix + "/data.pkl");
-    ValuePtr v = parse_pickle(zip.read(*pkl, 64u << 20), w + " data.pkl");
-    if (!v->is(Value::Kind::Tensor)) fail(w, ": the item is not a saved tensor (found ", v->repr(1), ")");
-    const TensorRef& r = *v->tensor;
-    if (r.dtype != t.dtype)
-      fail(w, ": item dtype ", dtype_st_name(r.dtype), " but the metadata says ", dtype_st_name(t.dtype));
-    // A contiguous item of another shape with the same element count is the chunk reshaped.
-    if (r.numel() != c.numel() || (r.size != c.sizes && !r.is_contiguous()))
-      fail(w, ": item shape ", shape_str(r.size), " but the metadata says ", shape_str(c.sizes));
-    if (r.size.size() != r.stride.size()) fail(w, ": item size and stride ranks differ");
-    const ZipEntry* rec = zip.find(prefix + "/data/" + r.storage.key);
-    if (!rec && r.numel() > 0) fail(w, ": storage record '", prefix, "/data/", r.storage.key, "' is missing");
-    if (rec) {
-      if (rec->size % es) fail(w, ": storage record size ", rec->size, " is not a multiple of ", es);
-      int64_t last = r.storage_offset;
-      for (size_t k = 0; k < r.size.size(); ++k) {
-        if (r.stride[k] < 0) fail(w, ": negative stride");
-        if (r.size[k] > 0) last += (r.size[k] - 1) * r.stride[k];
-      }
-      if (r.numel() > 0 && (r.storage_offset < 0 || last >= static_cast<int64_t>(rec->size / es)))
-        fail(w, ": view reaches element ", last, " but its storage has ", rec->size / es, " elements (corrupted item)");
-      loc->base = static_cast<int64_t>(rec->data_offset);
-    }
-    loc->storage_offset = r.storage_offset;
-    loc->contiguous = r.is_contiguous();
-    if (!loc->contiguous) loc->stride = r.stride;
-  } else {
-    // A safetensors blob shared by the file's tensors, or the raw bytes of the chunk.
-    uint64_t hlen = 0;
-    std::memcpy(&hlen, head, 8);
-    const bool st = peek >= 9 && head[8] == '{' && hlen >= 2 && hlen <= SafetensorsReader::kMaxHeader &&
-                    c.offset + 8 + hlen <= f.size();
-    std::shared_ptr<const std::map<std::string, StEntry>> hdr;
-    if (st) {
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        auto it = st_headers_.find({c.file, c.offset});
-        if (it != st_headers_.end()) hdr = it->second;
-      }
-      if (!hdr) {
-        std::vector<StTensor> tv;
-        std::map<std::string, std::string> meta;
-        try {
-          parse_safetensors_header(f.read_string(static_cast<size_t>(hlen), c.offset + 8), f.size() - c.offset - 8 - hlen,
-                                   f.path() + " (safetensors blob at offset " + std::to_string(c.offset) + ")", &tv, &meta);
-        } catch (const Error&) {
-          if (c.length != nbytes) throw;  // else: raw bytes that happen to look like a header
-          tv.clear();
-        }
-        if (!tv.empty()) {
-          auto m = std::make_shared<std::map<std::string, StEntry>>();
-          for (const auto& x : tv) (*m)[x.name] = StEntry{x.begin, x.end, x.dtype, x.shape};
-          hdr = m;
-          std::lock_guard<std::mutex> lk(mu_);
-          st_headers_[{c.file, c.offset}] = hdr;
-        }
-      }
-    }
-    if (hdr) {
-      auto it = hdr->find(t.fqn);
-      if (it == hdr->end()) fail(w, ": the safetensors blob holds no tensor named '", t.fqn, "'");
-      const StEntry& e = it->second;
-      if (e.dtype != t.dtype)
-        fail(w, ": safetensors dtype ", dtype_st_name(e.dtype), " but the metadata says ", dtype_st_name(t.dtype));
-      if (prod(e.shape) != c.numel())
-        fail(w, ": safetensors shape ", shape_str(e.shape), " but the metadata says ", shape_str(c.sizes));
-      loc->base = static_cast<int64_t>(c.offset + 8 + hlen + e.begin);
-    } else {
-      if (c.length != nbytes)
-        fail(w, ": item of ", c.length, " bytes is neither a torch.save archive nor a safetensors blob, and not the ",
-             nbytes, " raw bytes of a ", shape_str(c.sizes), " ", dtype_st_name(t.dtype), " chunk");
-      loc->base = static_cast<int64_t>(c.offset);
-    }
-  }
+  if (peek >= 4 && head[0] == 'P' && head[1] == 'K' && head[2] == 3 && head[3] == 4) locate_torch_item(t, c, w, *loc);
+  else locate_blob_or_raw(t, c, w, head, peek, *loc);
   std::lock_guard<std::mutex> lk(mu_);
   located_[&c] = loc;
   return loc;
+}
+
+void DcpCheckpoint::locate_torch_item(const DcpTensor& t, const DcpChunk& c, const std::string& w, Located& loc) const {
+  const size_t es = dtype_size(t.dtype);
+  ZipReader zip(files_[c.file], c.offset, c.length);
+  const std::string prefix = zip.torch_prefix();
+  const ZipEntry* pkl = zip.find(prefix + "/data.pkl");
+  ValuePtr v = parse_pickle(zip.read(*pkl, 64u << 20), w + " data.pkl");
+  if (!v->is(Value::Kind::Tensor)) fail(w, ": the item is not a saved tensor (found ", v->repr(1), ")");
+  const TensorRef& r = *v->tensor;
+  if (r.dtype != t.dtype) fail(w, ": item dtype ", dtype_st_name(r.dtype), " but the metadata says ", dtype_st_name(t.dtype));
+  // A contiguous item of another shape with the same element count is the chunk reshaped.
+  if (r.numel() != c.numel() || (r.size != c.sizes && !r.is_contiguous()))
+    fail(w, ": item shape ", shape_str(r.size), " but the metadata says ", shape_str(c.sizes));
+  if (r.size.size() != r.stride.size()) fail(w, ": item size and stride ranks differ");
+  const ZipEntry* rec = zip.find(prefix + "/data/" + r.storage.key);
+  if (!rec && r.numel() > 0) fail(w, ": storage record '", prefix, "/data/", r.storage.key, "' is missing");
+  if (rec) {
+    if (rec->size % es) fail(w, ": storage record size ", rec->size, " is not a multiple of ", es);
+    int64_t last = r.storage_offset;
+    for (size_t k = 0; k < r.size.size(); ++k) {
+      if (r.stride[k] < 0) fail(w, ": negative stride");
+      if (r.size[k] > 0) last += (r.size[k] - 1) * r.stride[k];
+    }
+    if (r.numel() > 0 && (r.storage_offset < 0 || last >= static_cast<int64_t>(rec->size / es)))
+      fail(w, ": view reaches element ", last, " but its storage has ", rec->size / es, " elements (corrupted item)");
+    loc.base = static_cast<int64_t>(rec->data_offset);
+  }
+  loc.storage_offset = r.storage_offset;
+  loc.contiguous = r.is_contiguous();
+  if (!loc.contiguous) loc.stride = r.stride;
+}
+
+std::shared_ptr<const std::map<std::string, DcpCheckpoint::StEntry>> DcpCheckpoint::blob_header(const DcpChunk& c,
+                                                                                              uint64_t hlen,
+                                                                                              uint64_t nbytes) const {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = st_headers_.find({c.file, c.offset});
+    if (it != st_headers_.end()) return it->second;
+  }
+  const File& f = file(c.file);
+  std::vector<StTensor> tv;
+  std::map<std::string, std::string> meta;
+  try {
+    parse_safetensors_header(f.read_string(static_cast<size_t>(hlen), c.offset + 8), f.size() - c.offset - 8 - hlen,
+                             f.path() + " (safetensors blob at offset " + std::to_string(c.offset) + ")", &tv, &meta);
+  } catch (const Error&) {
+    if (c.length != nbytes) throw;  // else: raw bytes that happen to look like a header
+    tv.clear();
+  }
+  if (tv.empty()) return nullptr;
+  auto m = std::make_shared<std::map<std::string, StEntry>>();
+  for (const auto& x : tv) (*m)[x.name] = StEntry{x.begin, x.end, x.dtype, x.shape};
+  std::lock_guard<std::mutex> lk(mu_);
+  st_headers_[{c.file, c.offset}] = m;
+  return m;
+}
+
+void DcpCheckpoint::locate_blob_or_raw(const DcpTensor& t, const DcpChunk& c, const std::string& w, const uint8_t* head,
+                                       uint64_t peek, Located& loc) const {
+  const File& f = file(c.file);
+  const uint64_t nbytes = static_cast<uint64_t>(c.numel()) * dtype_size(t.dtype);
+  uint64_t hlen = 0;
+  std::memcpy(&hlen, head, 8);
+  const bool st = peek >= 9 && head[8] == '{' && hlen >= 2 && hlen <= SafetensorsReader::kMaxHeader &&
+                  c.offset + 8 + hlen <= f.size();
+  const auto hdr = st ? blob_header(c, hlen, nbytes) : nullptr;
+  if (hdr) {
+    auto it = hdr->find(t.fqn);
+    if (it == hdr->end()) fail(w, ": the safetensors blob holds no tensor named '", t.fqn, "'");
+    const StEntry& e = it->second;
+    if (e.dtype != t.dtype)
+      fail(w, ": safetensors dtype ", dtype_st_name(e.dtype), " but the metadata says ", dtype_st_name(t.dtype));
+    if (prod(e.shape) != c.numel())
+      fail(w, ": safetensors shape ", shape_str(e.shape), " but the metadata says ", shape_str(c.sizes));
+    loc.base = static_cast<int64_t>(c.offset + 8 + hlen + e.begin);
+    return;
+  }
+  if (c.length != nbytes)
+    fail(w, ": item of ", c.length, " bytes is neither a torch.save archive nor a safetensors blob, and not the ", nbytes,
+         " raw bytes of a ", shape_str(c.sizes), " ", dtype_st_name(t.dtype), " chunk");
+  loc.base = static_cast<int64_t>(c.offset);
 }
 
 void DcpCheckpoint::read_chunk(const DcpTensor& t, size_t ci, int64_t first, int64_t n, void* dst) const {

@@ -82,6 +82,13 @@ class DcpCheckpoint {
 
   const File& file(int i) const;
   std::shared_ptr<const Located> locate(const DcpTensor& t, const DcpChunk& c) const;
+  // locate() for each item format: a torch.save archive of the chunk; a safetensors blob
+  // shared by the file's tensors (its header parsed once, cached) or the chunk's raw bytes.
+  void locate_torch_item(const DcpTensor& t, const DcpChunk& c, const std::string& w, Located& loc) const;
+  void locate_blob_or_raw(const DcpTensor& t, const DcpChunk& c, const std::string& w, const uint8_t* head,
+                          uint64_t peek, Located& loc) const;
+  std::shared_ptr<const std::map<std::string, StEntry>> blob_header(const DcpChunk& c, uint64_t hlen,
+                                                                   uint64_t nbytes) const;
   void check_layout(const DcpTensor& t) const;
 };
 

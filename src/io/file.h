@@ -4,30 +4,43 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <utility>
 
 namespace verl {
+
+// An owned file descriptor (-1: none), closed once; moving transfers it. The handles below
+// hold their OS resources in such members, so they are movable and not copyable by default.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd();
+  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  Fd& operator=(Fd&& o) noexcept;
+  int get() const { return fd_; }
+  int release() { return std::exchange(fd_, -1); }
+
+ private:
+  int fd_ = -1;
+};
 
 class File {
  public:
   File() = default;
   explicit File(const std::string& path);  // opens read-only; throws Error naming the path
-  ~File();
-  File(File&& o) noexcept;
-  File& operator=(File&& o) noexcept;
-  File(const File&) = delete;
-  File& operator=(const File&) = delete;
 
   const std::string& path() const { return path_; }
   uint64_t size() const { return size_; }
   // Reads exactly n bytes at off into dst (thread-safe); throws if the file is shorter.
   void read_at(void* dst, size_t n, uint64_t off) const;
   std::string read_string(size_t n, uint64_t off) const;
-  int fd() const { return fd_; }
+  int fd() const { return fd_.get(); }
 
  private:
   std::string path_;
-  int fd_ = -1;
+  Fd fd_;
   uint64_t size_ = 0;
 };
 
@@ -36,21 +49,20 @@ class MappedFile {
  public:
   MappedFile() = default;
   explicit MappedFile(const std::string& path);
-  ~MappedFile();
-  MappedFile(MappedFile&& o) noexcept;
-  MappedFile& operator=(MappedFile&& o) noexcept;
-  MappedFile(const MappedFile&) = delete;
-  MappedFile& operator=(const MappedFile&) = delete;
 
   const std::string& path() const { return path_; }
-  const uint8_t* data() const { return data_; }
+  const uint8_t* data() const { return data_.get(); }
   uint64_t size() const { return size_; }
   // Drop the pages of [off, off+n) from this process's resident set.
   void release(uint64_t off, uint64_t n) const;
 
  private:
+  struct Unmap {
+    uint64_t size;  // bytes mapped
+    void operator()(uint8_t* p) const;
+  };
   std::string path_;
-  uint8_t* data_ = nullptr;
+  std::unique_ptr<uint8_t, Unmap> data_;
   uint64_t size_ = 0;
 };
 
@@ -58,9 +70,6 @@ class MappedFile {
 class OutFile {
  public:
   explicit OutFile(const std::string& path);  // creates / truncates
-  ~OutFile();
-  OutFile(const OutFile&) = delete;
-  OutFile& operator=(const OutFile&) = delete;
   void write(const void* src, size_t n);
   uint64_t written() const { return written_; }
   void close(bool sync = false);  // flushes; throws on error
@@ -68,7 +77,7 @@ class OutFile {
 
  private:
   std::string path_;
-  int fd_ = -1;
+  Fd fd_;
   uint64_t written_ = 0;
 };
 

@@ -95,24 +95,41 @@ OutputClaim::OutputClaim(const std::string& target, const Options& opt) : opt_(o
   if (t.filename().empty()) t = t.parent_path();
   target_ = t.string();
   const std::string& w = opt.what;
-  const bool folder = opt.kind == Kind::Folder;
-
-  // 1. Never an input: the target may not be one, nor hold one.
-  for (const auto& in : opt.inputs) {
-    if (in.empty() || !path_exists_nofollow(in)) continue;
-    if (holds_input(t, in))
-      fail(w, " ", target_, ": ", resolved(t) == resolved(in) ? "is" : "holds", " the input ", in,
-           " (same file system object after symlinks and mounts): refusing to write there");
-  }
-
+  refuse_inputs(t);
   std::error_code ec;
   const fs::path parent = t.parent_path();
   fs::create_directories(parent, ec);
   if (ec) fail(w, " ", target_, ": cannot create its parent folder: ", ec.message());
   if (!fs::is_directory(parent)) fail(w, " ", target_, ": ", parent.string(), " is not a folder");
+  take_lock();
+  try {
+    remove_dead_temps(t);
+    check_existing(t);
+    temp_ = temp_path(target_, ::getpid());
+    if (opt.kind == Kind::Folder) {
+      fs::remove_all(temp_, ec);
+      if (::mkdir(temp_.c_str(), 0755) != 0) fail(w, " ", target_, ": cannot write in ", parent.string(), ": ", err());
+    }
+  } catch (...) {
+    release();
+    throw;
+  }
+}
 
-  // 2. Exclusive claim: flock on a lock file beside the target. The lock file's inode is
-  //    re-checked after locking, so one unlinked by a finishing holder is not trusted.
+// 1. Never an input: the target may not be one, nor hold one.
+void OutputClaim::refuse_inputs(const fs::path& t) const {
+  for (const auto& in : opt_.inputs) {
+    if (in.empty() || !path_exists_nofollow(in)) continue;
+    if (holds_input(t, in))
+      fail(opt_.what, " ", target_, ": ", resolved(t) == resolved(in) ? "is" : "holds", " the input ", in,
+           " (same file system object after symlinks and mounts): refusing to write there");
+  }
+}
+
+// 2. Exclusive claim: flock on a lock file beside the target. The lock file's inode is
+//    re-checked after locking, so one unlinked by a finishing holder is not trusted.
+void OutputClaim::take_lock() {
+  const std::string& w = opt_.what;
   lock_ = lock_path(target_);
   for (int attempt = 0;; ++attempt) {
     int fd = ::open(lock_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
@@ -139,46 +156,42 @@ OutputClaim::OutputClaim(const std::string& target, const Options& opt) : opt_(o
   }
   const std::string me = std::to_string(::getpid()) + "\n";
   if (::ftruncate(lock_fd_, 0) != 0 || ::pwrite(lock_fd_, me.data(), me.size(), 0) < 0) { /* pid is informative only */ }
+}
 
-  try {
-    // 3. Temporaries of processes that are gone (we hold the claim, so nobody that respects
-    //    it is writing one). Never one that holds an input.
-    const std::string stem = "." + t.filename().string() + ".tmp-";
-    for (const auto& e : fs::directory_iterator(parent, ec)) {
-      const std::string n = e.path().filename().string();
-      if (n.compare(0, stem.size(), stem) != 0 || n.size() == stem.size()) continue;
-      const std::string digits = n.substr(stem.size());
-      if (digits.find_first_not_of("0123456789") != std::string::npos || digits.size() > 9) continue;
-      const long pid = std::stol(digits);
-      if (pid != ::getpid() && process_alive(pid)) continue;
-      bool holds = false;
-      for (const auto& in : opt.inputs)
-        if (!in.empty() && path_exists_nofollow(in) && holds_input(e.path(), in)) holds = true;
-      if (holds) continue;
-      std::error_code rec;
-      fs::remove_all(e.path(), rec);
-    }
+// 3. Temporaries of processes that are gone (we hold the claim, so nobody that respects it is
+//    writing one). Never one that holds an input.
+void OutputClaim::remove_dead_temps(const fs::path& t) const {
+  std::error_code ec;
+  const std::string stem = "." + t.filename().string() + ".tmp-";
+  for (const auto& e : fs::directory_iterator(t.parent_path(), ec)) {
+    const std::string n = e.path().filename().string();
+    if (n.compare(0, stem.size(), stem) != 0 || n.size() == stem.size()) continue;
+    const std::string digits = n.substr(stem.size());
+    if (digits.find_first_not_of("0123456789") != std::string::npos || digits.size() > 9) continue;
+    const long pid = std::stol(digits);
+    if (pid != ::getpid() && process_alive(pid)) continue;
+    bool holds = false;
+    for (const auto& in : opt_.inputs)
+      if (!in.empty() && path_exists_nofollow(in) && holds_input(e.path(), in)) holds = true;
+    if (holds) continue;
+    std::error_code rec;
+    fs::remove_all(e.path(), rec);
+  }
+}
 
-    // 4. What is there now.
-    struct stat st {};
-    if (::lstat(target_.c_str(), &st) == 0) {
-      const bool is_dir = fs::is_directory(t);  // a symlink to a folder counts as a folder
-      if (folder && !is_dir) fail(w, " ", target_, ": exists and is not a folder");
-      if (!folder && is_dir) fail(w, " ", target_, ": is a folder, expected a file path");
-      if (!opt.overwrite) {
-        if (!folder) fail(w, " ", target_, ": exists (pass --overwrite to replace it)");
-        if (!fs::is_empty(t, ec)) fail(w, " ", target_, ": exists and is not empty (pass --overwrite to replace it)");
-      }
-    }
-
-    temp_ = temp_path(target_, ::getpid());
-    if (folder) {
-      fs::remove_all(temp_, ec);
-      if (::mkdir(temp_.c_str(), 0755) != 0) fail(w, " ", target_, ": cannot write in ", parent.string(), ": ", err());
-    }
-  } catch (...) {
-    release();
-    throw;
+// 4. What is there now: the right kind, and empty unless --overwrite.
+void OutputClaim::check_existing(const fs::path& t) const {
+  const std::string& w = opt_.what;
+  const bool folder = opt_.kind == Kind::Folder;
+  std::error_code ec;
+  struct stat st {};
+  if (::lstat(target_.c_str(), &st) != 0) return;
+  const bool is_dir = fs::is_directory(t);  // a symlink to a folder counts as a folder
+  if (folder && !is_dir) fail(w, " ", target_, ": exists and is not a folder");
+  if (!folder && is_dir) fail(w, " ", target_, ": is a folder, expected a file path");
+  if (!opt_.overwrite) {
+    if (!folder) fail(w, " ", target_, ": exists (pass --overwrite to replace it)");
+    if (!fs::is_empty(t, ec)) fail(w, " ", target_, ": exists and is not empty (pass --overwrite to replace it)");
   }
 }
 

@@ -25,6 +25,7 @@
 // Torch-free (POSIX + std only): the merger, `verlcpp logprob --out` and engine checkpoints
 // share it. Errors are verl::Error with a one-line message naming the path.
 #pragma once
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -64,6 +65,11 @@ class OutputClaim {
   int lock_fd_ = -1;
   bool committed_ = false;
   void release();
+  // The constructor's steps, in order.
+  void refuse_inputs(const std::filesystem::path& t) const;
+  void take_lock();
+  void remove_dead_temps(const std::filesystem::path& t) const;
+  void check_existing(const std::filesystem::path& t) const;
 };
 
 // Throws Error if `a` and `b` name the same file (device + inode, after symlinks), e.g.

@@ -290,6 +290,12 @@ class Parser {
     if (!*slot && memo_count_++ >= lim_.max_memo) bad("memo larger than ", lim_.max_memo);
     *slot = v;
   }
+  // The memo index of a text PUT / GET: a non-negative decimal line.
+  uint64_t memo_index_text(const char* op) {
+    auto v = int_text(line());
+    if (!v->is(K::Int) || v->i < 0) bad("invalid ", op, " index");
+    return static_cast<uint64_t>(v->i);
+  }
   void memo_get(uint64_t key) {
     ValuePtr* slot = memo_slot(key, false);
     if (!slot || !*slot) bad("memo key ", key, " not found");
@@ -918,23 +924,13 @@ ValuePtr Parser::parse() {
         build(top(), state);
         break;
       }
-      case 'p': {  // PUT (text)
-        auto v = int_text(line());
-        if (!v->is(K::Int) || v->i < 0) bad("invalid PUT index");
-        memo_put(static_cast<uint64_t>(v->i));
-        break;
-      }
-      case 'q': memo_put(le(1)); break;           // BINPUT
-      case 'r': memo_put(le(4)); break;           // LONG_BINPUT
-      case 0x94: memo_put(memo_count_); break;    // MEMOIZE
-      case 'g': {                                 // GET (text)
-        auto v = int_text(line());
-        if (!v->is(K::Int) || v->i < 0) bad("invalid GET index");
-        memo_get(static_cast<uint64_t>(v->i));
-        break;
-      }
-      case 'h': memo_get(le(1)); break;  // BINGET
-      case 'j': memo_get(le(4)); break;  // LONG_BINGET
+      case 'p': memo_put(memo_index_text("PUT")); break;  // PUT (text)
+      case 'q': memo_put(le(1)); break;                    // BINPUT
+      case 'r': memo_put(le(4)); break;                    // LONG_BINPUT
+      case 0x94: memo_put(memo_count_); break;             // MEMOIZE
+      case 'g': memo_get(memo_index_text("GET")); break;  // GET (text)
+      case 'h': memo_get(le(1)); break;                    // BINGET
+      case 'j': memo_get(le(4)); break;                    // LONG_BINGET
       case 'P': push(persistent(make_str(K::Str, std::string(line())))); break;  // PERSID
       case 'Q': push(persistent(pop())); break;                                  // BINPERSID
       case 0x97: case 0x98: bad("out-of-band buffers (NEXT_BUFFER/READONLY_BUFFER) are not supported");

@@ -85,16 +85,16 @@ uint64_t StSpec::nbytes() const {
   return *n;
 }
 
-void parse_safetensors_header(const std::string& text, uint64_t data_size, const std::string& where,
-                              std::vector<StTensor>* tensors,
-                              std::map<std::string, std::string>* metadata) {
-  const std::string w = where + ": safetensors header";
+namespace {
+
+// The header text as JSON, after a first SAX pass that bounds nesting (the format needs depth
+// 2) and rejects duplicate names; then a plain DOM parse. Both are linear in the header size
+// (nlohmann's callback parser rescans the parent object at every closing brace: quadratic in
+// the number of keys).
+json parse_header_json(const std::string& text, const std::string& w) {
   if (text.empty() || text[0] != '{')
     fail(w, ": expected a JSON object starting with '{', found ",
          text.empty() ? std::string("nothing") : "'" + brief(json(text.substr(0, 16))) + "'");
-  // A first SAX pass bounds nesting (the format needs depth 2) and rejects duplicate names;
-  // then a plain DOM parse. Both are linear in the header size (nlohmann's callback parser
-  // rescans the parent object at every closing brace: quadratic in the number of keys).
   struct Check : json::json_sax_t {
     std::unordered_set<std::string> keys;
     int depth = 0;
@@ -132,54 +132,56 @@ void parse_safetensors_header(const std::string& text, uint64_t data_size, const
   }
   if (!h.is_object()) fail(w, ": expected a JSON object, found ", h.type_name());
 
-  tensors->clear();
-  metadata->clear();
-  for (const auto& [name, v] : h.items()) {
-    const std::string k = w + ": key '" + name + "'";
-    if (name == "__metadata__") {
-      if (!v.is_object()) fail(k, ": expected an object of strings, found ", brief(v));
-      for (const auto& [mk, mv] : v.items()) {
-        if (!mv.is_string()) fail(k, ": entry '", mk, "': expected a string, found ", brief(mv));
-        (*metadata)[mk] = mv.get<std::string>();
-      }
-      continue;
-    }
-    if (!v.is_object()) fail(k, ": expected an object {dtype, shape, data_offsets}, found ", brief(v));
-    StTensor t;
-    t.name = name;
-    auto dt = v.find("dtype");
-    if (dt == v.end() || !dt->is_string()) fail(k, ": expected a string 'dtype', found ", dt == v.end() ? "none" : brief(*dt));
-    auto d = dtype_from_st_name(dt->get<std::string>());
-    if (!d) fail(k, ": unknown dtype ", brief(*dt));
-    t.dtype = *d;
-    auto sh = v.find("shape");
-    if (sh == v.end() || !sh->is_array()) fail(k, ": expected an array 'shape', found ", sh == v.end() ? "none" : brief(*sh));
-    for (const auto& x : *sh) {
-      if (!x.is_number_unsigned() || x.get<uint64_t>() > uint64_t(INT64_MAX))
-        fail(k, ": expected non-negative integer dims in 'shape', found ", brief(*sh));
-      t.shape.push_back(static_cast<int64_t>(x.get<uint64_t>()));
-    }
-    auto of = v.find("data_offsets");
-    if (of == v.end() || !of->is_array() || of->size() != 2 || !(*of)[0].is_number_unsigned() ||
-        !(*of)[1].is_number_unsigned())
-      fail(k, ": expected 'data_offsets' [begin, end] of non-negative integers, found ",
-           of == v.end() ? "none" : brief(*of));
-    t.begin = (*of)[0].get<uint64_t>();
-    t.end = (*of)[1].get<uint64_t>();
-    if (t.end < t.begin) fail(k, ": data_offsets end ", t.end, " is before begin ", t.begin);
-    if (t.end > data_size)
-      fail(k, ": data_offsets [", t.begin, ", ", t.end, ") go past the data area of ", data_size, " bytes");
-    auto n = byte_size(t.shape, dtype_size(t.dtype));
-    if (!n) fail(k, ": shape ", shape_str(t.shape), " overflows");
-    if (*n != t.nbytes())
-      fail(k, ": shape ", shape_str(t.shape), " of ", dtype_st_name(t.dtype), " needs ", *n,
-           " bytes, but data_offsets span ", t.nbytes());
-    tensors->push_back(std::move(t));
-  }
+  return h;
+}
 
-  // Sorted by position, the tensors must tile [0, data_size) without gaps or overlaps.
+// __metadata__: an object of strings.
+void read_metadata(const json& v, const std::string& k, std::map<std::string, std::string>* metadata) {
+  if (!v.is_object()) fail(k, ": expected an object of strings, found ", brief(v));
+  for (const auto& [mk, mv] : v.items()) {
+    if (!mv.is_string()) fail(k, ": entry '", mk, "': expected a string, found ", brief(mv));
+    (*metadata)[mk] = mv.get<std::string>();
+  }
+}
+
+// One tensor entry {dtype, shape, data_offsets}: a known dtype, and offsets inside the data
+// area spanning exactly its bytes.
+StTensor read_entry(const std::string& name, const json& v, const std::string& k, uint64_t data_size) {
+  if (!v.is_object()) fail(k, ": expected an object {dtype, shape, data_offsets}, found ", brief(v));
+  StTensor t;
+  t.name = name;
+  auto dt = v.find("dtype");
+  if (dt == v.end() || !dt->is_string()) fail(k, ": expected a string 'dtype', found ", dt == v.end() ? "none" : brief(*dt));
+  auto d = dtype_from_st_name(dt->get<std::string>());
+  if (!d) fail(k, ": unknown dtype ", brief(*dt));
+  t.dtype = *d;
+  auto sh = v.find("shape");
+  if (sh == v.end() || !sh->is_array()) fail(k, ": expected an array 'shape', found ", sh == v.end() ? "none" : brief(*sh));
+  for (const auto& x : *sh) {
+    if (!x.is_number_unsigned() || x.get<uint64_t>() > uint64_t(INT64_MAX))
+      fail(k, ": expected non-negative integer dims in 'shape', found ", brief(*sh));
+    t.shape.push_back(static_cast<int64_t>(x.get<uint64_t>()));
+  }
+  auto of = v.find("data_offsets");
+  if (of == v.end() || !of->is_array() || of->size() != 2 || !(*of)[0].is_number_unsigned() ||
+      !(*of)[1].is_number_unsigned())
+    fail(k, ": expected 'data_offsets' [begin, end] of non-negative integers, found ", of == v.end() ? "none" : brief(*of));
+  t.begin = (*of)[0].get<uint64_t>();
+  t.end = (*of)[1].get<uint64_t>();
+  if (t.end < t.begin) fail(k, ": data_offsets end ", t.end, " is before begin ", t.begin);
+  if (t.end > data_size) fail(k, ": data_offsets [", t.begin, ", ", t.end, ") go past the data area of ", data_size, " bytes");
+  auto n = byte_size(t.shape, dtype_size(t.dtype));
+  if (!n) fail(k, ": shape ", shape_str(t.shape), " overflows");
+  if (*n != t.nbytes())
+    fail(k, ": shape ", shape_str(t.shape), " of ", dtype_st_name(t.dtype), " needs ", *n, " bytes, but data_offsets span ",
+         t.nbytes());
+  return t;
+}
+
+// Sorted by position, the tensors must tile [0, data_size) without gaps or overlaps.
+void check_tiling(const std::vector<StTensor>& tensors, uint64_t data_size, const std::string& w) {
   std::vector<const StTensor*> pos;
-  for (const auto& t : *tensors) pos.push_back(&t);
+  for (const auto& t : tensors) pos.push_back(&t);
   std::sort(pos.begin(), pos.end(), [](auto* a, auto* b) {
     return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
   });
@@ -193,6 +195,23 @@ void parse_safetensors_header(const std::string& text, uint64_t data_size, const
   if (at != data_size)
     fail(w, ": tensors cover ", at, " bytes of data but the data area has ", data_size,
          " (file truncated or has trailing bytes)");
+}
+
+}  // namespace
+
+void parse_safetensors_header(const std::string& text, uint64_t data_size, const std::string& where,
+                              std::vector<StTensor>* tensors,
+                              std::map<std::string, std::string>* metadata) {
+  const std::string w = where + ": safetensors header";
+  const json h = parse_header_json(text, w);
+  tensors->clear();
+  metadata->clear();
+  for (const auto& [name, v] : h.items()) {
+    const std::string k = w + ": key '" + name + "'";
+    if (name == "__metadata__") read_metadata(v, k, metadata);
+    else tensors->push_back(read_entry(name, v, k, data_size));
+  }
+  check_tiling(*tensors, data_size, w);
   std::sort(tensors->begin(), tensors->end(), [](const StTensor& a, const StTensor& b) { return a.name < b.name; });
 }
 

@@ -133,14 +133,106 @@ std::string describe_value(const Value& v) {
   return "an unknown value";
 }
 
+namespace {
+
+[[noreturn]] void unknown_mesh(const Value& mesh, const std::string& where, const std::string& what) {
+  const std::string cls = mesh.str.empty() ? std::string("DeviceMesh") : mesh.str;
+  fail(where, ": cannot read the device mesh (", cls, "): ", what, "; fields found: ", field_names(mesh),
+       ". Known layouts: 'mesh' rank tensor (torch 2.4-2.9), '_layout' _MeshLayout{shape, stride} or "
+       "{axes} with '_rank_map' (torch 2.10+)");
+}
+
+// One mesh dim's modes from a (possibly nested) shape and stride.
+Modes modes_of(const ValuePtr& shape, const ValuePtr& stride, const char* what_shape, const char* what_stride,
+               const std::string& where, const char* mismatch) {
+  Modes m;
+  flatten_modes(shape, what_shape, where, m.shape);
+  flatten_modes(stride, what_stride, where, m.stride);
+  if (m.shape.size() != m.stride.size()) fail(where, mismatch);
+  return m;
+}
+
+// torch 2.13+: one _FlatLayout per mesh dim.
+std::vector<Modes> layout_axes(const ValuePtr& axes, const std::string& where) {
+  if (!(axes->is(Value::Kind::Tuple) || axes->is(Value::Kind::List)))
+    fail(where, ": mesh layout axes: expected a tuple of layouts, found ", axes->repr());
+  std::vector<Modes> dims;
+  for (const auto& ax : axes->items) {
+    if (!ax->is(Value::Kind::Object)) fail(where, ": mesh layout axis: expected a layout object, found ", ax->repr());
+    if (!ax->attr("shape") || !ax->attr("stride"))
+      fail(where, ": mesh layout axis ", ax->str, " without shape/stride (fields found: ", field_names(*ax), ")");
+    dims.push_back(modes_of(ax->attr("shape"), ax->attr("stride"), "mesh layout axis shape", "mesh layout axis stride",
+                            where, ": mesh layout axis shape and stride differ in length"));
+  }
+  return dims;
+}
+
+// torch 2.10-2.12: one (possibly nested) shape/stride pair, a mode per mesh dim.
+std::vector<Modes> layout_shape_stride(const Value& layout, const std::string& where) {
+  auto as_modes = [&](const ValuePtr& v) -> std::vector<ValuePtr> {
+    if (v->is(Value::Kind::Int)) return {v};
+    if (v->is(Value::Kind::Tuple) || v->is(Value::Kind::List)) return v->items;
+    fail(where, ": mesh layout shape: expected a tuple of integers, found ", v->repr());
+  };
+  auto shm = as_modes(layout.attr("shape")), stm = as_modes(layout.attr("stride"));
+  if (shm.size() != stm.size()) fail(where, ": mesh layout shape and stride differ in length");
+  std::vector<Modes> dims;
+  for (size_t d = 0; d < shm.size(); ++d)
+    dims.push_back(modes_of(shm[d], stm[d], "mesh layout shape", "mesh layout stride", where,
+                            ": mesh layout shape and stride differ in length"));
+  return dims;
+}
+
+// torch 2.10+: shape and ranks from the _MeshLayout and the rank map.
+void decode_layout(const Value& mesh, const Value& layout, const std::string& where,
+                   const std::function<std::vector<int64_t>(const TensorRef&)>& read_ints, MeshInfo& out) {
+  std::vector<Modes> dims;
+  if (auto axes = layout.attr("axes")) {
+    out.layout = layout.str + "{axes}";
+    dims = layout_axes(axes, where);
+  } else if (layout.attr("shape") && layout.attr("stride")) {
+    out.layout = layout.str + "{shape, stride}";
+    dims = layout_shape_stride(layout, where);
+  } else {
+    fail(where, ": cannot read the device mesh layout (", layout.str, "): fields found: ", field_names(layout),
+         ". Known: {shape, stride} (torch 2.10-2.12), {axes} (torch 2.13+)");
+  }
+  for (const auto& d : dims) {
+    int64_t n = 1;
+    for (auto s : d.shape) n *= s;
+    out.shape.push_back(n);
+  }
+  // The rank map: this mesh's, else (a sub-mesh) its root's.
+  ValuePtr rm = mesh.attr("_rank_map");
+  if (!(rm && rm->is(Value::Kind::Tensor)))
+    if (auto root = mesh.attr("_root_mesh"); root && root->is(Value::Kind::Object)) rm = root->attr("_rank_map");
+  if (!(rm && rm->is(Value::Kind::Tensor))) unknown_mesh(mesh, where, "a _layout without a '_rank_map' tensor");
+  if (!read_ints) unknown_mesh(mesh, where, "no reader for the rank map");
+  out.ranks = walk_layout(dims, read_ints(*rm->tensor), where);
+}
+
+// Which rank saved it: `_rank` (torch 2.11+), else its coordinate on every dim.
+void find_file_rank(const Value& mesh, MeshInfo& out) {
+  if (auto r = mesh.attr("_rank"); r && r->is(Value::Kind::Int)) {
+    out.file_rank = r->i;
+    out.rank_source = "DeviceMesh._rank";
+    return;
+  }
+  auto c = mesh.attr("_coordinate_on_dim");
+  if (!c || !(c->is(Value::Kind::Tuple) || c->is(Value::Kind::List)) || c->items.size() != out.shape.size()) return;
+  int64_t lin = 0;
+  for (size_t d = 0; d < out.shape.size(); ++d) {
+    if (!c->items[d]->is(Value::Kind::Int) || c->items[d]->i < 0 || c->items[d]->i >= out.shape[d]) return;
+    lin = lin * out.shape[d] + c->items[d]->i;
+  }
+  out.file_rank = out.ranks[static_cast<size_t>(lin)];
+  out.rank_source = "DeviceMesh._coordinate_on_dim";
+}
+
+}  // namespace
+
 MeshInfo decode_device_mesh(const Value& mesh, const std::string& where,
                             const std::function<std::vector<int64_t>(const TensorRef&)>& read_ints) {
-  const std::string cls = mesh.str.empty() ? std::string("DeviceMesh") : mesh.str;
-  auto unknown = [&](const std::string& what) {
-    fail(where, ": cannot read the device mesh (", cls, "): ", what, "; fields found: ", field_names(mesh),
-         ". Known layouts: 'mesh' rank tensor (torch 2.4-2.9), '_layout' _MeshLayout{shape, stride} or "
-         "{axes} with '_rank_map' (torch 2.10+)");
-  };
   MeshInfo out;
   auto names = mesh.attr("mesh_dim_names");
   if (!names) names = mesh.attr("_mesh_dim_names");
@@ -150,62 +242,13 @@ MeshInfo decode_device_mesh(const Value& mesh, const std::string& where,
   if (auto mt = mesh.attr("mesh"); mt && mt->is(Value::Kind::Tensor)) {
     out.layout = "'mesh' rank tensor";
     out.shape = mt->tensor->size;
-    if (!read_ints) unknown("no reader for the rank tensor");
+    if (!read_ints) unknown_mesh(mesh, where, "no reader for the rank tensor");
     out.ranks = read_ints(*mt->tensor);
   } else if (auto layout = mesh.attr("_layout"); layout && layout->is(Value::Kind::Object)) {
-    std::vector<Modes> dims;
-    if (auto axes = layout->attr("axes")) {
-      // torch 2.13+: one _FlatLayout per mesh dim.
-      out.layout = layout->str + "{axes}";
-      if (!(axes->is(Value::Kind::Tuple) || axes->is(Value::Kind::List)))
-        fail(where, ": mesh layout axes: expected a tuple of layouts, found ", axes->repr());
-      for (const auto& ax : axes->items) {
-        if (!ax->is(Value::Kind::Object))
-          fail(where, ": mesh layout axis: expected a layout object, found ", ax->repr());
-        if (!ax->attr("shape") || !ax->attr("stride"))
-          fail(where, ": mesh layout axis ", ax->str, " without shape/stride (fields found: ", field_names(*ax), ")");
-        Modes m;
-        flatten_modes(ax->attr("shape"), "mesh layout axis shape", where, m.shape);
-        flatten_modes(ax->attr("stride"), "mesh layout axis stride", where, m.stride);
-        if (m.shape.size() != m.stride.size()) fail(where, ": mesh layout axis shape and stride differ in length");
-        dims.push_back(std::move(m));
-      }
-    } else if (layout->attr("shape") && layout->attr("stride")) {
-      // torch 2.10-2.12: one (possibly nested) shape/stride pair, a mode per mesh dim.
-      out.layout = layout->str + "{shape, stride}";
-      auto sh = layout->attr("shape"), st = layout->attr("stride");
-      auto as_modes = [&](const ValuePtr& v) -> std::vector<ValuePtr> {
-        if (v->is(Value::Kind::Int)) return {v};
-        if (v->is(Value::Kind::Tuple) || v->is(Value::Kind::List)) return v->items;
-        fail(where, ": mesh layout shape: expected a tuple of integers, found ", v->repr());
-      };
-      auto shm = as_modes(sh), stm = as_modes(st);
-      if (shm.size() != stm.size()) fail(where, ": mesh layout shape and stride differ in length");
-      for (size_t d = 0; d < shm.size(); ++d) {
-        Modes m;
-        flatten_modes(shm[d], "mesh layout shape", where, m.shape);
-        flatten_modes(stm[d], "mesh layout stride", where, m.stride);
-        if (m.shape.size() != m.stride.size()) fail(where, ": mesh layout shape and stride differ in length");
-        dims.push_back(std::move(m));
-      }
-    } else {
-      fail(where, ": cannot read the device mesh layout (", layout->str, "): fields found: ", field_names(*layout),
-           ". Known: {shape, stride} (torch 2.10-2.12), {axes} (torch 2.13+)");
-    }
-    for (const auto& d : dims) {
-      int64_t n = 1;
-      for (auto s : d.shape) n *= s;
-      out.shape.push_back(n);
-    }
-    // The rank map: this mesh's, else (a sub-mesh) its root's.
-    ValuePtr rm = mesh.attr("_rank_map");
-    if (!(rm && rm->is(Value::Kind::Tensor)))
-      if (auto root = mesh.attr("_root_mesh"); root && root->is(Value::Kind::Object)) rm = root->attr("_rank_map");
-    if (!(rm && rm->is(Value::Kind::Tensor))) unknown("a _layout without a '_rank_map' tensor");
-    if (!read_ints) unknown("no reader for the rank map");
-    out.ranks = walk_layout(dims, read_ints(*rm->tensor), where);
+    decode_layout(mesh, *layout, where, read_ints, out);
   } else {
-    unknown(mesh.attr("_layout") ? "'_layout' is " + mesh.attr("_layout")->repr(1) : "neither 'mesh' nor '_layout'");
+    unknown_mesh(mesh, where,
+                 mesh.attr("_layout") ? "'_layout' is " + mesh.attr("_layout")->repr(1) : "neither 'mesh' nor '_layout'");
   }
   int64_t total = 1;
   for (auto s : out.shape) total *= s;
@@ -213,24 +256,7 @@ MeshInfo decode_device_mesh(const Value& mesh, const std::string& where,
     fail(where, ": device mesh of shape ", out.shape.size(), "-D has ", out.ranks.size(), " ranks, expected ", total);
   if (!out.dim_names.empty() && out.dim_names.size() != out.shape.size())
     fail(where, ": device mesh has ", out.shape.size(), " dims but ", out.dim_names.size(), " dim names");
-
-  // Which rank saved it: `_rank` (torch 2.11+), else its coordinate on every dim.
-  if (auto r = mesh.attr("_rank"); r && r->is(Value::Kind::Int)) {
-    out.file_rank = r->i;
-    out.rank_source = "DeviceMesh._rank";
-  } else if (auto c = mesh.attr("_coordinate_on_dim");
-             c && (c->is(Value::Kind::Tuple) || c->is(Value::Kind::List)) && c->items.size() == out.shape.size()) {
-    int64_t lin = 0;
-    bool ok = true;
-    for (size_t d = 0; d < out.shape.size(); ++d) {
-      if (!c->items[d]->is(Value::Kind::Int) || c->items[d]->i < 0 || c->items[d]->i >= out.shape[d]) { ok = false; break; }
-      lin = lin * out.shape[d] + c->items[d]->i;
-    }
-    if (ok) {
-      out.file_rank = out.ranks[static_cast<size_t>(lin)];
-      out.rank_source = "DeviceMesh._coordinate_on_dim";
-    }
-  }
+  find_file_rank(mesh, out);
   return out;
 }
 

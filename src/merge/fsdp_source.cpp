@@ -79,7 +79,17 @@ void FsdpSource::check_file(const TorchCheckpoint& f, int rank) {
 
 FsdpSource::~FsdpSource() = default;
 
-int FsdpSource::detect_world_size(const std::string& dir) {
+namespace {
+
+// fsdp_config.json, read once per checkpoint (absent: nullopt).
+std::optional<nlohmann::json> read_fsdp_config(const std::string& dir) {
+  const fs::path cfg = fs::path(dir) / "fsdp_config.json";
+  if (!fs::exists(cfg)) return std::nullopt;
+  return read_json_file(cfg.string());
+}
+
+// World size from fsdp_config.json (checked against the file names), else from the file names.
+int world_size_of(const std::string& dir, const std::optional<nlohmann::json>& config) {
   std::set<int> seen;
   static const std::regex re(R"(model_world_size_(\d+)_rank_(\d+)\.pt)");
   for (const auto& e : fs::directory_iterator(dir)) {
@@ -88,8 +98,8 @@ int FsdpSource::detect_world_size(const std::string& dir) {
     if (std::regex_match(name, m, re)) seen.insert(std::stoi(m[1]));
   }
   const fs::path cfg = fs::path(dir) / "fsdp_config.json";
-  if (fs::exists(cfg)) {
-    const nlohmann::json j = read_json_file(cfg.string());
+  if (config) {
+    const nlohmann::json& j = *config;
     if (!j.is_object() || !j.contains("world_size") || !j["world_size"].is_number_integer() ||
         j["world_size"].get<int64_t>() < 1 || j["world_size"].get<int64_t>() > 1000000)
       fail(cfg.string(), ": expected a positive integer \"world_size\"");
@@ -107,9 +117,14 @@ int FsdpSource::detect_world_size(const std::string& dir) {
   return *seen.begin();
 }
 
+}  // namespace
+
+int FsdpSource::detect_world_size(const std::string& dir) { return world_size_of(dir, read_fsdp_config(dir)); }
+
 FsdpSource::FsdpSource(const std::string& local_dir) : dir_(local_dir) {
   if (!fs::is_directory(dir_)) fail(dir_, ": no such checkpoint folder");
-  world_ = detect_world_size(dir_);
+  const std::optional<nlohmann::json> config = read_fsdp_config(dir_);
+  world_ = world_size_of(dir_, config);
   std::vector<std::string> missing;
   for (int r = 0; r < world_; ++r)
     if (!fs::exists(rank_file(dir_, world_, r))) missing.push_back(fs::path(rank_file(dir_, world_, r)).filename());
@@ -120,15 +135,9 @@ FsdpSource::FsdpSource(const std::string& local_dir) : dir_(local_dir) {
     fail(dir_, ": world size ", world_, " but ", missing.size(), " rank file(s) missing: ", m);
   }
 
-  {
-    const fs::path cfg = fs::path(dir_) / "fsdp_config.json";
-    if (fs::exists(cfg)) {
-      const nlohmann::json j = read_json_file(cfg.string());
-      if (j.contains("units")) {
-        plan_flat_units(j);
-        return;
-      }
-    }
+  if (config && config->contains("units")) {
+    plan_flat_units(*config);
+    return;
   }
   auto rank0 = std::make_unique<TorchCheckpoint>(rank_file(dir_, world_, 0));
   // Mesh from the first DTensor; a checkpoint without DTensors is world size 1 or replicated.
@@ -241,8 +250,119 @@ const TensorRef& FsdpSource::local_of(const Piece& pc) const {
   return pc.synth >= 0 ? synth_[static_cast<size_t>(pc.synth)] : files_[pc.file]->tensors()[pc.entry].local;
 }
 
+namespace {
+
+using Files = std::vector<std::unique_ptr<TorchCheckpoint>>;
+using Parts = std::vector<const CkptTensor*>;  // one rank's entry of a key per file
+
+std::string placements_str(const DTensorMeta& m) {
+  std::string pl;
+  for (const auto& p : m.placements) pl += (pl.empty() ? "" : ", ") + p.str();
+  return pl;
+}
+
+// Every rank holds the key as the same kind of tensor (DTensor or plain) with the same dtype.
+void check_same_kind(const Files& files, const Parts& parts, const std::string& key) {
+  const CkptTensor& t0 = *parts[0];
+  for (size_t f = 0; f < parts.size(); ++f) {
+    const CkptTensor& t = *parts[f];
+    if (static_cast<bool>(t.dtensor) != static_cast<bool>(t0.dtensor))
+      fail(files[f]->path(), ": key '", key, "' is a ", t.dtensor ? "DTensor" : "plain tensor", " here but a ",
+           t0.dtensor ? "DTensor" : "plain tensor", " in ", files[0]->path());
+    if (t.local.dtype != t0.local.dtype)
+      fail(files[f]->path(), ": key '", key, "' has dtype ", dtype_st_name(t.local.dtype), " but ",
+           dtype_st_name(t0.local.dtype), " in ", files[0]->path());
+  }
+}
+
+// A replicated buffer / unwrapped parameter: every rank must agree on the shape.
+void check_plain(const Files& files, const Parts& parts, const std::string& key) {
+  for (size_t f = 1; f < parts.size(); ++f)
+    if (parts[f]->local.size != parts[0]->local.size)
+      fail(files[f]->path(), ": key '", key, "' has shape ", shape_str(parts[f]->local.size), " but ",
+           shape_str(parts[0]->local.size), " in ", files[0]->path(), " (a plain tensor must be identical on every rank)");
+}
+
+// Placements the FSDP merger can assemble (one sharded mesh dim `sd`, no Partial or
+// StridedShard), and the same placements and global shape on every rank.
+void check_placements(const Files& files, const Parts& parts, const std::string& key, int sd) {
+  const DTensorMeta& m0 = *parts[0]->dtensor;
+  const std::string pl = placements_str(m0);
+  for (size_t md = 0; md < m0.placements.size(); ++md) {
+    const Placement& p = m0.placements[md];
+    if (p.kind == Placement::Kind::Partial)
+      fail(files[0]->path(), ": key '", key, "' has a Partial placement (unreduced values): cannot be merged");
+    if (p.kind == Placement::Kind::StridedShard)
+      fail(files[0]->path(), ": key '", key, "' has placement ", p.str(),
+           " (FSDP combined with tensor parallelism): not supported by the FSDP merger");
+    if (p.kind == Placement::Kind::Unknown)
+      fail(files[0]->path(), ": key '", key, "' has an unknown placement '", p.cls, "'");
+    if (static_cast<int>(md) != sd && p.kind != Placement::Kind::Replicate)
+      fail(files[0]->path(), ": key '", key, "' is sharded over mesh dim ", md, " (", pl,
+           "): only one sharded mesh dim (FSDP / HSDP) is supported");
+  }
+  for (size_t f = 1; f < parts.size(); ++f) {
+    const DTensorMeta& m = *parts[f]->dtensor;
+    const std::string plf = placements_str(m);
+    if (plf != pl)
+      fail(files[f]->path(), ": key '", key, "' has placements (", plf, ") but (", pl, ") in ", files[0]->path());
+    if (m.global_shape != m0.global_shape)
+      fail(files[f]->path(), ": key '", key, "' has global shape ", shape_str(m.global_shape), " but ",
+           shape_str(m0.global_shape), " in ", files[0]->path());
+  }
+}
+
+// torch.chunk: rank f holds rows [f·C, min((f+1)·C, n)), C = ceil(n / ranks); a shard may be
+// padded up to C rows (trimmed when read), never more.
+void check_chunk_bounds(const Files& files, const Parts& parts, const std::string& key, int64_t d,
+                        const std::vector<int64_t>& g) {
+  const int64_t nparts = static_cast<int64_t>(parts.size());
+  const int64_t chunk = (g[d] + nparts - 1) / nparts;
+  for (size_t f = 0; f < parts.size(); ++f) {
+    const int64_t rows = parts[f]->local.size.size() > static_cast<size_t>(d) ? parts[f]->local.size[d] : 0;
+    if (rows > chunk && parts[f]->dtensor->shard_offset < 0)
+      fail(files[f]->path(), ": key '", key, "' local shard has ", rows, " rows along dim ", d,
+           " but its global shape ", shape_str(g), " gives each of ", nparts, " ranks at most ", chunk,
+           " (the recorded global shape is smaller than the shards)");
+  }
+}
+
+// Rank f's shard fits the global shape outside the shard dim and starts where the ranks
+// before it end (when it records its offset).
+void check_shard_place(const Files& files, const Parts& parts, size_t f, const std::string& key, int64_t d,
+                       const std::vector<int64_t>& g, int64_t off) {
+  const auto& ls = parts[f]->local.size;
+  for (size_t k = 0; k < g.size(); ++k)
+    if (static_cast<int64_t>(k) != d && ls[k] != g[k])
+      fail(files[f]->path(), ": key '", key, "' local shard shape ", shape_str(ls), " does not match the global shape ",
+           shape_str(g), " outside the shard dim ", d);
+  const int64_t so = parts[f]->dtensor->shard_offset;
+  if (so >= 0 && ls[d] > 0 && so != off)
+    fail(files[f]->path(), ": key '", key, "' shard starts at row ", so, " along dim ", d,
+         " but the ranks before it end at ", off, " (shards out of order or overlapping)");
+}
+
+// The shards cover only `off` of the g[d] rows: names the first rank whose shard is shorter
+// than torch.chunk gives it.
+[[noreturn]] void fail_short_cover(const std::string& dir, const Files& files, const Parts& parts,
+                                   const std::string& key, int64_t d, const std::vector<int64_t>& g, int64_t off) {
+  const int64_t n = static_cast<int64_t>(parts.size());
+  const int64_t chunk = (g[d] + n - 1) / n;
+  for (size_t f = 0; f < parts.size(); ++f) {
+    const int64_t want = std::clamp<int64_t>(g[d] - static_cast<int64_t>(f) * chunk, 0, chunk);
+    if (parts[f]->local.size[d] < want)
+      fail(files[f]->path(), ": key '", key, "' local shard shape ", shape_str(parts[f]->local.size), " has ",
+           parts[f]->local.size[d], " rows along dim ", d, " but its share of the global shape ", shape_str(g), " is ",
+           want, " (shapes disagree across ranks)");
+  }
+  fail(dir, ": key '", key, "': the shards cover ", off, " of ", g[d], " rows along dim ", d,
+       " (shapes disagree across ranks)");
+}
+
+}  // namespace
+
 void FsdpSource::plan_tensor(const std::string& key) {
-  std::vector<const CkptTensor*> parts;
+  Parts parts;
   for (const auto& f : files_) {
     const CkptTensor* t = f->find(key);
     if (!t) fail(f->path(), ": key '", key, "' is missing (present in ", files_[0]->path(), ")");
@@ -251,58 +371,18 @@ void FsdpSource::plan_tensor(const std::string& key) {
   const CkptTensor& t0 = *parts[0];
   SourceTensor st{key, t0.local.dtype, {}};
   Plan plan;
-  auto entry_of = [&](size_t f) {
-    const auto& v = files_[f]->tensors();
-    return static_cast<size_t>(parts[f] - v.data());
-  };
-  for (size_t f = 0; f < parts.size(); ++f) {
-    const CkptTensor& t = *parts[f];
-    if (static_cast<bool>(t.dtensor) != static_cast<bool>(t0.dtensor))
-      fail(files_[f]->path(), ": key '", key, "' is a ", t.dtensor ? "DTensor" : "plain tensor", " here but a ",
-           t0.dtensor ? "DTensor" : "plain tensor", " in ", files_[0]->path());
-    if (t.local.dtype != t0.local.dtype)
-      fail(files_[f]->path(), ": key '", key, "' has dtype ", dtype_st_name(t.local.dtype), " but ",
-           dtype_st_name(t0.local.dtype), " in ", files_[0]->path());
-  }
-  if (!t0.dtensor) {
-    // Replicated buffer / unwrapped parameter: one copy; every rank must agree on the shape.
-    for (size_t f = 1; f < parts.size(); ++f)
-      if (parts[f]->local.size != t0.local.size)
-        fail(files_[f]->path(), ": key '", key, "' has shape ", shape_str(parts[f]->local.size), " but ",
-             shape_str(t0.local.size), " in ", files_[0]->path(), " (a plain tensor must be identical on every rank)");
+  auto entry_of = [&](size_t f) { return static_cast<size_t>(parts[f] - files_[f]->tensors().data()); };
+  check_same_kind(files_, parts, key);
+  if (!t0.dtensor) {  // one copy, from rank 0
+    check_plain(files_, parts, key);
     st.shape = t0.local.size;
     plan.pieces.push_back({0, entry_of(0), 0});
   } else {
-    const DTensorMeta& m0 = *t0.dtensor;
-    const int sd = shard_mesh_dim(m0);
-    std::string pl;
-    for (const auto& p : m0.placements) pl += (pl.empty() ? "" : ", ") + p.str();
-    for (size_t md = 0; md < m0.placements.size(); ++md) {
-      const Placement& p = m0.placements[md];
-      if (p.kind == Placement::Kind::Partial)
-        fail(files_[0]->path(), ": key '", key, "' has a Partial placement (unreduced values): cannot be merged");
-      if (p.kind == Placement::Kind::StridedShard)
-        fail(files_[0]->path(), ": key '", key, "' has placement ", p.str(),
-             " (FSDP combined with tensor parallelism): not supported by the FSDP merger");
-      if (p.kind == Placement::Kind::Unknown)
-        fail(files_[0]->path(), ": key '", key, "' has an unknown placement '", p.cls, "'");
-      if (static_cast<int>(md) != sd && p.kind != Placement::Kind::Replicate)
-        fail(files_[0]->path(), ": key '", key, "' is sharded over mesh dim ", md, " (", pl,
-             "): only one sharded mesh dim (FSDP / HSDP) is supported");
-    }
-    for (size_t f = 1; f < parts.size(); ++f) {
-      const DTensorMeta& m = *parts[f]->dtensor;
-      std::string plf;
-      for (const auto& p : m.placements) plf += (plf.empty() ? "" : ", ") + p.str();
-      if (plf != pl)
-        fail(files_[f]->path(), ": key '", key, "' has placements (", plf, ") but (", pl, ") in ", files_[0]->path());
-      if (m.global_shape != m0.global_shape)
-        fail(files_[f]->path(), ": key '", key, "' has global shape ", shape_str(m.global_shape), " but ",
-             shape_str(m0.global_shape), " in ", files_[0]->path());
-    }
-    const auto& g = m0.global_shape;
+    const int sd = shard_mesh_dim(*t0.dtensor);
+    check_placements(files_, parts, key, sd);
+    const auto& g = t0.dtensor->global_shape;
     st.shape = g;
-    const Placement& p = m0.placements[sd];
+    const Placement& p = t0.dtensor->placements[sd];
     if (p.kind == Placement::Kind::Replicate) {
       if (t0.local.size != g)
         fail(files_[0]->path(), ": key '", key, "' is replicated but its local shape ", shape_str(t0.local.size),
@@ -313,136 +393,115 @@ void FsdpSource::plan_tensor(const std::string& key) {
       if (d < 0 || d >= static_cast<int64_t>(g.size()))
         fail(files_[0]->path(), ": key '", key, "' is sharded on dim ", p.dim, " of a ", g.size(), "-D tensor");
       plan.shard_dim = static_cast<int>(d);
-      // torch.chunk: rank f holds rows [f·C, min((f+1)·C, n)), C = ceil(n / ranks); a shard
-      // may be padded up to C rows (trimmed below), never more.
-      const int64_t nparts = static_cast<int64_t>(parts.size());
-      const int64_t chunk = (g[d] + nparts - 1) / nparts;
-      for (size_t f = 0; f < parts.size(); ++f) {
-        const int64_t rows = parts[f]->local.size.size() > static_cast<size_t>(d) ? parts[f]->local.size[d] : 0;
-        if (rows > chunk && parts[f]->dtensor->shard_offset < 0)
-          fail(files_[f]->path(), ": key '", key, "' local shard has ", rows, " rows along dim ", d,
-               " but its global shape ", shape_str(g), " gives each of ", nparts, " ranks at most ", chunk,
-               " (the recorded global shape is smaller than the shards)");
-      }
+      check_chunk_bounds(files_, parts, key, d, g);
       int64_t off = 0;
       for (size_t f = 0; f < parts.size(); ++f) {
-        const auto& ls = parts[f]->local.size;
-        for (size_t k = 0; k < g.size(); ++k)
-          if (static_cast<int64_t>(k) != d && ls[k] != g[k])
-            fail(files_[f]->path(), ": key '", key, "' local shard shape ", shape_str(ls),
-                 " does not match the global shape ", shape_str(g), " outside the shard dim ", d);
-        const int64_t so = parts[f]->dtensor->shard_offset;
-        if (so >= 0 && ls[d] > 0 && so != off)
-          fail(files_[f]->path(), ": key '", key, "' shard starts at row ", so, " along dim ", d, " but the ranks before it end at ",
-               off, " (shards out of order or overlapping)");
-        if (ls[d] > 0 && off < g[d]) plan.pieces.push_back({static_cast<int>(f), entry_of(f), off});
-        off += ls[d];
+        check_shard_place(files_, parts, f, key, d, g, off);
+        const int64_t rows = parts[f]->local.size[d];
+        if (rows > 0 && off < g[d]) plan.pieces.push_back({static_cast<int>(f), entry_of(f), off});
+        off += rows;
       }
-      if (off < g[d]) {
-        // Name the first rank whose shard is shorter than torch.chunk gives it.
-        const int64_t n = static_cast<int64_t>(parts.size());
-        const int64_t chunk = (g[d] + n - 1) / n;
-        for (size_t f = 0; f < parts.size(); ++f) {
-          const int64_t want = std::clamp<int64_t>(g[d] - static_cast<int64_t>(f) * chunk, 0, chunk);
-          if (parts[f]->local.size[d] < want)
-            fail(files_[f]->path(), ": key '", key, "' local shard shape ", shape_str(parts[f]->local.size), " has ",
-                 parts[f]->local.size[d], " rows along dim ", d, " but its share of the global shape ", shape_str(g),
-                 " is ", want, " (shapes disagree across ranks)");
-        }
-        fail(dir_, ": key '", key, "': the shards cover ", off, " of ", g[d], " rows along dim ", d,
-             " (shapes disagree across ranks)");
-      }
+      if (off < g[d]) fail_short_cover(dir_, files_, parts, key, d, g, off);
     }
   }
   tensors_.push_back(std::move(st));
   plans_.push_back(std::move(plan));
 }
 
-void FsdpSource::read(size_t index, DType out, void* dst, ThreadPool& pool) const {
-  const SourceTensor& st = tensors_.at(index);
-  const Plan& plan = plans_[index];
-  const DType in = st.dtype;
-  if (!can_convert(in, out))
-    fail("key '", st.name, "': cannot convert ", dtype_st_name(in), " to ", dtype_st_name(out));
-  const size_t isz = dtype_size(in), osz = dtype_size(out);
-  auto* o = static_cast<uint8_t*>(dst);
+namespace {
 
-  // A task copies local elements [a, b) of one piece into place.
-  struct Task { size_t piece; int64_t a, b; };
-  std::vector<Task> tasks;
-  const std::vector<int64_t> flat_shape = {st.numel()};
-  const auto& g = plan.flat ? flat_shape : st.shape;
-  const int d = plan.shard_dim;
-  auto geometry = [&](const TensorRef& local, int64_t& outer, int64_t& inner, int64_t& keep) {
-    outer = 1;
-    inner = 1;
-    if (d < 0) { keep = 1; inner = local.numel(); return; }
+// A piece's layout in the (global, or flat) shape g around shard dim d (-1: the piece is the
+// whole tensor): `outer` blocks of `keep` local rows of `inner` elements each.
+struct PieceGeometry {
+  int64_t outer = 1, inner = 1, keep = 1;
+  PieceGeometry(const TensorRef& local, const std::vector<int64_t>& g, int d) {
+    if (d < 0) {
+      inner = local.numel();
+      return;
+    }
     for (int k = 0; k < d; ++k) outer *= g[k];
     for (size_t k = d + 1; k < g.size(); ++k) inner *= g[k];
     keep = local.size[d];
-  };
+  }
+};
+
+}  // namespace
+
+std::vector<FsdpSource::ReadTask> FsdpSource::plan_reads(const Plan& plan, const std::vector<int64_t>& g) const {
+  std::vector<ReadTask> tasks;
+  const int d = plan.shard_dim;
   for (size_t pi = 0; pi < plan.pieces.size(); ++pi) {
     const Piece& pc = plan.pieces[pi];
-    const TensorRef& local = local_of(pc);
-    int64_t outer, inner, keep;
-    geometry(local, outer, inner, keep);
-    const int64_t rows = keep;
-    if (d >= 0) keep = std::min(keep, g[d] - pc.offset);
-    const int64_t rowlen = rows * inner;
+    const PieceGeometry pg(local_of(pc), g, d);
+    const int64_t rows = pg.keep;
+    const int64_t keep = d >= 0 ? std::min(pg.keep, g[d] - pc.offset) : pg.keep;  // padding rows are trimmed
+    const int64_t rowlen = rows * pg.inner;
     auto add_range = [&](int64_t a, int64_t b) {
       for (int64_t s = a; s < b; s += kChunkElems) tasks.push_back({pi, s, std::min(b, s + kChunkElems)});
     };
-    if (keep == rows) add_range(0, outer * rowlen);
+    if (keep == rows) add_range(0, pg.outer * rowlen);
     else
-      for (int64_t ob = 0; ob < outer; ++ob) add_range(ob * rowlen, ob * rowlen + keep * inner);
+      for (int64_t ob = 0; ob < pg.outer; ++ob) add_range(ob * rowlen, ob * rowlen + keep * pg.inner);
   }
+  return tasks;
+}
 
-  pool.parallel_for(tasks.size(), [&](size_t ti) {
-    thread_local std::vector<uint8_t> scratch;
-    const Task& t = tasks[ti];
-    const Piece& pc = plan.pieces[t.piece];
-    const TorchCheckpoint& file = *files_[pc.file];
-    const TensorRef& local = local_of(pc);
-    int64_t outer, inner, keep;
-    geometry(local, outer, inner, keep);
-    const int64_t n = t.b - t.a;
-    const bool direct = in == out && (d <= 0 || outer == 1);
-    if (direct) {  // same dtype, contiguous destination: read straight into place
-      const int64_t dpos = (d < 0) ? t.a : pc.offset * inner + t.a;
-      file.read_elements(local, t.a, n, o + dpos * osz);
-      return;
-    }
-    // Convert straight from the mapped file when the view is contiguous (no copy into a
-    // scratch buffer), then drop those pages from our resident set.
-    const uint8_t* srcp = file.map_elements(local, t.a, n);
-    struct Release {
-      const TorchCheckpoint& f;
-      const TensorRef& r;
-      int64_t a, n;
-      ~Release() { f.release_elements(r, a, n); }
-    };
-    std::optional<Release> release;
-    if (srcp) {
-      release.emplace(Release{file, local, t.a, n});
-    } else {
-      scratch.resize(static_cast<size_t>(n) * isz);
-      file.read_elements(local, t.a, n, scratch.data());
-      srcp = scratch.data();
-    }
-    if (d < 0) {
-      convert(srcp, in, o + t.a * osz, out, static_cast<size_t>(n));
-      return;
-    }
-    const int64_t rowlen = keep * inner;  // local elements per outer index
-    const int64_t gd = g[d];
-    for (int64_t pos = t.a; pos < t.b;) {
-      const int64_t ob = pos / rowlen, r = pos % rowlen;
-      const int64_t end = std::min(t.b, (ob + 1) * rowlen);
-      const int64_t dpos = (ob * gd + pc.offset) * inner + r;
-      convert(srcp + (pos - t.a) * isz, in, o + dpos * osz, out, static_cast<size_t>(end - pos));
-      pos = end;
-    }
-  });
+void FsdpSource::read_task(const Plan& plan, const std::vector<int64_t>& g, const ReadTask& t, DType in, DType out,
+                           uint8_t* o) const {
+  thread_local std::vector<uint8_t> scratch;
+  const size_t isz = dtype_size(in), osz = dtype_size(out);
+  const int d = plan.shard_dim;
+  const Piece& pc = plan.pieces[t.piece];
+  const TorchCheckpoint& file = *files_[pc.file];
+  const TensorRef& local = local_of(pc);
+  const PieceGeometry pg(local, g, d);
+  const int64_t n = t.b - t.a;
+  if (in == out && (d <= 0 || pg.outer == 1)) {  // same dtype, contiguous destination: read straight into place
+    const int64_t dpos = (d < 0) ? t.a : pc.offset * pg.inner + t.a;
+    file.read_elements(local, t.a, n, o + dpos * osz);
+    return;
+  }
+  // Convert straight from the mapped file when the view is contiguous (no copy into a
+  // scratch buffer), then drop those pages from our resident set.
+  const uint8_t* srcp = file.map_elements(local, t.a, n);
+  struct Release {
+    const TorchCheckpoint& f;
+    const TensorRef& r;
+    int64_t a, n;
+    ~Release() { f.release_elements(r, a, n); }
+  };
+  std::optional<Release> release;
+  if (srcp) {
+    release.emplace(Release{file, local, t.a, n});
+  } else {
+    scratch.resize(static_cast<size_t>(n) * isz);
+    file.read_elements(local, t.a, n, scratch.data());
+    srcp = scratch.data();
+  }
+  if (d < 0) {
+    convert(srcp, in, o + t.a * osz, out, static_cast<size_t>(n));
+    return;
+  }
+  const int64_t rowlen = pg.keep * pg.inner;  // local elements per outer index
+  for (int64_t pos = t.a; pos < t.b;) {
+    const int64_t ob = pos / rowlen, r = pos % rowlen;
+    const int64_t end = std::min(t.b, (ob + 1) * rowlen);
+    const int64_t dpos = (ob * g[d] + pc.offset) * pg.inner + r;
+    convert(srcp + (pos - t.a) * isz, in, o + dpos * osz, out, static_cast<size_t>(end - pos));
+    pos = end;
+  }
+}
+
+void FsdpSource::read(size_t index, DType out, void* dst, ThreadPool& pool) const {
+  const SourceTensor& st = tensors_.at(index);
+  const Plan& plan = plans_[index];
+  if (!can_convert(st.dtype, out))
+    fail("key '", st.name, "': cannot convert ", dtype_st_name(st.dtype), " to ", dtype_st_name(out));
+  const std::vector<int64_t> flat_shape = {st.numel()};
+  const auto& g = plan.flat ? flat_shape : st.shape;
+  const std::vector<ReadTask> tasks = plan_reads(plan, g);
+  pool.parallel_for(tasks.size(),
+                    [&](size_t ti) { read_task(plan, g, tasks[ti], st.dtype, out, static_cast<uint8_t*>(dst)); });
 }
 
 bool FsdpSource::same_data(size_t a, size_t b) const {

@@ -56,6 +56,14 @@ class FsdpSource : public CheckpointSource {
   std::vector<Plan> plans_;
   uint64_t input_bytes_ = 0;
   void plan_tensor(const std::string& key);
+  // A read task: local elements [a, b) of one piece, in shape g (the global or flat shape).
+  struct ReadTask {
+    size_t piece;
+    int64_t a, b;
+  };
+  std::vector<ReadTask> plan_reads(const Plan& plan, const std::vector<int64_t>& g) const;
+  void read_task(const Plan& plan, const std::vector<int64_t>& g, const ReadTask& t, DType in, DType out,
+                 uint8_t* o) const;
   void check_file(const TorchCheckpoint& f, int rank);
   int64_t step_ = -1;  // verlcpp checkpoints: the step every file records
 };

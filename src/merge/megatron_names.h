@@ -1,24 +1,26 @@
-// megatron_names.h — the Megatron-Core → HuggingFace name table, as templates, and the
-// row arithmetic that un-fuses Megatron's fused tensors: linear_qkv (rows grouped per KV
-// head: [q_g; k_g; v_g] for each group g), linear_fc1 ([gate; up]), padded vocabularies.
-// Pure functions of a key, a global shape and the HF config: unit-testable without files.
+// megatron_names.h — the Megatron-Core → HuggingFace name map (the names come from the family
+// name table, hf/names.h) and the row arithmetic that un-fuses Megatron's fused tensors:
+// linear_qkv (rows grouped per KV head: [q_g; k_g; v_g] for each group g), linear_fc1
+// ([gate; up]), padded vocabularies. The key forms are those of megatron-core's GPTModel
+// sharded_state_dict (per-layer, layer-stacked, expert-stacked, TEGroupedMLP). Pure functions
+// of a key, a global shape and the HF config: unit-testable without files.
 #pragma once
 #include <cstdint>
-#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "hf/config.h"
+
 namespace verl {
 
-// What the name table needs from config.json.
+// The model a Megatron checkpoint holds: its config.json (hf/config's parser, ConfigUse::
+// Megatron) and the merger's flags.
 struct MegatronModel {
-  std::string arch;     // architectures[0]
-  std::string family;   // llama | qwen2 | qwen3 | qwen2_moe | qwen3_moe | mixtral
-  int64_t layers = 0, heads = 0, kv_heads = 0, head_dim = 0, hidden = 0, vocab = 0, experts = 0;
-  bool tied = false, value = false;
-  // Reads and checks the config; an unsupported architecture names the supported ones.
-  static MegatronModel from_config(const nlohmann::ordered_json& config, bool tie_flag, bool value_flag);
+  ModelConfig config;
+  bool tied = false;   // tie_word_embeddings, or --tie-word-embedding
+  bool value = false;  // a value head (…ForTokenClassification, or --is-value-model)
+  MegatronModel(ModelConfig c, bool tie_flag, bool value_flag);
 };
 
 // One HF tensor cut from a Megatron tensor: fixed indices on the leading (layer, expert)

@@ -11,6 +11,7 @@
 
 #include "io/dcp.h"
 #include "core/error.h"
+#include "hf/names.h"
 #include "merge/megatron_names.h"
 #include "merge/thread_pool.h"
 
@@ -59,11 +60,10 @@ MegatronPaths locate_megatron_checkpoint(const std::string& local_dir, const std
 
 MegatronSource::~MegatronSource() = default;
 
-MegatronSource::MegatronSource(const std::string& dist_dir, const nlohmann::ordered_json& config,
-                               const MegatronOptions& opt)
+MegatronSource::MegatronSource(const std::string& dist_dir, const ModelConfig& config, const MegatronOptions& opt)
     : dir_(dist_dir) {
-  const MegatronModel m = MegatronModel::from_config(config, opt.tie_word_embedding, opt.is_value_model);
-  family_ = m.family;
+  const MegatronModel m(config, opt.tie_word_embedding, opt.is_value_model);
+  family_ = family_names(config.family).name;
   ckpt_ = std::make_unique<DcpCheckpoint>(dist_dir);
   const auto& ts = ckpt_->tensors();
   std::map<std::string, std::string> seen;  // HF name -> Megatron key
@@ -115,101 +115,128 @@ std::string MegatronSource::describe() const {
          " files, family " + family_ + ", " + std::to_string(tensors_.size()) + " HuggingFace tensors";
 }
 
-void MegatronSource::read(size_t index, DType out, void* dst, ThreadPool& pool) const {
-  const SourceTensor& st = tensors_.at(index);
-  const View& v = views_[index];
-  const DcpTensor& t = ckpt_->tensors()[v.tensor];
-  const DType in = t.dtype;
-  if (!can_convert(in, out)) fail("key '", st.name, "': cannot convert ", dtype_st_name(in), " to ", dtype_st_name(out));
-  const size_t isz = dtype_size(in), osz = dtype_size(out);
-  auto* o = static_cast<uint8_t*>(dst);
-  const size_t L = v.lead.size(), nd = t.size.size();
-  const bool has_row = L < nd;
-  // Trailing dims (after the row dim) of the full tensor, and their strides.
-  const size_t tb = has_row ? L + 1 : nd;
-  int64_t inner = 1;
-  for (size_t k = tb; k < nd; ++k) inner *= t.size[k];
+namespace {
 
-  struct Task { size_t chunk; int64_t a, b; int64_t dst_row; };  // rows [a, b) of the full tensor
-  std::vector<Task> tasks;
+// Where a view's elements sit in its DCP tensor: L fixed leading dims, then (has_row) the
+// row dim, then the trailing dims from tb on (`inner` elements per row of the full tensor).
+struct ViewShape {
+  size_t L, nd, tb;
+  bool has_row;
+  int64_t inner = 1;
+  ViewShape(const DcpTensor& t, const MegatronSource::View& v)
+      : L(v.lead.size()), nd(t.size.size()), tb(L < nd ? L + 1 : nd), has_row(L < nd) {
+    for (size_t k = tb; k < nd; ++k) inner *= t.size[k];
+  }
+};
+
+// One block of one DCP chunk: rows [a, b) of the full tensor, landing at output row dst_row.
+struct ReadTask {
+  size_t chunk;
+  int64_t a, b;
+  int64_t dst_row;
+};
+
+// The view's row ranges cut by the chunks that hold them, in blocks of about kChunkElems.
+std::vector<ReadTask> plan_reads(const DcpTensor& t, const MegatronSource::View& v, const ViewShape& g) {
+  std::vector<ReadTask> tasks;
   int64_t drow = 0;
   const std::vector<std::pair<int64_t, int64_t>> whole{{0, 1}};
-  for (const auto& [ra, rb] : has_row ? v.rows : whole) {
+  for (const auto& [ra, rb] : g.has_row ? v.rows : whole) {
     for (size_t ci = 0; ci < t.chunks.size(); ++ci) {
       const DcpChunk& c = t.chunks[ci];
       if (c.numel() == 0) continue;
       bool hit = true;
-      for (size_t k = 0; k < L && hit; ++k) hit = c.offsets[k] <= v.lead[k] && v.lead[k] < c.offsets[k] + c.sizes[k];
+      for (size_t k = 0; k < g.L && hit; ++k) hit = c.offsets[k] <= v.lead[k] && v.lead[k] < c.offsets[k] + c.sizes[k];
       if (!hit) continue;
-      const int64_t ia = has_row ? std::max(ra, c.offsets[L]) : 0;
-      const int64_t ib = has_row ? std::min(rb, c.offsets[L] + c.sizes[L]) : 1;
+      const int64_t ia = g.has_row ? std::max(ra, c.offsets[g.L]) : 0;
+      const int64_t ib = g.has_row ? std::min(rb, c.offsets[g.L] + c.sizes[g.L]) : 1;
       if (ia >= ib) continue;
       int64_t cinner = 1;
-      for (size_t k = tb; k < nd; ++k) cinner *= c.sizes[k];
+      for (size_t k = g.tb; k < g.nd; ++k) cinner *= c.sizes[k];
       const int64_t step = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(cinner, 1));
       for (int64_t a = ia; a < ib; a += step) tasks.push_back({ci, a, std::min(ib, a + step), drow + (a - ra)});
     }
     drow += rb - ra;
   }
+  return tasks;
+}
 
-  pool.parallel_for(tasks.size(), [&](size_t ti) {
-    thread_local std::vector<uint8_t> scratch;
-    const Task& tk = tasks[ti];
-    const DcpChunk& c = t.chunks[tk.chunk];
-    // Element index inside the chunk of (lead, row a, 0...): chunk row-major strides.
-    std::vector<int64_t> cstride(nd, 1);
-    for (size_t k = nd; k-- > 1;) cstride[k - 1] = cstride[k] * c.sizes[k];
-    int64_t first = 0;
-    for (size_t k = 0; k < L; ++k) first += (v.lead[k] - c.offsets[k]) * cstride[k];
-    if (has_row) first += (tk.a - c.offsets[L]) * cstride[L];
-    int64_t cinner = 1;
-    bool full = true;  // the chunk spans every trailing dim: its rows are contiguous in the output
-    for (size_t k = tb; k < nd; ++k) {
-      cinner *= c.sizes[k];
-      full = full && c.sizes[k] == t.size[k];
-    }
-    const int64_t nrows = tk.b - tk.a;
-    const int64_t n = nrows * cinner;
-    if (full) {
-      uint8_t* d = o + tk.dst_row * inner * static_cast<int64_t>(osz);
-      if (in == out) {
-        ckpt_->read_chunk(t, tk.chunk, first, n, d);
-      } else {
-        scratch.resize(static_cast<size_t>(n) * isz);
-        ckpt_->read_chunk(t, tk.chunk, first, n, scratch.data());
-        convert(scratch.data(), in, d, out, static_cast<size_t>(n));
+// Places `nrows` rows of a chunk's box, read into `src` in the chunk's layout, at output row
+// dst_row: the last partial trailing dim p bounds a contiguous run in both layouts.
+void scatter_rows(const DcpTensor& t, const DcpChunk& c, const ViewShape& g, int64_t nrows, int64_t dst_row,
+                  const uint8_t* src_bytes, DType in, uint8_t* o, DType out) {
+  const size_t nd = g.nd, tb = g.tb, isz = dtype_size(in), osz = dtype_size(out);
+  size_t p = nd - 1;
+  while (c.sizes[p] == t.size[p]) --p;  // exists: the box does not span every trailing dim
+  std::vector<int64_t> fstride(nd, 1);
+  for (size_t k = nd; k-- > tb + 1;) fstride[k - 1] = fstride[k] * t.size[k];
+  const int64_t run = c.sizes[p] * fstride[p];
+  std::vector<int64_t> idx(nd, 0);  // multi-index over trailing dims [tb, p)
+  int64_t src = 0;
+  for (int64_t r = 0; r < nrows; ++r) {
+    std::fill(idx.begin(), idx.end(), 0);
+    while (true) {
+      int64_t dpos = (dst_row + r) * g.inner + c.offsets[p] * fstride[p];
+      for (size_t k = tb; k < p; ++k) dpos += (c.offsets[k] + idx[k]) * fstride[k];
+      convert(src_bytes + src * static_cast<int64_t>(isz), in, o + dpos * static_cast<int64_t>(osz), out,
+              static_cast<size_t>(run));
+      src += run;
+      size_t k = p;
+      while (k > tb) {
+        --k;
+        if (++idx[k] < c.sizes[k]) break;
+        idx[k] = 0;
+        if (k == tb) { k = SIZE_MAX; break; }
       }
-      return;
+      if (k == SIZE_MAX || p == tb) break;
     }
-    scratch.resize(static_cast<size_t>(n) * isz);
-    ckpt_->read_chunk(t, tk.chunk, first, n, scratch.data());
-    // Scatter: the last partial trailing dim p bounds a contiguous run in both layouts.
-    size_t p = nd - 1;
-    while (c.sizes[p] == t.size[p]) --p;  // exists: not full
-    std::vector<int64_t> fstride(nd, 1);
-    for (size_t k = nd; k-- > tb + 1;) fstride[k - 1] = fstride[k] * t.size[k];
-    const int64_t run = c.sizes[p] * fstride[p];
-    std::vector<int64_t> idx(nd, 0);  // multi-index over trailing dims [tb, p)
-    int64_t src = 0;
-    for (int64_t r = 0; r < nrows; ++r) {
-      std::fill(idx.begin(), idx.end(), 0);
-      while (true) {
-        int64_t dpos = (tk.dst_row + r) * inner + c.offsets[p] * fstride[p];
-        for (size_t k = tb; k < p; ++k) dpos += (c.offsets[k] + idx[k]) * fstride[k];
-        convert(scratch.data() + src * static_cast<int64_t>(isz), in, o + dpos * static_cast<int64_t>(osz), out,
-                static_cast<size_t>(run));
-        src += run;
-        size_t k = p;
-        while (k > tb) {
-          --k;
-          if (++idx[k] < c.sizes[k]) break;
-          idx[k] = 0;
-          if (k == tb) { k = SIZE_MAX; break; }
-        }
-        if (k == SIZE_MAX || p == tb) break;
-      }
-    }
-  });
+  }
+}
+
+// Reads one task: one pread (into the output when the box spans every trailing dim and no
+// conversion is needed), then a conversion or a scatter into place.
+void read_task(const DcpCheckpoint& ckpt, const DcpTensor& t, const MegatronSource::View& v, const ViewShape& g,
+               const ReadTask& tk, DType out, uint8_t* o) {
+  thread_local std::vector<uint8_t> scratch;
+  const DType in = t.dtype;
+  const size_t isz = dtype_size(in), osz = dtype_size(out);
+  const DcpChunk& c = t.chunks[tk.chunk];
+  // Element index inside the chunk of (lead, row a, 0...): chunk row-major strides.
+  std::vector<int64_t> cstride(g.nd, 1);
+  for (size_t k = g.nd; k-- > 1;) cstride[k - 1] = cstride[k] * c.sizes[k];
+  int64_t first = 0;
+  for (size_t k = 0; k < g.L; ++k) first += (v.lead[k] - c.offsets[k]) * cstride[k];
+  if (g.has_row) first += (tk.a - c.offsets[g.L]) * cstride[g.L];
+  int64_t cinner = 1;
+  bool full = true;  // the chunk spans every trailing dim: its rows are contiguous in the output
+  for (size_t k = g.tb; k < g.nd; ++k) {
+    cinner *= c.sizes[k];
+    full = full && c.sizes[k] == t.size[k];
+  }
+  const int64_t nrows = tk.b - tk.a;
+  const int64_t n = nrows * cinner;
+  uint8_t* d = o + tk.dst_row * g.inner * static_cast<int64_t>(osz);
+  if (full && in == out) {
+    ckpt.read_chunk(t, tk.chunk, first, n, d);
+    return;
+  }
+  scratch.resize(static_cast<size_t>(n) * isz);
+  ckpt.read_chunk(t, tk.chunk, first, n, scratch.data());
+  if (full) convert(scratch.data(), in, d, out, static_cast<size_t>(n));
+  else scatter_rows(t, c, g, nrows, tk.dst_row, scratch.data(), in, o, out);
+}
+
+}  // namespace
+
+void MegatronSource::read(size_t index, DType out, void* dst, ThreadPool& pool) const {
+  const SourceTensor& st = tensors_.at(index);
+  const View& v = views_[index];
+  const DcpTensor& t = ckpt_->tensors()[v.tensor];
+  if (!can_convert(t.dtype, out))
+    fail("key '", st.name, "': cannot convert ", dtype_st_name(t.dtype), " to ", dtype_st_name(out));
+  const ViewShape g(t, v);
+  const std::vector<ReadTask> tasks = plan_reads(t, v, g);
+  pool.parallel_for(tasks.size(), [&](size_t ti) { read_task(*ckpt_, t, v, g, tasks[ti], out, static_cast<uint8_t*>(dst)); });
 }
 
 }  // namespace verl

@@ -3,15 +3,15 @@
 // global DCP tensor — a fixed layer (and expert) index on the stacked leading dims, and a list
 // of row ranges on the next dim — so un-fusing QKV (grouped-query layout), splitting gate/up
 // and trimming a padded vocabulary are index arithmetic done while reading, one tensor at a
-// time, with no copy of the fused tensor. Names come from the template table in
-// megatron_names.cpp (Llama, Qwen2, Qwen3 dense; Qwen2-MoE, Qwen3-MoE, Mixtral).
+// time, with no copy of the fused tensor. Names come from the family name table (hf/names.h)
+// through megatron_names (Llama, Qwen2, Qwen3 dense; Qwen2-MoE, Qwen3-MoE, Mixtral).
 #pragma once
 #include <memory>
-#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "hf/config.h"
 #include "merge/source.h"
 
 namespace verl {
@@ -34,7 +34,8 @@ struct MegatronOptions {
 
 class MegatronSource : public CheckpointSource {
  public:
-  MegatronSource(const std::string& dist_dir, const nlohmann::ordered_json& config, const MegatronOptions& opt);
+  // `config`: the checkpoint's config.json as parse_model_config(..., ConfigUse::Megatron) reads it.
+  MegatronSource(const std::string& dist_dir, const ModelConfig& config, const MegatronOptions& opt);
   ~MegatronSource() override;
 
   const std::vector<SourceTensor>& tensors() const override { return tensors_; }

@@ -26,6 +26,7 @@
 #include "io/output.h"
 #include "io/safetensors.h"
 #include "merge/fsdp_source.h"
+#include "hf/config.h"
 #include "hf/folder.h"
 #include "merge/megatron_source.h"
 #include "merge/progress.h"
@@ -124,131 +125,172 @@ void fuse_lora(const CheckpointSource& src, const OutTensor& ot, double scale, v
   convert(W.get(), DType::F32, dst, ot.dtype, static_cast<size_t>(O * I));
 }
 
+// A queue of assembled tensors between the calling thread (which assembles) and a writer
+// thread. Memory budget: the largest output tensor plus the second largest (at least 96 MB),
+// counting buffers in the queue, the one being written and the one being assembled — so
+// small tensors flow ahead while a large one is written, and the peak stays within
+// 2 x the largest tensor. Freed buffers are reused (fresh memory costs a page fault per 4 KB).
+class AssemblyQueue {
+ public:
+  struct Item {
+    size_t index = 0;
+    std::unique_ptr<uint8_t[]> buf;
+    uint64_t cap = 0;
+  };
+
+  explicit AssemblyQueue(const std::vector<OutTensor>& tensors) {
+    uint64_t largest = 1, second = 0;
+    for (const auto& t : tensors) {
+      const uint64_t n = t.nbytes();
+      if (n > largest) {
+        second = largest;
+        largest = n;
+      } else {
+        second = std::max(second, n);
+      }
+    }
+    // Room for the largest tensor plus a window of smaller ones (at least 96 MB): overlap
+    // without holding two of the largest tensors.
+    budget_ = largest + std::max<uint64_t>(second, 96ull << 20);
+  }
+
+  // Producer: a buffer of at least `need` bytes for `item` (a free one that fits, or room in
+  // the budget for a fresh one, allocated here outside the lock). False once the writer failed.
+  bool acquire(uint64_t need, Item& item) {
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return werr_ || pick(need, item); });
+      if (werr_) return false;
+    }
+    if (!item.buf) item.buf = alloc(item.cap);
+    return true;
+  }
+  // Producer: hands an assembled tensor to the writer. False once the writer failed.
+  bool push(Item item) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (werr_) return false;
+    queue_.push_back(std::move(item));
+    cv_.notify_all();
+    return true;
+  }
+  // Producer: nothing more comes (done or failed).
+  void close() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+  }
+  // Writer: the next tensor; false when the producer closed the queue with nothing left.
+  bool pop(Item& item) {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return !queue_.empty() || done_; });
+    if (queue_.empty()) return false;
+    item = std::move(queue_.front());
+    queue_.pop_front();
+    return true;
+  }
+  // Writer: a written tensor's buffer, free for reuse.
+  void recycle(Item item) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      free_.emplace_back(item.cap, std::move(item.buf));
+    }
+    cv_.notify_all();
+  }
+  // Writer: it failed; the producer stops at its next step.
+  void fail_writer(std::exception_ptr e) {
+    std::lock_guard<std::mutex> lk(mu_);
+    werr_ = std::move(e);
+    cv_.notify_all();
+  }
+  std::exception_ptr writer_error() const { return werr_; }
+
+ private:
+  // Under the lock. A free buffer that fits is already counted in `live_`; otherwise wait for room.
+  bool pick(uint64_t need, Item& item) {
+    size_t best = free_.size();
+    for (size_t k = 0; k < free_.size(); ++k)
+      if (free_[k].first >= need && (best == free_.size() || free_[k].first < free_[best].first)) best = k;
+    if (best < free_.size()) {
+      item.cap = free_[best].first;
+      item.buf = std::move(free_[best].second);
+      free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+      return true;
+    }
+    // Drop free buffers that are too small, then allocate if the budget allows.
+    for (auto& f : free_) live_ -= f.first;
+    free_.clear();
+    if (live_ + need <= budget_ || (queue_.empty() && live_ == 0)) {
+      live_ += need;
+      item.cap = need;
+      return true;
+    }
+    return false;
+  }
+
+  uint64_t budget_ = 0;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Item> queue_;
+  std::vector<std::pair<uint64_t, std::unique_ptr<uint8_t[]>>> free_;  // (capacity, buffer)
+  uint64_t live_ = 0;  // capacity of every buffer in the queue, being written or being assembled
+  bool done_ = false;
+  std::exception_ptr werr_;
+};
+
+// The writer thread: appends the queue's tensors to file k (tensors [bounds[k], bounds[k+1])).
+void write_queued(AssemblyQueue& q, const std::vector<OutTensor>& tensors, const std::vector<size_t>& bounds,
+                  const std::vector<std::string>& paths, Progress& progress) {
+  size_t file = 0;
+  std::unique_ptr<SafetensorsWriter> w;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    AssemblyQueue::Item it;
+    if (!q.pop(it)) return;  // producer failed
+    while (bounds[file + 1] <= i) ++file;
+    if (!w || i == bounds[file]) {
+      if (w) w->finish();
+      std::vector<StSpec> specs;
+      for (size_t k = bounds[file]; k < bounds[file + 1]; ++k)
+        specs.push_back({tensors[k].name, tensors[k].dtype, tensors[k].shape});
+      w = std::make_unique<SafetensorsWriter>(paths[file], specs);
+    }
+    w->write(it.buf.get(), tensors[i].nbytes());
+    q.recycle(std::move(it));
+    progress.add(1, tensors[i].nbytes());
+  }
+  if (w) w->finish();
+}
+
 // Streams `tensors` into safetensors files: file k holds tensors [bounds[k], bounds[k+1]).
 // The calling thread assembles tensor i+1 while a writer thread writes tensor i.
 void write_files(const CheckpointSource& src, const std::vector<OutTensor>& tensors, const std::vector<size_t>& bounds,
                  const std::vector<std::string>& paths, double lora_scale, ThreadPool& pool, Progress& progress) {
-  // A queue of assembled tensors between the calling thread (which assembles) and a writer
-  // thread. Memory budget: the largest output tensor plus the second largest (at least 96 MB),
-  // counting buffers in the queue, the one being written and the one being assembled — so
-  // small tensors flow ahead while a large one is written, and the peak stays within
-  // 2 x the largest tensor. Freed buffers are reused (fresh
-  // memory costs a page fault per 4 KB).
-  struct Item {
-    size_t index;
-    std::unique_ptr<uint8_t[]> buf;
-    uint64_t cap;
-  };
-  uint64_t largest = 1, second = 0;
-  for (const auto& t : tensors) {
-    const uint64_t n = t.nbytes();
-    if (n > largest) {
-      second = largest;
-      largest = n;
-    } else {
-      second = std::max(second, n);
-    }
-  }
-  // Room for the largest tensor plus a window of smaller ones (at least 96 MB): overlap
-  // without holding two of the largest tensors.
-  const uint64_t budget = largest + std::max<uint64_t>(second, 96ull << 20);
-  std::mutex mu;
-  std::condition_variable cv;
-  std::deque<Item> queue;
-  std::vector<std::pair<uint64_t, std::unique_ptr<uint8_t[]>>> free_bufs;  // (capacity, buffer)
-  uint64_t live = 0;  // capacity of every buffer in the queue, being written or being assembled
-  bool done = false;
-  std::exception_ptr werr;
-
+  AssemblyQueue q(tensors);
   std::thread writer([&] {
     try {
-      size_t file = 0;
-      std::unique_ptr<SafetensorsWriter> w;
-      for (size_t i = 0; i < tensors.size(); ++i) {
-        Item it;
-        {
-          std::unique_lock<std::mutex> lk(mu);
-          cv.wait(lk, [&] { return !queue.empty() || done; });
-          if (queue.empty()) return;  // producer failed
-          it = std::move(queue.front());
-          queue.pop_front();
-        }
-        while (bounds[file + 1] <= i) ++file;
-        if (!w || i == bounds[file]) {
-          if (w) w->finish();
-          std::vector<StSpec> specs;
-          for (size_t k = bounds[file]; k < bounds[file + 1]; ++k)
-            specs.push_back({tensors[k].name, tensors[k].dtype, tensors[k].shape});
-          w = std::make_unique<SafetensorsWriter>(paths[file], specs);
-        }
-        w->write(it.buf.get(), tensors[i].nbytes());
-        {
-          std::lock_guard<std::mutex> lk(mu);
-          free_bufs.emplace_back(it.cap, std::move(it.buf));
-        }
-        cv.notify_all();
-        progress.add(1, tensors[i].nbytes());
-      }
-      if (w) w->finish();
+      write_queued(q, tensors, bounds, paths, progress);
     } catch (...) {
-      std::lock_guard<std::mutex> lk(mu);
-      werr = std::current_exception();
-      cv.notify_all();
+      q.fail_writer(std::current_exception());
     }
   });
-
   std::exception_ptr perr;
   try {
     for (size_t i = 0; i < tensors.size(); ++i) {
       const OutTensor& ot = tensors[i];
-      const uint64_t need = std::max<uint64_t>(ot.nbytes(), 1);
-      Item item{i, nullptr, 0};
-      {
-        std::unique_lock<std::mutex> lk(mu);
-        // A free buffer that fits is already counted in `live`; otherwise wait for room.
-        auto pick = [&]() -> bool {
-          size_t best = free_bufs.size();
-          for (size_t k = 0; k < free_bufs.size(); ++k)
-            if (free_bufs[k].first >= need && (best == free_bufs.size() || free_bufs[k].first < free_bufs[best].first))
-              best = k;
-          if (best < free_bufs.size()) {
-            item.cap = free_bufs[best].first;
-            item.buf = std::move(free_bufs[best].second);
-            free_bufs.erase(free_bufs.begin() + static_cast<std::ptrdiff_t>(best));
-            return true;
-          }
-          // Drop free buffers that are too small, then allocate if the budget allows.
-          for (auto& f : free_bufs) live -= f.first;
-          free_bufs.clear();
-          if (live + need <= budget || (queue.empty() && live == 0)) {
-            live += need;
-            item.cap = need;
-            return true;
-          }
-          return false;
-        };
-        cv.wait(lk, [&] { return werr || pick(); });
-        if (werr) break;
-      }
-      if (!item.buf) item.buf = alloc(item.cap);
+      AssemblyQueue::Item item{i, nullptr, 0};
+      if (!q.acquire(std::max<uint64_t>(ot.nbytes(), 1), item)) break;
       if (ot.lora_a >= 0) fuse_lora(src, ot, lora_scale, item.buf.get(), pool);
       else src.read(ot.src, ot.dtype, item.buf.get(), pool);
-      std::lock_guard<std::mutex> lk(mu);
-      if (werr) break;
-      queue.push_back(std::move(item));
-      cv.notify_all();
+      if (!q.push(std::move(item))) break;
     }
   } catch (...) {
     perr = std::current_exception();
   }
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    done = true;
-  }
-  cv.notify_all();
+  q.close();
   writer.join();
   if (perr) std::rethrow_exception(perr);
-  if (werr) std::rethrow_exception(werr);
+  if (q.writer_error()) std::rethrow_exception(q.writer_error());
 }
 
 // The writer holds tensor i while tensor i+1 is assembled, so peak memory is the largest sum
@@ -472,79 +514,105 @@ void check_config_against_weights(const ojson& config, const fs::path& cfg_path,
   }
 }
 
-}  // namespace
-
-int run_merge(const MergeOptions& opt) {
+void check_options(const MergeOptions& opt) {
   if (opt.backend != "fsdp" && opt.backend != "megatron")
     fail("--backend ", opt.backend, ": unknown (supported: fsdp, megatron)");
   if (opt.local_dir.empty()) fail("--local_dir is required");
   if (!opt.test && opt.target_dir.empty()) fail("--target_dir is required");
   if (opt.test && opt.test_hf_dir.empty()) fail("--test needs --test_hf_dir REF (a HuggingFace folder to compare with)");
-  {
-    std::error_code ec;
-    if (!fs::exists(opt.local_dir, ec)) fail("--local_dir ", opt.local_dir, ": no such folder");
-    if (!fs::is_directory(opt.local_dir, ec)) fail("--local_dir ", opt.local_dir, ": is not a folder");
+  std::error_code ec;
+  if (!fs::exists(opt.local_dir, ec)) fail("--local_dir ", opt.local_dir, ": no such folder");
+  if (!fs::is_directory(opt.local_dir, ec)) fail("--local_dir ", opt.local_dir, ": is not a folder");
+}
+
+// What the merge reads: the checkpoint (for Megatron, its dist_ckpt folder and HF config are
+// found in verl's layouts) and the HF folder beside it, with its config.json.
+struct Inputs {
+  bool megatron = false;
+  MegatronPaths mpaths;
+  fs::path hf_dir, cfg_path;
+  ojson config;
+  bool tied = false;  // --tie-word-embedding or the config's tie_word_embeddings
+};
+
+Inputs locate_inputs(const MergeOptions& opt) {
+  Inputs in;
+  in.megatron = opt.backend == "megatron";
+  if (in.megatron) in.mpaths = locate_megatron_checkpoint(opt.local_dir, opt.hf_config_dir);
+  in.hf_dir = in.megatron                 ? fs::path(in.mpaths.hf_dir)
+              : opt.hf_config_dir.empty() ? fs::path(opt.local_dir) / "huggingface"
+                                          : fs::path(opt.hf_config_dir);
+  in.cfg_path = in.hf_dir / "config.json";
+  if (!fs::exists(in.cfg_path)) fail(in.cfg_path.string(), ": missing (the checkpoint's HuggingFace config is needed)");
+  in.config = read_json(in.cfg_path);
+  if (!in.config.is_object()) fail(in.cfg_path.string(), ": expected a JSON object");
+  in.tied = opt.tie_word_embedding || (in.config.contains("tie_word_embeddings") &&
+                                       in.config["tie_word_embeddings"].is_boolean() &&
+                                       in.config["tie_word_embeddings"].get<bool>());
+  return in;
+}
+
+// How the target is claimed (before any work): refused if it is or holds an input, if it is
+// not empty (without --overwrite) or if another merge is writing it.
+OutputClaim::Options claim_options(const MergeOptions& opt, const Inputs& in) {
+  OutputClaim::Options co;
+  co.kind = OutputClaim::Kind::Folder;
+  co.overwrite = opt.overwrite;
+  co.what = "--target_dir";
+  std::vector<std::string> listed;
+  list_inputs(opt.local_dir, listed);
+  list_inputs(in.hf_dir, listed);
+  if (in.megatron) list_inputs(in.mpaths.dist_dir, listed);
+  // A previous output inside the checkpoint folder (--target_dir CKPT/merged) is not an input:
+  // what lies below the target is dropped, except the folders that are read (then refused).
+  std::error_code ec;
+  const fs::path rt = fs::weakly_canonical(fs::absolute(opt.target_dir), ec);
+  const std::set<std::string> roots = {opt.local_dir, in.hf_dir.string(), in.megatron ? in.mpaths.dist_dir : opt.local_dir};
+  for (const auto& path : listed) {
+    const fs::path ri = fs::weakly_canonical(fs::absolute(path), ec);
+    const auto rel = ri.lexically_relative(rt);
+    const bool below = !ec && !rel.empty() && *rel.begin() != "..";
+    if (!below || roots.count(path)) co.inputs.push_back(path);
   }
+  return co;
+}
 
-  // Megatron: the dist_ckpt folder and its HF config are found in verl's layouts.
-  const bool megatron = opt.backend == "megatron";
-  const MegatronPaths mpaths = megatron ? locate_megatron_checkpoint(opt.local_dir, opt.hf_config_dir) : MegatronPaths{};
-  const fs::path hf_dir = megatron ? fs::path(mpaths.hf_dir)
-                          : opt.hf_config_dir.empty() ? fs::path(opt.local_dir) / "huggingface"
-                                                      : fs::path(opt.hf_config_dir);
-  const fs::path cfg_path = hf_dir / "config.json";
-  if (!fs::exists(cfg_path)) fail(cfg_path.string(), ": missing (the checkpoint's HuggingFace config is needed)");
-  ojson config = read_json(cfg_path);
-  if (!config.is_object()) fail(cfg_path.string(), ": expected a JSON object");
-  const DType out_dtype = resolve_dtype(opt.dtype, config);
-  const bool tied = opt.tie_word_embedding ||
-                    (config.contains("tie_word_embeddings") && config["tie_word_embeddings"].is_boolean() &&
-                     config["tie_word_embeddings"].get<bool>());
+std::unique_ptr<CheckpointSource> open_source(const MergeOptions& opt, const Inputs& in) {
+  if (!in.megatron) return std::make_unique<FsdpSource>(opt.local_dir);
+  return std::make_unique<MegatronSource>(in.mpaths.dist_dir,
+                                          parse_model_config(in.config.dump(), in.cfg_path.string(), ConfigUse::Megatron),
+                                          MegatronOptions{opt.tie_word_embedding, opt.is_value_model});
+}
 
-  // Claim the target before doing any work: refused if it is or holds an input, if it is not
-  // empty (without --overwrite) or if another merge is writing it.
-  std::optional<OutputClaim> claim;
-  if (!opt.test) {
-    OutputClaim::Options co;
-    co.kind = OutputClaim::Kind::Folder;
-    co.overwrite = opt.overwrite;
-    co.what = "--target_dir";
-    std::vector<std::string> listed;
-    list_inputs(opt.local_dir, listed);
-    list_inputs(hf_dir, listed);
-    if (megatron) list_inputs(mpaths.dist_dir, listed);
-    // A previous output inside the checkpoint folder (--target_dir CKPT/merged) is not an input:
-    // what lies below the target is dropped, except the folders that are read (then refused).
-    std::error_code ec;
-    const fs::path rt = fs::weakly_canonical(fs::absolute(opt.target_dir), ec);
-    const std::set<std::string> roots = {opt.local_dir, hf_dir.string(), megatron ? mpaths.dist_dir : opt.local_dir};
-    for (const auto& in : listed) {
-      const fs::path ri = fs::weakly_canonical(fs::absolute(in), ec);
-      const auto rel = ri.lexically_relative(rt);
-      const bool below = !ec && !rel.empty() && *rel.begin() != "..";
-      if (!below || roots.count(in)) co.inputs.push_back(in);
-    }
-    claim.emplace(opt.target_dir, co);
+// The output tensors: the model's (base names restored, a tied lm_head dropped, LoRA pairs
+// attached for --fuse-lora) and the LoRA adapter's, each in name order.
+struct NameMap {
+  std::vector<OutTensor> model, adapter;
+  LoraInfo lora;
+  std::optional<size_t> dropped_lm_head;  // source index of an lm_head dropped as tied
+};
+
+// A LoRA adapter tensor: its PEFT name, and what it tells of the adapter (rank, targets).
+void add_adapter_tensor(OutTensor ot, const std::string& n, NameMap& map) {
+  map.lora.present = true;
+  ot.name = replace_all(replace_all(n, ".default.weight", ".weight"), ".default.bias", ".bias");
+  std::vector<std::string> parts;
+  size_t s = 0, p;
+  while ((p = ot.name.find('.', s)) != std::string::npos) {
+    parts.push_back(ot.name.substr(s, p - s));
+    s = p + 1;
   }
-  const fs::path target = claim ? fs::path(claim->target()) : fs::path();
+  parts.push_back(ot.name.substr(s));
+  if (parts.size() >= 3) map.lora.target_modules.insert(parts[parts.size() - 3]);
+  if (n.find("lora_A") != std::string::npos && ot.shape.size() == 2) map.lora.r = std::min(ot.shape[0], ot.shape[1]);
+  map.adapter.push_back(std::move(ot));
+}
 
-  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-  ThreadPool pool(opt.threads > 0 ? static_cast<size_t>(opt.threads) : std::min(hw, 8u));
-  std::unique_ptr<CheckpointSource> src_ptr;
-  if (megatron)
-    src_ptr = std::make_unique<MegatronSource>(mpaths.dist_dir, config,
-                                               MegatronOptions{opt.tie_word_embedding, opt.is_value_model});
-  else
-    src_ptr = std::make_unique<FsdpSource>(opt.local_dir);
-  const CheckpointSource& src = *src_ptr;
-
-  // Name map: LoRA adapter tensors apart, base names restored, tied lm_head dropped.
+NameMap map_names(const CheckpointSource& src, const MergeOptions& opt, bool tied, DType out_dtype) {
   const auto& st = src.tensors();
   std::map<std::string, size_t> by_name;
   for (size_t i = 0; i < st.size(); ++i) by_name[st[i].name] = i;
-  LoraInfo lora;
-  std::optional<size_t> dropped_lm_head;
-  std::vector<OutTensor> model, adapter;
+  NameMap map;
   std::set<std::string> used;
   for (size_t i = 0; i < st.size(); ++i) {
     const std::string& n = st[i].name;
@@ -553,26 +621,14 @@ int run_merge(const MergeOptions& opt) {
     ot.shape = st[i].shape;
     ot.dtype = dtype_is_float(st[i].dtype) ? out_dtype : st[i].dtype;
     if (n.find("lora_") != std::string::npos) {
-      lora.present = true;
-      ot.name = replace_all(replace_all(n, ".default.weight", ".weight"), ".default.bias", ".bias");
-      const auto parts = [&] {
-        std::vector<std::string> v;
-        size_t s = 0, p;
-        while ((p = ot.name.find('.', s)) != std::string::npos) { v.push_back(ot.name.substr(s, p - s)); s = p + 1; }
-        v.push_back(ot.name.substr(s));
-        return v;
-      }();
-      if (parts.size() >= 3) lora.target_modules.insert(parts[parts.size() - 3]);
-      if (n.find("lora_A") != std::string::npos && ot.shape.size() == 2)
-        lora.r = std::min(ot.shape[0], ot.shape[1]);
-      adapter.push_back(ot);
+      add_adapter_tensor(std::move(ot), n, map);
       continue;
     }
     std::string name = n;
     if (starts_with(name, "base_model.model.")) name = name.substr(std::strlen("base_model.model."));
     name = replace_all(replace_all(name, ".base_layer.weight", ".weight"), ".base_layer.bias", ".bias");
     if (tied && name == "lm_head.weight") {
-      dropped_lm_head = i;
+      map.dropped_lm_head = i;
       continue;
     }
     if (opt.fuse_lora && n.find(".base_layer.weight") != std::string::npos) {
@@ -586,145 +642,185 @@ int run_merge(const MergeOptions& opt) {
     }
     if (!used.insert(name).second) fail(opt.local_dir, ": two checkpoint keys map to the output name '", name, "'");
     ot.name = name;
-    model.push_back(ot);
+    map.model.push_back(ot);
   }
-  std::sort(model.begin(), model.end(), [](const OutTensor& a, const OutTensor& b) { return a.name < b.name; });
-  separate_largest(model);
-  std::sort(adapter.begin(), adapter.end(), [](const OutTensor& a, const OutTensor& b) { return a.name < b.name; });
-  if (opt.fuse_lora && !lora.present) fail("--fuse-lora: the checkpoint has no LoRA adapter weights");
+  auto by_out_name = [](const OutTensor& a, const OutTensor& b) { return a.name < b.name; };
+  std::sort(map.model.begin(), map.model.end(), by_out_name);
+  separate_largest(map.model);
+  std::sort(map.adapter.begin(), map.adapter.end(), by_out_name);
+  if (opt.fuse_lora && !map.lora.present) fail("--fuse-lora: the checkpoint has no LoRA adapter weights");
+  return map;
+}
 
-  double lora_scale = 0;
-  if (lora.present) {
-    const fs::path meta_path = fs::path(opt.local_dir) / "lora_train_meta.json";
-    std::optional<double> meta_alpha;
-    if (fs::exists(meta_path)) {
-      ojson meta = read_json(meta_path);
-      if (meta.contains("lora_alpha") && meta["lora_alpha"].is_number()) meta_alpha = meta["lora_alpha"].get<double>();
-      if (meta.contains("r") && meta["r"].is_number_integer() && meta["r"].get<int64_t>() > 0) {
-        const int64_t mr = meta["r"].get<int64_t>();
-        if (lora.r && mr != lora.r && !opt.quiet)
-          std::fprintf(stderr, "warning: %s says r=%lld but the adapter weights have rank %lld; using %lld\n",
-                       meta_path.c_str(), (long long)mr, (long long)lora.r, (long long)mr);
-        lora.r = mr;
-      }
-      if (meta.contains("task_type") && meta["task_type"].is_string()) lora.task_type = meta["task_type"].get<std::string>();
+// The adapter's alpha, rank and task type (flags, then lora_train_meta.json, then the weights
+// and the architecture); returns the LoRA scale alpha / r.
+double resolve_lora(LoraInfo& lora, const MergeOptions& opt, const ojson& config) {
+  const fs::path meta_path = fs::path(opt.local_dir) / "lora_train_meta.json";
+  std::optional<double> meta_alpha;
+  if (fs::exists(meta_path)) {
+    ojson meta = read_json(meta_path);
+    if (meta.contains("lora_alpha") && meta["lora_alpha"].is_number()) meta_alpha = meta["lora_alpha"].get<double>();
+    if (meta.contains("r") && meta["r"].is_number_integer() && meta["r"].get<int64_t>() > 0) {
+      const int64_t mr = meta["r"].get<int64_t>();
+      if (lora.r && mr != lora.r && !opt.quiet)
+        std::fprintf(stderr, "warning: %s says r=%lld but the adapter weights have rank %lld; using %lld\n",
+                     meta_path.c_str(), (long long)mr, (long long)lora.r, (long long)mr);
+      lora.r = mr;
     }
-    if (!lora.task_type) {
-      // Not recorded: infer it from the architecture as PEFT names them (a critic is TOKEN_CLS).
-      std::string arch;
-      if (config.contains("architectures") && config["architectures"].is_array() && !config["architectures"].empty() &&
-          config["architectures"][0].is_string())
-        arch = config["architectures"][0].get<std::string>();
-      const bool token_cls = opt.is_value_model || arch.find("ForTokenClassification") != std::string::npos;
-      lora.task_type = token_cls ? "TOKEN_CLS" : "CAUSAL_LM";
-    }
-    if (opt.lora_alpha) lora.alpha = *opt.lora_alpha;
-    else if (meta_alpha) lora.alpha = *meta_alpha;
-    else
-      fail(opt.local_dir, ": LoRA adapter weights found but lora_alpha is unknown (", meta_path.filename().string(),
-           fs::exists(meta_path) ? " has no lora_alpha" : " is missing", "); pass --lora-alpha");
-    if (lora.r <= 0) fail(opt.local_dir, ": cannot infer the LoRA rank from the adapter weights");
-    lora_scale = lora.alpha / static_cast<double>(lora.r);
+    if (meta.contains("task_type") && meta["task_type"].is_string()) lora.task_type = meta["task_type"].get<std::string>();
   }
+  if (!lora.task_type) {
+    // Not recorded: infer it from the architecture as PEFT names them (a critic is TOKEN_CLS).
+    std::string arch;
+    if (config.contains("architectures") && config["architectures"].is_array() && !config["architectures"].empty() &&
+        config["architectures"][0].is_string())
+      arch = config["architectures"][0].get<std::string>();
+    const bool token_cls = opt.is_value_model || arch.find("ForTokenClassification") != std::string::npos;
+    lora.task_type = token_cls ? "TOKEN_CLS" : "CAUSAL_LM";
+  }
+  if (opt.lora_alpha) lora.alpha = *opt.lora_alpha;
+  else if (meta_alpha) lora.alpha = *meta_alpha;
+  else
+    fail(opt.local_dir, ": LoRA adapter weights found but lora_alpha is unknown (", meta_path.filename().string(),
+         fs::exists(meta_path) ? " has no lora_alpha" : " is missing", "); pass --lora-alpha");
+  if (lora.r <= 0) fail(opt.local_dir, ": cannot infer the LoRA rank from the adapter weights");
+  return lora.alpha / static_cast<double>(lora.r);
+}
 
-  if (model.empty())
-    fail(opt.local_dir, ": the checkpoint holds no model tensors", adapter.empty() ? "" : " (only LoRA adapter weights)",
+// model.safetensors, or size-capped model-0000k-of-0000n.safetensors files and their index.
+void write_model(const CheckpointSource& src, const std::vector<OutTensor>& model, const MergeOptions& opt,
+                 double lora_scale, const fs::path& tmp, ThreadPool& pool, Progress& progress) {
+  const auto bounds = shard_bounds(model, opt.max_shard_size);
+  const size_t nfiles = bounds.size() - 1;
+  std::vector<std::string> names, paths;
+  for (size_t k = 0; k < nfiles; ++k) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", k + 1, nfiles);
+    names.push_back(nfiles == 1 ? std::string("model.safetensors") : std::string(buf));
+    paths.push_back((tmp / names.back()).string());
+  }
+  write_files(src, model, bounds, paths, lora_scale, pool, progress);
+  if (nfiles == 1) return;
+  ojson index;
+  uint64_t model_bytes = 0;
+  ojson wm = ojson::object();
+  for (size_t k = 0; k < nfiles; ++k)
+    for (size_t i = bounds[k]; i < bounds[k + 1]; ++i) {
+      wm[model[i].name] = names[k];
+      model_bytes += model[i].nbytes();
+    }
+  index["metadata"] = {{"total_size", model_bytes}};
+  index["weight_map"] = wm;
+  write_text_file((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
+}
+
+// lora_adapter/: adapter_model.safetensors and a PEFT adapter_config.json.
+void write_adapter(const CheckpointSource& src, const std::vector<OutTensor>& adapter, const LoraInfo& lora,
+                   const fs::path& tmp, ThreadPool& pool, Progress& progress) {
+  const fs::path ad = tmp / "lora_adapter";
+  fs::create_directory(ad);
+  write_files(src, adapter, {0, adapter.size()}, {(ad / "adapter_model.safetensors").string()}, 0, pool, progress);
+  ojson ac;
+  ac["alpha_pattern"] = ojson::object();
+  ac["base_model_name_or_path"] = nullptr;
+  ac["bias"] = "none";
+  ac["fan_in_fan_out"] = false;
+  ac["inference_mode"] = true;
+  ac["init_lora_weights"] = true;
+  ac["lora_alpha"] = lora.alpha == std::floor(lora.alpha) ? ojson(static_cast<int64_t>(lora.alpha)) : ojson(lora.alpha);
+  ac["lora_dropout"] = 0.0;
+  ac["modules_to_save"] = nullptr;
+  ac["peft_type"] = "LORA";
+  ac["r"] = lora.r;
+  ac["rank_pattern"] = ojson::object();
+  ac["target_modules"] = std::vector<std::string>(lora.target_modules.begin(), lora.target_modules.end());
+  ac["task_type"] = lora.task_type ? ojson(*lora.task_type) : ojson(nullptr);
+  ac["use_dora"] = false;
+  ac["use_rslora"] = false;
+  write_text_file((ad / "adapter_config.json").string(), ac.dump(4) + "\n");
+}
+
+// config.json with the dtype written, then tokenizer / generation config / custom code.
+void write_config_and_extras(const MergeOptions& opt, const Inputs& in, DType out_dtype, const fs::path& tmp) {
+  ojson config = in.config;
+  bool had = false;
+  for (const char* k : {"torch_dtype", "dtype"})
+    if (config.contains(k)) {
+      config[k] = dtype_torch_name(out_dtype);
+      had = true;
+    }
+  if (!had) config["torch_dtype"] = dtype_torch_name(out_dtype);
+  if (in.tied) config["tie_word_embeddings"] = true;
+  write_text_file((tmp / "config.json").string(), config.dump(2) + "\n");
+  bool skipped_code = false;
+  for (const auto& e : fs::directory_iterator(in.hf_dir)) {
+    if (!e.is_regular_file()) continue;
+    const std::string fn = e.path().filename().string();
+    const std::string ext = e.path().extension().string();
+    if (fn == "config.json" || ext == ".safetensors" || ext == ".bin" || ext == ".pt" || ext == ".pth" ||
+        fn == "model.safetensors.index.json" || fn == "pytorch_model.bin.index.json")
+      continue;
+    if (ext == ".py" && !opt.trust_remote_code) {
+      skipped_code = true;
+      continue;
+    }
+    fs::copy_file(e.path(), tmp / fn, fs::copy_options::overwrite_existing);
+  }
+  if (skipped_code && !opt.quiet)
+    std::fprintf(stderr, "note: custom model code (*.py) in %s not copied; pass --trust-remote-code to copy it\n",
+                 in.hf_dir.c_str());
+}
+
+// Writes everything under the claim's temporary folder beside the target, then publishes it.
+void write_output(const CheckpointSource& src, const NameMap& map, const MergeOptions& opt, const Inputs& in,
+                  DType out_dtype, double lora_scale, OutputClaim& claim, ThreadPool& pool) {
+  const fs::path tmp = claim.temp();
+  uint64_t total = 0;
+  for (const auto& t : map.model) total += t.nbytes();
+  for (const auto& t : map.adapter) total += t.nbytes();
+  Progress progress("merging", map.model.size() + map.adapter.size(), total, !opt.quiet);
+  write_model(src, map.model, opt, lora_scale, tmp, pool, progress);
+  if (!map.adapter.empty()) write_adapter(src, map.adapter, map.lora, tmp, pool, progress);
+  progress.finish();
+  write_config_and_extras(opt, in, out_dtype, tmp);
+  // Publish: replace the target only now that everything is complete.
+  claim.commit();
+  if (opt.quiet) return;
+  const double t = progress.elapsed();
+  std::fprintf(stderr, "merged %zu tensors (%s, %s) into %s in %.2f s (%s/s)%s\n", map.model.size(),
+               human_bytes(static_cast<double>(total)).c_str(), dtype_torch_name(out_dtype), claim.target().c_str(), t,
+               human_bytes(t > 0 ? total / t : 0).c_str(),
+               map.adapter.empty()
+                   ? ""
+                   : (", LoRA adapter in lora_adapter/" + std::string(opt.fuse_lora ? " (fused into the base weights)" : ""))
+                         .c_str());
+}
+
+}  // namespace
+
+int run_merge(const MergeOptions& opt) {
+  check_options(opt);
+  const Inputs in = locate_inputs(opt);
+  const DType out_dtype = resolve_dtype(opt.dtype, in.config);
+  std::optional<OutputClaim> claim;
+  if (!opt.test) claim.emplace(opt.target_dir, claim_options(opt, in));
+
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  ThreadPool pool(opt.threads > 0 ? static_cast<size_t>(opt.threads) : std::min(hw, 8u));
+  const std::unique_ptr<CheckpointSource> src = open_source(opt, in);
+  NameMap map = map_names(*src, opt, in.tied, out_dtype);
+  const double lora_scale = map.lora.present ? resolve_lora(map.lora, opt, in.config) : 0;
+  if (map.model.empty())
+    fail(opt.local_dir, ": the checkpoint holds no model tensors", map.adapter.empty() ? "" : " (only LoRA adapter weights)",
          ": nothing to merge");
-  check_config_against_weights(config, cfg_path, src, model, dropped_lm_head, opt.tie_word_embedding, opt.is_value_model,
-                               pool);
+  check_config_against_weights(in.config, in.cfg_path, *src, map.model, map.dropped_lm_head, opt.tie_word_embedding,
+                               opt.is_value_model, pool);
   // Every check is done: from here on only info lines (errors come before any of them).
-  if (!opt.quiet) std::fprintf(stderr, "%s\n", src.describe().c_str());
+  if (!opt.quiet) std::fprintf(stderr, "%s\n", src->describe().c_str());
+  if (opt.test) return run_test(*src, map.model, opt, lora_scale, pool);
 
-  if (opt.test) return run_test(src, model, opt, lora_scale, pool);
-
-  // Everything is written under the claim's temporary folder beside the target, then renamed.
-  const fs::path tmp = claim->temp();
   try {
-    uint64_t total = 0;
-    for (const auto& t : model) total += t.nbytes();
-    for (const auto& t : adapter) total += t.nbytes();
-    Progress progress("merging", model.size() + adapter.size(), total, !opt.quiet);
-
-    const auto bounds = shard_bounds(model, opt.max_shard_size);
-    const size_t nfiles = bounds.size() - 1;
-    std::vector<std::string> names, paths;
-    for (size_t k = 0; k < nfiles; ++k) {
-      char buf[64];
-      std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", k + 1, nfiles);
-      names.push_back(nfiles == 1 ? std::string("model.safetensors") : std::string(buf));
-      paths.push_back((tmp / names.back()).string());
-    }
-    write_files(src, model, bounds, paths, lora_scale, pool, progress);
-    if (nfiles > 1) {
-      ojson index;
-      uint64_t model_bytes = 0;
-      ojson wm = ojson::object();
-      for (size_t k = 0; k < nfiles; ++k)
-        for (size_t i = bounds[k]; i < bounds[k + 1]; ++i) {
-          wm[model[i].name] = names[k];
-          model_bytes += model[i].nbytes();
-        }
-      index["metadata"] = {{"total_size", model_bytes}};
-      index["weight_map"] = wm;
-      write_text_file((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
-    }
-    if (!adapter.empty()) {
-      const fs::path ad = tmp / "lora_adapter";
-      fs::create_directory(ad);
-      write_files(src, adapter, {0, adapter.size()}, {(ad / "adapter_model.safetensors").string()}, 0, pool, progress);
-      ojson ac;
-      ac["alpha_pattern"] = ojson::object();
-      ac["base_model_name_or_path"] = nullptr;
-      ac["bias"] = "none";
-      ac["fan_in_fan_out"] = false;
-      ac["inference_mode"] = true;
-      ac["init_lora_weights"] = true;
-      ac["lora_alpha"] = lora.alpha == std::floor(lora.alpha) ? ojson(static_cast<int64_t>(lora.alpha)) : ojson(lora.alpha);
-      ac["lora_dropout"] = 0.0;
-      ac["modules_to_save"] = nullptr;
-      ac["peft_type"] = "LORA";
-      ac["r"] = lora.r;
-      ac["rank_pattern"] = ojson::object();
-      ac["target_modules"] = std::vector<std::string>(lora.target_modules.begin(), lora.target_modules.end());
-      ac["task_type"] = lora.task_type ? ojson(*lora.task_type) : ojson(nullptr);
-      ac["use_dora"] = false;
-      ac["use_rslora"] = false;
-      write_text_file((ad / "adapter_config.json").string(), ac.dump(4) + "\n");
-    }
-    progress.finish();
-
-    // config.json with the dtype written, then tokenizer / generation config / custom code.
-    bool had = false;
-    for (const char* k : {"torch_dtype", "dtype"})
-      if (config.contains(k)) { config[k] = dtype_torch_name(out_dtype); had = true; }
-    if (!had) config["torch_dtype"] = dtype_torch_name(out_dtype);
-    if (tied) config["tie_word_embeddings"] = true;
-    write_text_file((tmp / "config.json").string(), config.dump(2) + "\n");
-    bool skipped_code = false;
-    for (const auto& e : fs::directory_iterator(hf_dir)) {
-      if (!e.is_regular_file()) continue;
-      const std::string fn = e.path().filename().string();
-      const std::string ext = e.path().extension().string();
-      if (fn == "config.json" || ext == ".safetensors" || ext == ".bin" || ext == ".pt" || ext == ".pth" ||
-          fn == "model.safetensors.index.json" || fn == "pytorch_model.bin.index.json")
-        continue;
-      if (ext == ".py" && !opt.trust_remote_code) { skipped_code = true; continue; }
-      fs::copy_file(e.path(), tmp / fn, fs::copy_options::overwrite_existing);
-    }
-    if (skipped_code && !opt.quiet)
-      std::fprintf(stderr, "note: custom model code (*.py) in %s not copied; pass --trust-remote-code to copy it\n",
-                   hf_dir.c_str());
-
-    // Publish: replace the target only now that everything is complete.
-    claim->commit();
-
-    if (!opt.quiet) {
-      const double t = progress.elapsed();
-      std::fprintf(stderr, "merged %zu tensors (%s, %s) into %s in %.2f s (%s/s)%s\n", model.size(),
-                   human_bytes(static_cast<double>(total)).c_str(), dtype_torch_name(out_dtype), target.c_str(), t,
-                   human_bytes(t > 0 ? total / t : 0).c_str(),
-                   adapter.empty() ? "" : (", LoRA adapter in lora_adapter/" + std::string(opt.fuse_lora ? " (fused into the base weights)" : "")).c_str());
-    }
+    write_output(*src, map, opt, in, out_dtype, lora_scale, *claim, pool);
   } catch (...) {
     claim.reset();  // removes the temporary folder, releases the claim
     throw;
@@ -733,7 +829,8 @@ int run_merge(const MergeOptions& opt) {
     std::fprintf(stderr,
                  "note: --hf_upload_path %s: this machine has no network access to the Hub; nothing was uploaded. "
                  "The merged model is in %s; upload it with: huggingface-cli upload %s %s\n",
-                 opt.hf_upload_path.c_str(), target.c_str(), opt.hf_upload_path.c_str(), target.c_str());
+                 opt.hf_upload_path.c_str(), claim->target().c_str(), opt.hf_upload_path.c_str(),
+                 claim->target().c_str());
   return 0;
 }
 

@@ -1,5 +1,5 @@
 // transformer.cpp — the model code, its parameter views and the dense (single-device)
-// parameters. Weight names follow the table of HF templates in weights.h; every expected key
+// parameters. Weight names and slots follow the family name table (hf/names.h); every expected key
 // must be present with the expected shape, and unknown keys are an error (both listed). Numerics follow transformers op for op (RMSNorm in fp32 then
 // cast, rotary cos/sin from fp32 frequencies, SDPA with scale head_dim^-0.5).
 #include "model/transformer.h"
@@ -68,60 +68,48 @@ at::Tensor rope_inv_freq(const ModelConfig& c) {
   return inv;
 }
 
+namespace {
+
+// The view of `slot` in a unit's flat buffer: one parameter in its shape, or the parameters
+// of a fused slot ([q;k;v], [gate;up]: contiguous in the layout) as one tensor along the
+// output dim ([rows, cols] for a matrix); undefined if the unit has none.
+at::Tensor slot_view(const std::vector<FlatParam>& layout, const at::Tensor& flat, Slot slot) {
+  const FlatParam *first = nullptr, *last = nullptr;
+  for (const auto& p : layout)
+    if (p.slot == slot) {
+      if (!first) first = &p;
+      last = &p;
+    }
+  if (!first) return at::Tensor();
+  if (first == last) return param_view(flat, *first);
+  const int64_t n = last->offset + last->numel - first->offset;
+  at::Tensor t = flat.narrow(0, first->offset, n);
+  return first->shape.size() == 2 ? t.view({n / first->shape[1], first->shape[1]}) : t;
+}
+
+}  // namespace
+
 DecoderLayer layer_views(const std::vector<FlatParam>& layout, const at::Tensor& flat) {
-  auto get = [&](const char* suffix) -> const FlatParam* {
-    const size_t n = std::strlen(suffix);
-    for (const auto& p : layout)
-      if (p.name.size() > n && p.name.compare(p.name.size() - n, std::string::npos, suffix) == 0) return &p;
-    return nullptr;
-  };
-  auto v = [&](const char* s) {
-    const FlatParam* p = get(s);
-    return p ? param_view(flat, *p) : at::Tensor();
-  };
-  // [first; ...; last] fused along the output dim: contiguous in the flat layout.
-  auto fused = [&](const char* first, const char* last, int64_t cols) {
-    const FlatParam* a = get(first);
-    const FlatParam* b = get(last);
-    if (!a) return at::Tensor();
-    const int64_t n = b->offset + b->numel - a->offset;
-    at::Tensor t = flat.narrow(0, a->offset, n);
-    return cols > 0 ? t.view({n / cols, cols}) : t;
-  };
   using M = at::Tensor DecoderLayer::*;
-  static const std::pair<M, const char*> kSingle[] = {
-      {&DecoderLayer::input_norm, ".input_layernorm.weight"}, {&DecoderLayer::post_norm, ".post_attention_layernorm.weight"},
-      {&DecoderLayer::o_w, ".o_proj.weight"},                 {&DecoderLayer::o_b, ".o_proj.bias"},
-      {&DecoderLayer::q_norm, ".q_norm.weight"},              {&DecoderLayer::k_norm, ".k_norm.weight"},
-      {&DecoderLayer::down_w, ".down_proj.weight"},           {&DecoderLayer::down_b, ".down_proj.bias"}};
-  struct Fused {
-    M member;
-    const char *first, *last;
-    bool matrix;
-  };
-  static const Fused kFused[] = {{&DecoderLayer::qkv_w, ".q_proj.weight", ".v_proj.weight", true},
-                                 {&DecoderLayer::qkv_b, ".q_proj.bias", ".v_proj.bias", false},
-                                 {&DecoderLayer::gate_up_w, ".gate_proj.weight", ".up_proj.weight", true},
-                                 {&DecoderLayer::gate_up_b, ".gate_proj.bias", ".up_proj.bias", false}};
+  static const std::pair<M, Slot> kSlots[] = {
+      {&DecoderLayer::input_norm, Slot::InputNorm}, {&DecoderLayer::post_norm, Slot::PostNorm},
+      {&DecoderLayer::qkv_w, Slot::Qkv},            {&DecoderLayer::qkv_b, Slot::QkvBias},
+      {&DecoderLayer::o_w, Slot::O},                {&DecoderLayer::o_b, Slot::OBias},
+      {&DecoderLayer::q_norm, Slot::QNorm},         {&DecoderLayer::k_norm, Slot::KNorm},
+      {&DecoderLayer::gate_up_w, Slot::GateUp},     {&DecoderLayer::gate_up_b, Slot::GateUpBias},
+      {&DecoderLayer::down_w, Slot::Down},          {&DecoderLayer::down_b, Slot::DownBias}};
   DecoderLayer l;
-  const int64_t H = layout.at(0).shape.at(0);  // input_layernorm.weight [hidden]
-  for (const auto& [m, suffix] : kSingle) l.*m = v(suffix);
-  for (const auto& f : kFused) l.*(f.member) = fused(f.first, f.last, f.matrix ? H : 0);
+  for (const auto& [m, slot] : kSlots) l.*m = slot_view(layout, flat, slot);
   return l;
 }
 
 RootParams root_views(const ModelConfig& c, const std::vector<FlatParam>& layout, const at::Tensor& flat) {
-  auto v = [&](const char* name) {
-    for (const auto& p : layout)
-      if (p.name == name) return param_view(flat, p);
-    return at::Tensor();
-  };
   RootParams r;
-  r.embed = v("model.embed_tokens.weight");
-  r.final_norm = v("model.norm.weight");
-  if (c.head == Head::CausalLM) r.lm_head = c.tie_word_embeddings ? r.embed : v("lm_head.weight");
-  r.score_w = v("score.weight");
-  r.score_b = v("score.bias");
+  r.embed = slot_view(layout, flat, Slot::Embed);
+  r.final_norm = slot_view(layout, flat, Slot::FinalNorm);
+  if (c.head == Head::CausalLM) r.lm_head = c.tie_word_embeddings ? r.embed : slot_view(layout, flat, Slot::LmHead);
+  r.score_w = slot_view(layout, flat, Slot::Score);
+  r.score_b = slot_view(layout, flat, Slot::ScoreBias);
   return r;
 }
 

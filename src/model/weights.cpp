@@ -1,4 +1,5 @@
-// weights.cpp — the HF weight table and the weight folder reader (see weights.h).
+// weights.cpp — the engine's weight specs (from the family name table) and the weight folder
+// reader (see weights.h).
 #include "model/weights.h"
 
 #include <ATen/ATen.h>
@@ -27,53 +28,24 @@ std::string fmt_shape(const std::vector<int64_t>& s) {
   return r + "]";
 }
 
-std::string layer_name(const char* tmpl, int i) {
-  std::string s = tmpl;
-  return s.replace(s.find("{}"), 2, std::to_string(i));
+// The rows of `table` that a model with config `c` has, named by `name`.
+template <class Name>
+std::vector<WeightSpec> specs_of(std::span<const TensorName> table, const ModelConfig& c, bool score_bias, Name name) {
+  std::vector<WeightSpec> p;
+  for (const auto& t : table)
+    if (t.slot != Slot::None && model_has(t, c, score_bias)) p.push_back({name(t.hf), shape_of(t, c), t.slot});
+  return p;
 }
 
 }  // namespace
 
 std::vector<WeightSpec> layer_weight_specs(const ModelConfig& c, int i) {
-  const int64_t H = c.hidden_size, I = c.intermediate_size, hd = c.head_dim;
-  const int64_t qd = int64_t(c.num_heads) * hd, kvd = int64_t(c.num_kv_heads) * hd;
-  const bool o_bias = c.family != Family::Qwen2 && c.attention_bias;
-  std::vector<WeightSpec> p;
-  auto add = [&](const char* t, std::vector<int64_t> s, bool on = true) {
-    if (on) p.push_back({layer_name(t, i), std::move(s)});
-  };
-  add("model.layers.{}.input_layernorm.weight", {H});
-  add("model.layers.{}.self_attn.q_proj.weight", {qd, H});
-  add("model.layers.{}.self_attn.k_proj.weight", {kvd, H});
-  add("model.layers.{}.self_attn.v_proj.weight", {kvd, H});
-  add("model.layers.{}.self_attn.q_proj.bias", {qd}, c.attention_bias);
-  add("model.layers.{}.self_attn.k_proj.bias", {kvd}, c.attention_bias);
-  add("model.layers.{}.self_attn.v_proj.bias", {kvd}, c.attention_bias);
-  add("model.layers.{}.self_attn.o_proj.weight", {H, qd});
-  add("model.layers.{}.self_attn.o_proj.bias", {H}, o_bias);
-  add("model.layers.{}.self_attn.q_norm.weight", {hd}, c.qk_norm);
-  add("model.layers.{}.self_attn.k_norm.weight", {hd}, c.qk_norm);
-  add("model.layers.{}.post_attention_layernorm.weight", {H});
-  add("model.layers.{}.mlp.gate_proj.weight", {I, H});
-  add("model.layers.{}.mlp.up_proj.weight", {I, H});
-  add("model.layers.{}.mlp.gate_proj.bias", {I}, c.mlp_bias);
-  add("model.layers.{}.mlp.up_proj.bias", {I}, c.mlp_bias);
-  add("model.layers.{}.mlp.down_proj.weight", {H, I});
-  add("model.layers.{}.mlp.down_proj.bias", {H}, c.mlp_bias);
-  return p;
+  const std::string prefix = "model.layers." + std::to_string(i) + ".";
+  return specs_of(layer_names(), c, false, [&](std::string_view hf) { return prefix + std::string(hf); });
 }
 
 std::vector<WeightSpec> root_weight_specs(const ModelConfig& c, bool score_bias) {
-  std::vector<WeightSpec> p;
-  p.push_back({"model.embed_tokens.weight", {c.vocab_size, c.hidden_size}});
-  p.push_back({"model.norm.weight", {c.hidden_size}});
-  if (c.head == Head::CausalLM) {
-    if (!c.tie_word_embeddings) p.push_back({"lm_head.weight", {c.vocab_size, c.hidden_size}});
-  } else {
-    p.push_back({"score.weight", {c.num_labels, c.hidden_size}});
-    if (score_bias) p.push_back({"score.bias", {c.num_labels}});
-  }
-  return p;
+  return specs_of(root_names(), c, score_bias, [](std::string_view hf) { return std::string(hf); });
 }
 
 std::vector<FlatParam> flat_layout(const std::vector<WeightSpec>& specs, int64_t* numel) {
@@ -82,7 +54,7 @@ std::vector<FlatParam> flat_layout(const std::vector<WeightSpec>& specs, int64_t
   for (const auto& w : specs) {
     int64_t n = 1;
     for (auto s : w.shape) n *= s;
-    r.push_back({w.name, w.shape, off, n});
+    r.push_back({w.name, w.shape, w.slot, off, n});
     off += n;
   }
   if (numel) *numel = off;

@@ -1,9 +1,9 @@
-// weights.h — a HuggingFace folder's weights and the table of what each model needs:
-// WeightSet loads tensors of model.safetensors (or a sharded index) by name as torch tensors; the spec
-// lists are the HF name templates with their shapes from config.json, per decoder layer in
-// the order the fused views need ([q;k;v] and [gate;up] contiguous) and for the root
-// (embeddings, final norm, head). Both the single-device model and the FSDP-sharded model
-// load through these, so the name table and its checks exist once.
+// weights.h — a HuggingFace folder's weights and what each model needs: WeightSet loads
+// tensors of model.safetensors (or a sharded index) by name as torch tensors; the spec lists
+// are the rows of the family name table (hf/names.h) that a config has, with their shapes,
+// per decoder layer in the order the fused views need ([q;k;v] and [gate;up] contiguous) and
+// for the root (embeddings, final norm, head). Both the single-device model and the
+// FSDP-sharded model load through these, so the name table and its checks exist once.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "hf/config.h"
+#include "hf/names.h"
 
 namespace verl {
 
@@ -22,12 +23,14 @@ class HfFolder;
 struct WeightSpec {
   std::string name;             // e.g. "model.layers.3.self_attn.q_proj.weight"
   std::vector<int64_t> shape;
+  Slot slot = Slot::None;       // where the model keeps it (hf/names.h)
 };
 
 // A parameter inside a unit's flat buffer (the units of both the dense and the sharded model).
 struct FlatParam {
   std::string name;             // HF name, e.g. "model.layers.3.self_attn.q_proj.weight"
   std::vector<int64_t> shape;
+  Slot slot = Slot::None;
   int64_t offset = 0, numel = 0;  // in the unit's flat buffer
 };
 // The specs laid out back to back in order; `*numel` = the total.

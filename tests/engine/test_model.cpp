@@ -14,15 +14,6 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 TEST(ModelConfig, FieldsAsTransformersSeesThem) {
   const std::string fx = engine_fixtures();
   json info = json::parse(read_text_file(fx + "/info.json"));

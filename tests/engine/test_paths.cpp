@@ -111,12 +111,7 @@ TEST(Paths, MissingHdfsCommandIsAClearError) {
   TempDir cache;
   std::string old = std::getenv("PATH");
   setenv("PATH", cache.path.c_str(), 1);
-  std::string msg;
-  try {
-    resolve_local_path("hdfs://ns/x/model", cache.path.string());
-  } catch (const Error& e) {
-    msg = e.what();
-  }
+  const std::string msg = error_of([&] { resolve_local_path("hdfs://ns/x/model", cache.path.string()); });
   setenv("PATH", old.c_str(), 1);
   EXPECT_NE(msg.find("needs the `hdfs` command"), std::string::npos) << msg;
 }
@@ -132,12 +127,7 @@ TEST(Paths, HfModelIdFromOfflineCache) {
   std::string saved = old ? old : "";
   setenv("HF_HOME", home.path.c_str(), 1);
   EXPECT_EQ(resolve_local_path("org/tiny-model"), snap);
-  std::string msg;
-  try {
-    resolve_local_path("org/absent-model");
-  } catch (const Error& e) {
-    msg = e.what();
-  }
+  const std::string msg = error_of([&] { resolve_local_path("org/absent-model"); });
   EXPECT_NE(msg.find("models--org--absent-model"), std::string::npos) << msg;
   if (old) setenv("HF_HOME", saved.c_str(), 1);
   else unsetenv("HF_HOME");

@@ -28,18 +28,12 @@ const char* kCases =
     "qwen2:1,qwen2:2,qwen2:3,qwen2:4,qwen2:2:bf16,llama_tied:2,value:4,lora:2,hsdp:4,buffer:2,tiny_rows:4,"
     "fsdp1:3,fsdp1_sharded_tensor:3,shard_dim:2";
 
-class FixtureCleanup : public ::testing::Environment {
- public:
-  void TearDown() override {
-    if (!g_root.empty() && !std::getenv("VERLCPP_KEEP_TMP")) fs::remove_all(g_root);
-  }
-};
-const auto* const g_cleanup = ::testing::AddGlobalTestEnvironment(new FixtureCleanup);
+const auto* const g_cleanup = ::testing::AddGlobalTestEnvironment(new verl::test::RemoveAtExit(&g_root));
 
-std::string py() { return verl::test::python(); }
-std::string oracle(const std::string& s) { return verl::test::source_dir() + "/tests/oracle/" + s; }
-std::string bin() { return verl::test::verlcpp_bin(); }
-std::string q(const fs::path& p) { return "'" + p.string() + "'"; }
+using verl::test::oracle_script;
+using verl::test::python;
+using verl::test::verlcpp_bin;
+std::string q(const fs::path& p) { return verl::test::quoted(p); }
 
 class MergeFsdp : public ::testing::Test {
  protected:
@@ -47,12 +41,10 @@ class MergeFsdp : public ::testing::Test {
     // Both suites (MergeFsdp, BadInput) share one set of fixtures, made once per process
     // and removed by FixtureCleanup at exit.
     if (!g_root.empty()) return;
-    g_root = fs::temp_directory_path() / ("verlcpp_merge_it_" + std::to_string(::getpid()));
-    fs::remove_all(g_root);
-    fs::create_directories(g_root);
+    g_root = verl::test::fresh_suite_dir("verlcpp_merge_it_");
     // One Python process makes every case (torch is imported once).
     std::string out;
-    int rc = run(py() + " " + oracle("make_fsdp_ckpt.py") + " --out " + q(g_root) + " --case " + kCases, &out);
+    int rc = run(python() + " " + oracle_script("make_fsdp_ckpt.py") + " --out " + q(g_root) + " --case " + kCases, &out);
     ASSERT_EQ(rc, 0) << "fixtures failed:\n" << out;
   }
 
@@ -62,13 +54,13 @@ class MergeFsdp : public ::testing::Test {
   // Runs verlcpp merge; returns rc and output.
   int merge(const std::string& c, const fs::path& out, const std::string& extra, std::string* log,
             const fs::path& dir = {}) {
-    return run(bin() + " merge --backend fsdp --local_dir " + q(dir.empty() ? ckpt(c) : dir) + " --target_dir " + q(out) +
+    return run(verlcpp_bin() + " merge --backend fsdp --local_dir " + q(dir.empty() ? ckpt(c) : dir) + " --target_dir " + q(out) +
                    " --quiet " + extra,
                log);
   }
   void check(const fs::path& merged, const fs::path& reference, const std::string& extra) {
     std::string out;
-    int rc = run(py() + " " + oracle("check_merged.py") + " --merged " + q(merged) + " --ref " + q(reference) + " " + extra,
+    int rc = run(python() + " " + oracle_script("check_merged.py") + " --merged " + q(merged) + " --ref " + q(reference) + " " + extra,
                  &out);
     EXPECT_EQ(rc, 0) << out;
   }
@@ -175,12 +167,12 @@ TEST_F(MergeFsdp, LoraWithoutAlphaIsAnError) {
 
 TEST_F(MergeFsdp, TestModeReportsDifferences) {
   std::string log;
-  int rc = run(bin() + " merge test --backend fsdp --local_dir " + q(ckpt("qwen2_w2")) + " --test_hf_dir " +
+  int rc = run(verlcpp_bin() + " merge test --backend fsdp --local_dir " + q(ckpt("qwen2_w2")) + " --test_hf_dir " +
                    q(ref("qwen2_w2")) + " --atol 0 --rtol 0",
                &log);
   EXPECT_EQ(rc, 0) << log;
   // Against another model: every tensor differs, so it must fail and say so.
-  rc = run(bin() + " merge --test --backend fsdp --local_dir " + q(ckpt("qwen2_w2")) + " --test_hf_dir " +
+  rc = run(verlcpp_bin() + " merge --test --backend fsdp --local_dir " + q(ckpt("qwen2_w2")) + " --test_hf_dir " +
                q(ref("llama_tied_w2")),
            &log);
   EXPECT_EQ(rc, 1) << log;
@@ -215,7 +207,7 @@ class BadInput : public MergeFsdp {
   }
   void tamper(const fs::path& file, const std::string& mode) {
     std::string out;
-    ASSERT_EQ(run(py() + " " + oracle("tamper_ckpt.py") + " --file " + q(file) + " --mode " + mode, &out), 0) << out;
+    ASSERT_EQ(run(python() + " " + oracle_script("tamper_ckpt.py") + " --file " + q(file) + " --mode " + mode, &out), 0) << out;
   }
   // Sizes and modification times of every file under dir: inputs must stay untouched.
   static std::map<std::string, std::pair<uintmax_t, fs::file_time_type>> snapshot(const fs::path& dir) {
@@ -277,7 +269,7 @@ TEST_F(BadInput, WrongWorldSizeInConfig) {
 TEST_F(BadInput, ShapesDisagreeAcrossRanks) {
   auto dir = broken("shapes");
   std::string out;
-  int rc = run(py() + " " + oracle("tamper_ckpt.py") + " --file " + q(dir / "model_world_size_2_rank_1.pt") +
+  int rc = run(python() + " " + oracle_script("tamper_ckpt.py") + " --file " + q(dir / "model_world_size_2_rank_1.pt") +
                    " --mode shrink",
                &out);
   ASSERT_EQ(rc, 0) << out;
@@ -287,7 +279,7 @@ TEST_F(BadInput, ShapesDisagreeAcrossRanks) {
 TEST_F(BadInput, UnknownPlacement) {
   auto dir = broken("partial");
   std::string out;
-  int rc = run(py() + " " + oracle("tamper_ckpt.py") + " --file " + q(dir / "model_world_size_2_rank_0.pt") +
+  int rc = run(python() + " " + oracle_script("tamper_ckpt.py") + " --file " + q(dir / "model_world_size_2_rank_0.pt") +
                    " --mode partial",
                &out);
   ASSERT_EQ(rc, 0) << out;
@@ -306,10 +298,10 @@ TEST_F(BadInput, UnwritableTarget) {
 
 TEST_F(BadInput, WrongFlags) {
   std::string log;
-  EXPECT_NE(run(bin() + " merge --backend fsdp --local_dir /nonexistent --target_dir /tmp/x_verlcpp", &log), 0);
+  EXPECT_NE(run(verlcpp_bin() + " merge --backend fsdp --local_dir /nonexistent --target_dir /tmp/x_verlcpp", &log), 0);
   EXPECT_NE(log.find("/nonexistent"), std::string::npos) << log;
-  EXPECT_NE(run(bin() + " merge --backend fsdp --local_dir . --target_dir /tmp/x --dtype fp8", &log), 0);
-  EXPECT_NE(run(bin() + " merge --bogus", &log), 0);
+  EXPECT_NE(run(verlcpp_bin() + " merge --backend fsdp --local_dir . --target_dir /tmp/x --dtype fp8", &log), 0);
+  EXPECT_NE(run(verlcpp_bin() + " merge --bogus", &log), 0);
 }
 
 }  // namespace
@@ -381,7 +373,7 @@ TEST_F(BadInput, ConfigOfAnotherModel) {
   // and the error is the only line even without --quiet (no info line before it).
   const fs::path out = g_root / "bad_out" / "other_config";
   std::string log;
-  int rc = run(bin() + " merge --backend fsdp --local_dir " + q(ckpt("qwen2_w2")) + " --target_dir " + q(out) +
+  int rc = run(verlcpp_bin() + " merge --backend fsdp --local_dir " + q(ckpt("qwen2_w2")) + " --target_dir " + q(out) +
                    " --hf_model_config_path " + q(ckpt("llama_tied_w2") / "huggingface"),
                &log);
   EXPECT_NE(rc, 0) << log;
@@ -391,9 +383,7 @@ TEST_F(BadInput, ConfigOfAnotherModel) {
   EXPECT_FALSE(fs::exists(out));
   // Same sizes, but the config says tied while the checkpoint's lm_head is its own tensor.
   auto dir = broken("tied_config");
-  std::ifstream in(dir / "huggingface" / "config.json");
-  std::string cfg((std::istreambuf_iterator<char>(in)), {});
-  in.close();
+  std::string cfg = verl::test::slurp(dir / "huggingface" / "config.json");
   const auto p = cfg.find("\"tie_word_embeddings\": false");
   ASSERT_NE(p, std::string::npos) << cfg;
   cfg.replace(p, std::strlen("\"tie_word_embeddings\": false"), "\"tie_word_embeddings\": true");
@@ -467,7 +457,7 @@ TEST_F(MergeFsdp, TargetInsideTheCheckpointCanBeReplaced) {
 
 TEST_F(BadInput, MissingLocalDirSaysSo) {
   std::string log;
-  EXPECT_NE(run(bin() + " merge --backend fsdp --local_dir " + q(g_root / "no_such_ckpt") + " --target_dir " +
+  EXPECT_NE(run(verlcpp_bin() + " merge --backend fsdp --local_dir " + q(g_root / "no_such_ckpt") + " --target_dir " +
                     q(g_root / "bad_out" / "nothing"),
                 &log),
             0);
@@ -477,7 +467,7 @@ TEST_F(BadInput, MissingLocalDirSaysSo) {
 
 TEST_F(BadInput, LogprobOutEqualToBatchIsRefused) {
   std::string help;
-  run(bin() + " --help", &help);
+  run(verlcpp_bin() + " --help", &help);
   if (help.find("logprob") == std::string::npos) GTEST_SKIP() << "verlcpp built without the engine";
   const fs::path batch = g_root / "bad" / "batch.safetensors";
   std::ofstream(batch) << "not even read";
@@ -485,13 +475,12 @@ TEST_F(BadInput, LogprobOutEqualToBatchIsRefused) {
   fs::create_symlink(batch, g_root / "bad" / "batch_link.safetensors");
   for (const char* out : {"batch.safetensors", "batch_link.safetensors"}) {
     std::string log;
-    EXPECT_NE(run(bin() + " logprob --model " + q(g_root / "no_model") + " --batch " + q(batch) + " --out " +
+    EXPECT_NE(run(verlcpp_bin() + " logprob --model " + q(g_root / "no_model") + " --batch " + q(batch) + " --out " +
                       q(g_root / "bad" / out),
                   &log),
               0);
     EXPECT_NE(log.find("same file"), std::string::npos) << log;
-    std::ifstream in(batch);
-    EXPECT_EQ(std::string((std::istreambuf_iterator<char>(in)), {}), "not even read");
+    EXPECT_EQ(verl::test::slurp(batch), "not even read");
   }
 }
 
@@ -500,12 +489,12 @@ TEST_F(BadInput, LogprobOutEqualToBatchIsRefused) {
 TEST_F(MergeFsdp, VerlcppFlatRankWorldStep) {
   const fs::path flat = g_root / "verlcpp_flat", old = g_root / "verlcpp_flat_old";
   std::string log;
-  ASSERT_EQ(run(py() + " " + oracle("tamper_ckpt.py") + " --mode to_verlcpp_flat --file " + q(g_root / "qwen2_w2") +
+  ASSERT_EQ(run(python() + " " + oracle_script("tamper_ckpt.py") + " --mode to_verlcpp_flat --file " + q(g_root / "qwen2_w2") +
                     " --out " + q(flat) + " --world 2 --step 5",
                 &log),
             0)
       << log;
-  ASSERT_EQ(run(py() + " " + oracle("tamper_ckpt.py") + " --mode to_verlcpp_flat --file " + q(g_root / "qwen2_w2") +
+  ASSERT_EQ(run(python() + " " + oracle_script("tamper_ckpt.py") + " --mode to_verlcpp_flat --file " + q(g_root / "qwen2_w2") +
                     " --out " + q(old) + " --world 2 --no-rank-key",
                 &log),
             0)
@@ -532,7 +521,7 @@ TEST_F(MergeFsdp, VerlcppFlatRankWorldStep) {
   const fs::path mixed = g_root / "bad" / "verlcpp_mixed";
   fs::remove_all(mixed);
   fs::copy(flat, mixed, fs::copy_options::recursive);
-  ASSERT_EQ(run(py() + " " + oracle("tamper_ckpt.py") + " --mode to_verlcpp_flat --file " + q(g_root / "qwen2_w2") +
+  ASSERT_EQ(run(python() + " " + oracle_script("tamper_ckpt.py") + " --mode to_verlcpp_flat --file " + q(g_root / "qwen2_w2") +
                     " --out " + q(g_root / "bad" / "verlcpp_step9") + " --world 2 --step 9",
                 &log),
             0);

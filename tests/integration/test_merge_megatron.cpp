@@ -23,40 +23,32 @@ const char* kCases =
     "qwen2_tp2,qwen2_pp2,qwen2_tp2pp2,llama_tied_tp2,qwen3_tp2,value_tp2pp2,qwen3_moe_ep2,qwen2_moe_tp2ep2,"
     "mixtral_ep2,dcp_per_layer";
 
-class FixtureCleanup : public ::testing::Environment {
- public:
-  void TearDown() override {
-    if (!g_root.empty() && !std::getenv("VERLCPP_KEEP_TMP")) fs::remove_all(g_root);
-  }
-};
-const auto* const g_cleanup = ::testing::AddGlobalTestEnvironment(new FixtureCleanup);
+const auto* const g_cleanup = ::testing::AddGlobalTestEnvironment(new verl::test::RemoveAtExit(&g_root));
 
-std::string py() { return verl::test::python(); }
-std::string oracle(const std::string& s) { return verl::test::source_dir() + "/tests/oracle/" + s; }
-std::string bin() { return verl::test::verlcpp_bin(); }
-std::string q(const fs::path& p) { return "'" + p.string() + "'"; }
+using verl::test::oracle_script;
+using verl::test::python;
+using verl::test::verlcpp_bin;
+std::string q(const fs::path& p) { return verl::test::quoted(p); }
 
 class MergeMegatron : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     if (!g_root.empty()) return;
-    g_root = fs::temp_directory_path() / ("verlcpp_merge_mega_" + std::to_string(::getpid()));
-    fs::remove_all(g_root);
-    fs::create_directories(g_root);
+    g_root = verl::test::fresh_suite_dir("verlcpp_merge_mega_");
     std::string out;
-    int rc = run(py() + " " + oracle("make_megatron_ckpt.py") + " --out " + q(g_root) + " --case " + kCases, &out);
+    int rc = run(python() + " " + oracle_script("make_megatron_ckpt.py") + " --out " + q(g_root) + " --case " + kCases, &out);
     ASSERT_EQ(rc, 0) << "fixtures failed:\n" << out;
   }
   static fs::path ckpt(const std::string& c) { return g_root / c / "ckpt"; }
   static fs::path ref(const std::string& c) { return g_root / c / "ref"; }
 
   int merge(const fs::path& dir, const fs::path& out, const std::string& extra, std::string* log) {
-    return run(bin() + " merge --backend megatron --local_dir " + q(dir) + " --target_dir " + q(out) + " --quiet " + extra,
+    return run(verlcpp_bin() + " merge --backend megatron --local_dir " + q(dir) + " --target_dir " + q(out) + " --quiet " + extra,
                log);
   }
   void check(const fs::path& merged, const fs::path& reference, const std::string& extra) {
     std::string out;
-    int rc = run(py() + " " + oracle("check_merged.py") + " --merged " + q(merged) + " --ref " + q(reference) + " " + extra,
+    int rc = run(python() + " " + oracle_script("check_merged.py") + " --merged " + q(merged) + " --ref " + q(reference) + " " + extra,
                  &out);
     EXPECT_EQ(rc, 0) << out;
   }
@@ -113,11 +105,11 @@ TEST_F(MergeMegatron, FolderLayouts) {
 
 TEST_F(MergeMegatron, TestModeReportsDifferences) {
   std::string log;
-  int rc = run(bin() + " merge test --backend megatron --local_dir " + q(ckpt("qwen3_moe_ep2")) + " --test_hf_dir " +
+  int rc = run(verlcpp_bin() + " merge test --backend megatron --local_dir " + q(ckpt("qwen3_moe_ep2")) + " --test_hf_dir " +
                    q(ref("qwen3_moe_ep2")) + " --atol 0 --rtol 0",
                &log);
   EXPECT_EQ(rc, 0) << log;
-  rc = run(bin() + " merge --test --backend megatron --local_dir " + q(ckpt("qwen2_tp2")) + " --test_hf_dir " +
+  rc = run(verlcpp_bin() + " merge --test --backend megatron --local_dir " + q(ckpt("qwen2_tp2")) + " --test_hf_dir " +
                q(ref("qwen2_pp2")),
            &log);
   EXPECT_EQ(rc, 1) << log;
@@ -158,7 +150,7 @@ class MegatronBadInput : public MergeMegatron {
     const std::string script = (g_root / "edit.py").string();
     std::ofstream(script) << "import pickle, sys\np = sys.argv[1]\nmd = pickle.load(open(p, 'rb'))\n" << code
                           << "\npickle.dump(md, open(p, 'wb'))\n";
-    ASSERT_EQ(run(py() + " " + script + " " + q(dist(dir) / ".metadata"), &out), 0) << out;
+    ASSERT_EQ(run(python() + " " + script + " " + q(dist(dir) / ".metadata"), &out), 0) << out;
   }
 };
 
@@ -210,11 +202,7 @@ TEST_F(MegatronBadInput, ChunkOverlap) {
 TEST_F(MegatronBadInput, UnsupportedArchitecture) {
   auto dir = broken("arch");
   const fs::path cfg = dir / "model" / "huggingface" / "config.json";
-  std::string text;
-  {
-    std::ifstream in(cfg);
-    text.assign(std::istreambuf_iterator<char>(in), {});
-  }
+  std::string text = verl::test::slurp(cfg);
   const std::string from = "Qwen2ForCausalLM";
   text.replace(text.find(from), from.size(), "GPTNeoXForCausalLM");
   std::ofstream(cfg, std::ios::trunc) << text;
@@ -256,9 +244,7 @@ TEST_F(MegatronBadInput, CheckpointIsNeverTheTarget) {
 TEST_F(MegatronBadInput, ConfigOfAnotherModel) {
   auto dir = broken("other_config");
   const fs::path cfg = dir / "model" / "huggingface" / "config.json";
-  std::ifstream in(cfg);
-  std::string text((std::istreambuf_iterator<char>(in)), {});
-  in.close();
+  std::string text = verl::test::slurp(cfg);
   const std::string from = "\"num_hidden_layers\": 3";
   const auto p = text.find(from);
   ASSERT_NE(p, std::string::npos) << text;

@@ -89,7 +89,7 @@ MegatronModel model(const char* arch, int heads, int kv, int head_dim, int vocab
                               {"num_attention_heads", heads}, {"num_key_value_heads", kv}, {"head_dim", head_dim},
                               {"vocab_size", vocab}};
   if (experts) c["num_experts"] = experts;
-  return MegatronModel::from_config(c, false, false);
+  return MegatronModel(parse_model_config(c.dump(), "config.json", ConfigUse::Megatron), false, false);
 }
 
 TEST(MegatronNames, QkvIsGroupedPerKvHead) {

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "io/torch_checkpoint.h"
+#include "test_util.h"
 
 using namespace verl;
 
@@ -75,12 +76,7 @@ ValuePtr Flat(std::vector<int64_t> shape, std::vector<int64_t> stride) {
 }
 
 std::string error_of(const Value& mesh) {
-  try {
-    decode_device_mesh(mesh, "f.pt: key 'w'", read);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
+  return verl::test::error_of([&] { decode_device_mesh(mesh, "f.pt: key 'w'", read); });
 }
 
 TEST(DeviceMesh, Torch24To29MeshTensor) {

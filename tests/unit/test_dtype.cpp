@@ -12,12 +12,7 @@
 
 using namespace verl;
 
-namespace {
-std::vector<uint8_t> slurp(const std::string& p) {
-  std::ifstream f(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), {}};
-}
-}  // namespace
+using test::slurp;
 
 TEST(DType, ConversionsMatchTorchBitForBit) {
   test::TempDir dir;

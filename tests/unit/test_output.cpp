@@ -22,22 +22,9 @@ using verl::OutputClaim;
 
 namespace {
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), {}};
-}
-void spit(const fs::path& p, const std::string& s) { std::ofstream(p, std::ios::binary) << s; }
-
-// Message of the Error `f` throws ("" if none).
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using verl::test::error_of;
+using verl::test::slurp;
+using verl::test::spit;
 
 // Entries of `dir` whose name starts with `prefix`.
 int count_prefixed(const fs::path& dir, const std::string& prefix) {

@@ -22,11 +22,7 @@ using json = nlohmann::json;
 using test::TempDir;
 using namespace std::string_literals;
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  EXPECT_TRUE(f.good()) << path;
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
+using test::slurp;
 
 std::string hex(const std::string& s) {
   static const char* d = "0123456789abcdef";

@@ -17,11 +17,8 @@ using namespace verl;
 
 namespace {
 
-std::string slurp(const std::string& p) {
-  std::ifstream f(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), {}};
-}
-void spit(const std::string& p, const std::string& s) { std::ofstream(p, std::ios::binary) << s; }
+using test::slurp;
+using test::spit;
 
 // A file made of an 8-byte length, the given header text and `data` bytes.
 std::string st_file(const std::string& header, const std::string& data, uint64_t len = ~0ull) {

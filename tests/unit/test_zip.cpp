@@ -16,11 +16,8 @@ using namespace verl;
 
 namespace {
 
-std::string slurp(const std::string& p) {
-  std::ifstream f(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), {}};
-}
-void spit(const std::string& p, const std::string& s) { std::ofstream(p, std::ios::binary) << s; }
+using test::slurp;
+using test::spit;
 
 // Python helper: a manifest "name data_offset size crc" per member, computed by zipfile
 // (which also finds archives behind prepended bytes) plus the local header's own lengths.
@@ -58,12 +55,7 @@ void expect_same(const ZipReader& z, const std::vector<Member>& want) {
 
 template <class F>
 std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
+  return test::error_of(f, "(no error)");
 }
 
 }  // namespace
