@@ -5,7 +5,18 @@ the same names, defaults and meaning, because it *is* one (a subclass), and diff
 `strategy="verlcpp"` and in what it refuses: a setting verl.cpp does not implement yet is an
 error naming it, never silently ignored. `unsupported_settings` lists them; `check_supported`
 runs at construction (verl builds engine configs from Hydra / omegaconf through
-`omega_conf_to_dataclass`, which calls __post_init__).
+`omega_conf_to_dataclass`, which calls __post_init__) and again in the engine (verl's PPO
+actor hands an FSDPEngineConfig whose strategy it set to "verlcpp").
+
+Used: mixed_precision.param_dtype (the compute dtype), fsdp_size, reshard_after_forward,
+forward_only, and verl's micro-batching keys (through verl's own prepare_micro_batches).
+Accepted with no effect, because they change nothing in what verl.cpp computes: wrap_policy
+(the units are always one per decoder layer + the root), use_orig_params, use_torch_compile,
+entropy_from_logits_with_chunking / entropy_from_logits_chunk_size / entropy_checkpointing (the
+LM head always works in row chunks and recomputes them in backward), forward_prefetch and
+use_no_sync_for_gradient_accumulation (collectives are blocking; gradients are reduced per
+micro-batch, which sums the same values), seed / full_determinism (the engine is deterministic),
+dtype (verl's FSDP engine reads mixed_precision, not dtype), turbo_config (fsdp_turbo only).
 """
 from dataclasses import dataclass, fields
 from typing import Any, Optional

@@ -145,6 +145,13 @@ class VerlcppEngine(BaseEngine):
 
     # ---- building -------------------------------------------------------------------------
     def initialize(self):
+        from verl.utils.device import get_device_name
+
+        device = get_device_name()
+        if device != "cpu":
+            raise NotImplementedError(
+                f"verlcpp engine: device '{device}': this build computes on the CPU only; "
+                "run verl with VERL_PLATFORM=cpu (the CUDA path is not built yet)")
         ec = self.engine_config
         settings = {
             "param_dtype": vconfig.compute_dtype(ec),
