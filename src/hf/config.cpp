@@ -185,11 +185,15 @@ ModelConfig parse_model_config(const std::string& text, const std::string& where
   if (use == ConfigUse::Engine) check_engine_forward(j, where, c);
   if (c.head == Head::TokenClassification) c.num_labels = parse_num_labels(j, where);
   c.torch_dtype = get_or<std::string>(j, "torch_dtype", get_or<std::string>(j, "dtype", "", where), where);
-  // transformers builds the embedding as nn.Embedding(vocab, hidden, padding_idx=pad_token_id).
-  if (j.contains("pad_token_id") && j["pad_token_id"].is_number_integer()) {
-    c.pad_token_id = j["pad_token_id"].get<int64_t>();
-    if (c.pad_token_id < 0 || c.pad_token_id >= c.vocab_size)
-      fail(where, ": pad_token_id ", c.pad_token_id, " is outside the vocabulary (0 .. ", c.vocab_size - 1, ")");
+  // transformers builds the embedding as nn.Embedding(vocab, hidden, padding_idx=pad_token_id):
+  // a negative index counts from the end, one past the vocabulary is refused (as torch does).
+  if (use == ConfigUse::Engine && j.contains("pad_token_id") && j["pad_token_id"].is_number_integer()) {
+    int64_t p = j["pad_token_id"].get<int64_t>();
+    if (p < 0) p += c.vocab_size;
+    if (p < 0 || p >= c.vocab_size)
+      fail(where, ": pad_token_id ", j["pad_token_id"].get<int64_t>(), " is outside the vocabulary (size ",
+           c.vocab_size, ")");
+    c.pad_token_id = p;
   }
   return c;
 }
