@@ -65,8 +65,8 @@ class C10dComm final : public Comm {
   }
   void barrier() override { wait("barrier", pg_->barrier()); }
 
-  // MPI_Comm_split semantics. The identity split (one color, keys in rank order) shares this
-  // group; any other asks the group for a sub-group over the same backend (ProcessGroup::splitGroup).
+  // MPI_Comm_split semantics, for the identity split only (one color, keys in rank order): it
+  // shares this group. Any other split is an Error (see below).
   std::unique_ptr<Comm> split(int color, int key) override {
     const int n = size();
     std::vector<int64_t> mine{color, key}, all(2 * static_cast<size_t>(n));
@@ -80,25 +80,12 @@ class C10dComm final : public Comm {
     bool identity = static_cast<int>(ranks.size()) == n;
     for (int i = 0; identity && i < n; ++i) identity = ranks[i] == i;
     if (identity) return std::make_unique<C10dComm>(pg_, timeout_.count() / 1000.0);
-    // splitGroup is collective over the parent group: every rank calls it once per new group,
-    // in the same order (groups ordered by color).
-    std::vector<int64_t> colors;
-    for (int r = 0; r < n; ++r) colors.push_back(all[2 * r]);
-    std::sort(colors.begin(), colors.end());
-    colors.erase(std::unique(colors.begin(), colors.end()), colors.end());
-    c10::intrusive_ptr<c10d::ProcessGroup> sub;
-    for (int64_t c : colors) {
-      std::vector<std::pair<int64_t, int>> m;
-      for (int r = 0; r < n; ++r)
-        if (all[2 * r] == c) m.emplace_back(all[2 * r + 1], r);
-      std::sort(m.begin(), m.end());
-      std::vector<int> g;
-      for (auto& x : m) g.push_back(x.second);
-      auto pg = pg_->splitGroup(g, timeout_, std::nullopt, std::nullopt, std::nullopt);
-      if (c == color) sub = pg;
-    }
-    if (!sub) fail("c10d comm: splitting group '", pg_->getGroupName(), "' gave this rank no sub-group");
-    return std::make_unique<C10dComm>(sub, timeout_.count() / 1000.0);
+    // Sub-groups through ProcessGroup::splitGroup hung intermittently on gloo (a sub-group's first
+    // all_gather never met its peer, 1 run in 3 at 4 ranks), so hybrid sharding is refused here
+    // until that is understood; the MPI comm has it.
+    fail("fsdp_size ", ranks.size(), " < ", n, " ranks (hybrid sharding) is not supported over torch.distributed yet; "
+         "use fsdp_size=-1");
+
   }
 
  private:

@@ -1,7 +1,7 @@
 // c10d_comm_check.cpp — a test-only Python module that runs the collectives checks
 // (comm_checks.h) on the Comm over a torch.distributed group (python/csrc/c10d_comm.h), so the
 // c10d comm is held to the same closed-form values as the MPI one. Driven by
-// c10d_comm_check.py under torchrun.
+// c10d_comm_check.py under torchrun. Hybrid (even / odd) splits are refused by that comm for now.
 #include <torch/extension.h>
 
 #include "c10d_comm.h"
@@ -25,7 +25,7 @@ PYBIND11_MODULE(c10d_comm_check, m) {
     return run([&] {
       pybind11::gil_scoped_release nogil;
       auto c = verl::make_c10d_comm(group, timeout_s);
-      return verl::comm_checks::world_and_split(*c);
+      return verl::comm_checks::world_and_split(*c, /*hybrid=*/false);
     });
   });
   m.def("stall_or_die", [](const std::string& group, double timeout_s, bool die) {

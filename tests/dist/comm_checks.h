@@ -115,9 +115,18 @@ inline void collectives(Comm& c, const char* tag) {
 
 // collectives on the whole group, then on even / odd sub-groups (hybrid sharding). Returns
 // the number of failed checks on this rank.
-inline int world_and_split(Comm& comm) {
+// hybrid=false: only the identity split (one color), which must share the group.
+inline int world_and_split(Comm& comm, bool hybrid = true) {
   g_rank = comm.rank();
   collectives(comm, "world");
+  if (!hybrid) {
+    auto same = comm.split(0, comm.rank());
+    EXPECT(same->size() == comm.size() && same->rank() == comm.rank(), "identity split %d/%d", same->rank(), same->size());
+    collectives(*same, "identity split");
+    std::printf("rank %d/%d (%s): %s\n", comm.rank(), comm.size(), comm.name().c_str(), g_fail ? "FAILED" : "OK");
+    std::fflush(stdout);
+    return g_fail;
+  }
   auto sub = comm.split(comm.rank() % 2, comm.rank());
   const int want = comm.size() / 2 + (comm.rank() % 2 == 0 ? comm.size() % 2 : 0);
   EXPECT(sub->size() == want, "split size %d, want %d", sub->size(), want);

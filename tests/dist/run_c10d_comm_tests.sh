@@ -10,7 +10,8 @@ DIR=$2
 HERE=$(cd "$(dirname "$0")" && pwd)
 fail=0
 say() { echo "== $*"; }
-run() { timeout 180 "$PY" -m torch.distributed.run --nproc_per_node "$1" --master_port "$2" "$HERE/c10d_comm_check.py" "$DIR" "${@:3}"; }
+# --standalone: a free port per launch (other tests start torchrun jobs at the same time); $2 unused.
+run() { timeout 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$1" "$HERE/c10d_comm_check.py" "$DIR" "${@:3}"; }
 
 for n in 1 2 3 4; do
   say "torchrun --nproc_per_node $n (gloo)"
