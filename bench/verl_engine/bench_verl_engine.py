@@ -46,16 +46,6 @@ OUT = os.path.join(ROOT, "bench", "out", "verl_engine")
 VOCAB = 32000
 MAX_LEN = 2048
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# as tests/verl/make_fixture.py: no system prompt, so verl's per-turn tokenisation equals the whole's
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 def lexicon(rng, n):
     """n distinct pseudo-words from syllables, in a fixed order (their Zipf rank)."""
     cons, vows = "bcdfghjklmnprstvwz", "aeiouy"
@@ -70,19 +60,11 @@ def lexicon(rng, n):
 
 
 def build_tokenizer(corpus):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """tests/verl/make_fixture.py's byte-level BPE and chat template, with VOCAB ids."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "verl"))
+    from make_fixture import build_tokenizer as fixture_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, bos_token=None, model_max_length=4096)
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return fixture_tokenizer(corpus, vocab_size=VOCAB, model_max_length=4096)
 
 
 def make_tokenizer_and_data(n_seqs, seed=7):

@@ -278,7 +278,7 @@ class VerlcppEngine(BaseEngine):
 
     def to(self, device: str, model: bool = True, optimizer: bool = True, grad: bool = True):
         super().to(device=device, model=model, optimizer=optimizer, grad=grad)
-        if device not in ("cpu",) and not device.startswith("cpu"):
+        if not device.startswith("cpu"):
             raise NotImplementedError(f"verlcpp engine: to({device!r}): this build computes on the CPU")
 
     # ---- weights out ----------------------------------------------------------------------

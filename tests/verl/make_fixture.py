@@ -52,7 +52,8 @@ def conversations(n, rng):
     return out
 
 
-def build_tokenizer(corpus, vocab_size):
+def build_tokenizer(corpus, vocab_size, model_max_length=512):
+    """A byte-level BPE trained on `corpus`, with the chat template (also used by bench/verl_engine)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -69,7 +70,7 @@ def build_tokenizer(corpus, vocab_size):
         pad_token="<|endoftext|>",
         unk_token=None,
         bos_token=None,
-        model_max_length=512,
+        model_max_length=model_max_length,
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast

@@ -33,26 +33,9 @@ OUT=$2
 shift 2
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-VENV=${VERLCPP_VENV:-/opt/verlcpp/venv}
-PY=$VENV/bin/python
+source "$HERE/common.sh"
 STEPS=${SFT_STEPS:-3}
 TMO=${SFT_TIMEOUT:-300}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-FIX=${VERL_FIXTURE:-$OUT/fixture}
-
-if [ ! -f "$FIX/fixture.json" ]; then
-  "$PY" "$HERE/make_fixture.py" "$FIX" > "$OUT/fixture.log" 2>&1 || { cat "$OUT/fixture.log" >&2; exit 1; }
-fi
-
-# verl on the CPU: the platform from python/verlcpp/cpu_platform.py, one thread per rank (2 cores)
-export VERL_PLATFORM=cpu
-export VERL_USE_EXTERNAL_MODULES=${VERL_USE_EXTERNAL_MODULES:-verlcpp}
-# the built package (python/verlcpp + its extension): <build>/python
-export PYTHONPATH=${VERLCPP_PYTHONPATH:-$ROOT/${BUILD_DIR:-build}/python}${PYTHONPATH:+:$PYTHONPATH}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export TOKENIZERS_PARALLELISM=false
 export HYDRA_FULL_ERROR=1
 export WANDB_MODE=disabled
 

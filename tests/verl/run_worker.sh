@@ -16,20 +16,7 @@ STRATEGY=$1
 OUT=$2
 shift 2
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-VENV=${VERLCPP_VENV:-/opt/verlcpp/venv}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-FIX=${VERL_FIXTURE:-$OUT/fixture}
-if [ ! -f "$FIX/fixture.json" ]; then
-  "$VENV/bin/python" "$HERE/make_fixture.py" "$FIX" > "$OUT/fixture.log" 2>&1 || { cat "$OUT/fixture.log" >&2; exit 1; }
-fi
-export VERL_PLATFORM=cpu
-export VERL_USE_EXTERNAL_MODULES=${VERL_USE_EXTERNAL_MODULES:-verlcpp}
-# the built package (python/verlcpp + its extension): <build>/python
-export PYTHONPATH=${VERLCPP_PYTHONPATH:-$ROOT/${BUILD_DIR:-build}/python}${PYTHONPATH:+:$PYTHONPATH}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export TOKENIZERS_PARALLELISM=false
+source "$HERE/common.sh"
 rm -f "$OUT/worker.json" "$OUT/worker_tensors.pt"
 status=0
 timeout --kill-after=10 "${WORKER_TIMEOUT:-300}" "$VENV/bin/torchrun" --standalone --nproc_per_node 2 \
