@@ -1,9 +1,11 @@
 // fsdp_model.cpp — FSDP wrapping of the transformer (see fsdp_model.h).
 //
 // Backward hooks without module hooks, as DESIGN.md suggests: each unit's parameters reach
-// the model through UnshardFn (input: a constant anchor that requires grad; output: the
-// gathered flat buffer), whose backward runs once every gradient of the unit's parameters
-// has been summed — it reduce-scatters that flat gradient and frees the buffer. Each layer's
+// the model through UnshardFn (input: a constant anchor that requires grad; outputs: the
+// unit's slot tensors, views of the gathered flat buffer), whose backward runs once every
+// gradient of the unit's parameters has arrived — it writes them into one fp32 flat gradient
+// (one copy each, instead of the zero-filled full-size buffer per view and the sums that
+// autograd's narrow backward would make), reduce-scatters it and frees the buffer. Each layer's
 // output passes through PreBackwardFn, an identity whose backward runs before the layer's
 // backward and gathers the parameters again. Autograd saved views of the flat buffer during
 // forward; they point at the same storage object, which unshard() refills.
@@ -30,13 +32,25 @@ namespace {
 FlatUnit* unit_of(AutogradContext* ctx) { return reinterpret_cast<FlatUnit*>(ctx->saved_data["unit"].toInt()); }
 
 struct UnshardFn : public torch::autograd::Function<UnshardFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& anchor, int64_t unit) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& anchor, int64_t unit) {
+    auto* u = reinterpret_cast<FlatUnit*>(unit);
     ctx->saved_data["unit"] = unit;
-    return reinterpret_cast<FlatUnit*>(unit)->full().detach();
+    std::vector<int64_t> offsets;
+    variable_list out;
+    for (const SlotView& s : slot_views(u->params(), u->full())) {
+      offsets.push_back(s.offset);
+      out.push_back(s.view);
+    }
+    ctx->saved_data["offsets"] = offsets;
+    return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list g) {
     FlatUnit* u = unit_of(ctx);
-    u->reduce_grad(g[0]);
+    const std::vector<int64_t> offsets = ctx->saved_data["offsets"].toIntVector();
+    at::Tensor flat = at::zeros({u->padded_numel()}, at::kFloat);
+    for (size_t i = 0; i < g.size(); ++i)
+      if (g[i].defined()) flat.narrow(0, offsets[i], g[i].numel()).view(g[i].sizes()).copy_(g[i]);
+    u->reduce_grad(flat);
     u->reshard();
     return {at::Tensor(), at::Tensor()};
   }
@@ -52,6 +66,14 @@ struct PreBackwardFn : public torch::autograd::Function<PreBackwardFn> {
     return {g[0], at::Tensor()};
   }
 };
+
+// The slot tensors of a gathered unit as outputs of UnshardFn over `anchor`.
+std::vector<SlotView> unshard_slots(FlatUnit* u, const at::Tensor& anchor) {
+  std::vector<SlotView> slots = slot_views(u->params(), u->full());
+  const variable_list out = UnshardFn::apply(anchor, reinterpret_cast<int64_t>(u));
+  for (size_t i = 0; i < slots.size(); ++i) slots[i].view = out[i];
+  return slots;
+}
 
 // A layer whose forward keeps nothing but its input; backward gathers the unit, recomputes
 // the layer with grad and back-propagates through it (reentrant checkpointing).
@@ -76,8 +98,7 @@ struct CheckpointFn : public torch::autograd::Function<CheckpointFn> {
     at::Tensor out;
     {
       at::AutoGradMode on(true);
-      at::Tensor flat = UnshardFn::apply(saved[3], reinterpret_cast<int64_t>(u));
-      out = model->layer_forward(layer_views(u->params(), flat), x, lc);
+      out = model->layer_forward(layer_params(unshard_slots(u, saved[3])), x, lc);
     }
     torch::autograd::backward({out}, {g[0]});
     return {x.grad(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
@@ -130,12 +151,12 @@ void FsdpModel::zero_grad() {
   for (FlatUnit* u : units()) u->zero_grad();
 }
 
-at::Tensor FsdpModel::gathered(FlatUnit* u) {
+std::vector<SlotView> FsdpModel::gathered(FlatUnit* u) {
   u->unshard();
-  return at::GradMode::is_enabled() ? UnshardFn::apply(anchor(), reinterpret_cast<int64_t>(u)) : u->full();
+  return at::GradMode::is_enabled() ? unshard_slots(u, anchor()) : slot_views(u->params(), u->full());
 }
 
-RootParams FsdpModel::root() { return root_views(config(), root_->params(), gathered(root_.get())); }
+RootParams FsdpModel::root() { return root_params(config(), gathered(root_.get())); }
 
 at::Tensor FsdpModel::run_layer(const Transformer& model, int i, const at::Tensor& h, const LayerContext& ctx) {
   FlatUnit* u = layers_.at(i).get();
@@ -146,7 +167,7 @@ at::Tensor FsdpModel::run_layer(const Transformer& model, int i, const at::Tenso
     out = CheckpointFn::apply(h, reinterpret_cast<int64_t>(u), reinterpret_cast<int64_t>(&model), anchor(), ctx.cos,
                               ctx.sin, ctx.cu_seqlens);
   } else {
-    out = model.layer_forward(layer_views(u->params(), gathered(u)), h, ctx);
+    out = model.layer_forward(layer_params(gathered(u)), h, ctx);
     if (grad) out = PreBackwardFn::apply(out, reinterpret_cast<int64_t>(u));
   }
   if (!grad || opt_.reshard_after_forward || opt_.gradient_checkpointing) u->reshard();

@@ -63,7 +63,7 @@ class FsdpModel : public ParamProvider {
   std::unique_ptr<Comm> shard_, replicate_;
   std::unique_ptr<FlatUnit> root_;
   std::vector<std::unique_ptr<FlatUnit>> layers_;
-  at::Tensor gathered(FlatUnit* u);
+  std::vector<SlotView> gathered(FlatUnit* u);  // the unit's slots, through UnshardFn in grad mode
 };
 
 }  // namespace verl

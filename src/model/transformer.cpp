@@ -20,8 +20,8 @@ namespace verl {
 namespace {
 
 at::Tensor rotate_half(const at::Tensor& x) {
-  int64_t d = x.size(-1) / 2;
-  return at::cat({-x.narrow(-1, d, d), x.narrow(-1, 0, d)}, -1);
+  const std::vector<at::Tensor> h = x.chunk(2, -1);  // chunk, not narrow: see attention()
+  return at::cat({-h[1], h[0]}, -1);
 }
 
 }  // namespace
@@ -68,28 +68,40 @@ at::Tensor rope_inv_freq(const ModelConfig& c) {
   return inv;
 }
 
+std::vector<SlotView> slot_views(const std::vector<FlatParam>& layout, const at::Tensor& flat) {
+  std::vector<SlotView> r;
+  for (size_t i = 0; i < layout.size();) {
+    const FlatParam& first = layout[i];
+    size_t j = i + 1;
+    while (j < layout.size() && layout[j].slot == first.slot) ++j;
+    const FlatParam& last = layout[j - 1];
+    at::Tensor t;
+    if (j == i + 1) {
+      t = param_view(flat, first);
+    } else {
+      const int64_t n = last.offset + last.numel - first.offset;
+      t = flat.narrow(0, first.offset, n);
+      if (first.shape.size() == 2) t = t.view({n / first.shape[1], first.shape[1]});
+    }
+    for (const auto& s : r)
+      if (s.slot == first.slot) fail("internal: parameter slot of '", first.name, "' is split in its unit's layout");
+    r.push_back({first.slot, first.offset, t});
+    i = j;
+  }
+  return r;
+}
+
 namespace {
 
-// The view of `slot` in a unit's flat buffer: one parameter in its shape, or the parameters
-// of a fused slot ([q;k;v], [gate;up]: contiguous in the layout) as one tensor along the
-// output dim ([rows, cols] for a matrix); undefined if the unit has none.
-at::Tensor slot_view(const std::vector<FlatParam>& layout, const at::Tensor& flat, Slot slot) {
-  const FlatParam *first = nullptr, *last = nullptr;
-  for (const auto& p : layout)
-    if (p.slot == slot) {
-      if (!first) first = &p;
-      last = &p;
-    }
-  if (!first) return at::Tensor();
-  if (first == last) return param_view(flat, *first);
-  const int64_t n = last->offset + last->numel - first->offset;
-  at::Tensor t = flat.narrow(0, first->offset, n);
-  return first->shape.size() == 2 ? t.view({n / first->shape[1], first->shape[1]}) : t;
+at::Tensor find_slot(const std::vector<SlotView>& slots, Slot slot) {
+  for (const auto& s : slots)
+    if (s.slot == slot) return s.view;
+  return at::Tensor();
 }
 
 }  // namespace
 
-DecoderLayer layer_views(const std::vector<FlatParam>& layout, const at::Tensor& flat) {
+DecoderLayer layer_params(const std::vector<SlotView>& slots) {
   using M = at::Tensor DecoderLayer::*;
   static const std::pair<M, Slot> kSlots[] = {
       {&DecoderLayer::input_norm, Slot::InputNorm}, {&DecoderLayer::post_norm, Slot::PostNorm},
@@ -99,18 +111,26 @@ DecoderLayer layer_views(const std::vector<FlatParam>& layout, const at::Tensor&
       {&DecoderLayer::gate_up_w, Slot::GateUp},     {&DecoderLayer::gate_up_b, Slot::GateUpBias},
       {&DecoderLayer::down_w, Slot::Down},          {&DecoderLayer::down_b, Slot::DownBias}};
   DecoderLayer l;
-  for (const auto& [m, slot] : kSlots) l.*m = slot_view(layout, flat, slot);
+  for (const auto& [m, slot] : kSlots) l.*m = find_slot(slots, slot);
   return l;
 }
 
-RootParams root_views(const ModelConfig& c, const std::vector<FlatParam>& layout, const at::Tensor& flat) {
+RootParams root_params(const ModelConfig& c, const std::vector<SlotView>& slots) {
   RootParams r;
-  r.embed = slot_view(layout, flat, Slot::Embed);
-  r.final_norm = slot_view(layout, flat, Slot::FinalNorm);
-  if (c.head == Head::CausalLM) r.lm_head = c.tie_word_embeddings ? r.embed : slot_view(layout, flat, Slot::LmHead);
-  r.score_w = slot_view(layout, flat, Slot::Score);
-  r.score_b = slot_view(layout, flat, Slot::ScoreBias);
+  r.embed = find_slot(slots, Slot::Embed);
+  r.final_norm = find_slot(slots, Slot::FinalNorm);
+  if (c.head == Head::CausalLM) r.lm_head = c.tie_word_embeddings ? r.embed : find_slot(slots, Slot::LmHead);
+  r.score_w = find_slot(slots, Slot::Score);
+  r.score_b = find_slot(slots, Slot::ScoreBias);
   return r;
+}
+
+DecoderLayer layer_views(const std::vector<FlatParam>& layout, const at::Tensor& flat) {
+  return layer_params(slot_views(layout, flat));
+}
+
+RootParams root_views(const ModelConfig& c, const std::vector<FlatParam>& layout, const at::Tensor& flat) {
+  return root_params(c, slot_views(layout, flat));
 }
 
 DenseParams::DenseParams(const ModelConfig& c, const WeightSet& w, at::ScalarType dtype, bool requires_grad) {
@@ -160,10 +180,12 @@ namespace {
 at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::Tensor& x, const at::Tensor& cos,
                      const at::Tensor& sin, const std::vector<int64_t>& cu) {
   const int64_t n = x.size(0), nh = cfg_.num_heads, nkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
-  at::Tensor qkv = at::linear(x, l.qkv_w, l.qkv_b);
-  at::Tensor q = qkv.narrow(1, 0, nh * hd).view({n, nh, hd});
-  at::Tensor k = qkv.narrow(1, nh * hd, nkv * hd).view({n, nkv, hd});
-  at::Tensor v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd).view({n, nkv, hd});
+  // split, not narrow: its backward writes the three gradients into one buffer (narrow's
+  // would zero-fill a full-size gradient per part and sum them).
+  const std::vector<at::Tensor> parts = at::linear(x, l.qkv_w, l.qkv_b).split_with_sizes({nh * hd, nkv * hd, nkv * hd}, 1);
+  at::Tensor q = parts[0].view({n, nh, hd});
+  at::Tensor k = parts[1].view({n, nkv, hd});
+  at::Tensor v = parts[2].view({n, nkv, hd});
   if (cfg_.qk_norm) {
     q = rms_norm(q, l.q_norm, cfg_.rms_norm_eps);
     k = rms_norm(k, l.k_norm, cfg_.rms_norm_eps);
@@ -178,17 +200,22 @@ at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::T
     k = k.repeat_interleave(nh / nkv, 0);
     v = v.repeat_interleave(nh / nkv, 0);
   }
-  at::Tensor out = at::empty({n, nh, hd}, x.options());
+  // One SDPA per sequence over split views; the outputs are concatenated (writing them into
+  // slices of one buffer would make backward clone the full gradient once per sequence).
+  std::vector<int64_t> lens;
+  for (size_t i = 0; i + 1 < cu.size(); ++i) lens.push_back(cu[i + 1] - cu[i]);
+  const std::vector<at::Tensor> qs = q.split_with_sizes(lens, 1), ks = k.split_with_sizes(lens, 1),
+                                vs = v.split_with_sizes(lens, 1);
+  std::vector<at::Tensor> outs;
   const double scale = 1.0 / std::sqrt(double(hd));
-  for (size_t i = 0; i + 1 < cu.size(); ++i) {
-    const int64_t s = cu[i], len = cu[i + 1] - cu[i];
-    if (len == 0) continue;
-    at::Tensor o = at::scaled_dot_product_attention(q.narrow(1, s, len).unsqueeze(0), k.narrow(1, s, len).unsqueeze(0),
-                                                    v.narrow(1, s, len).unsqueeze(0), std::nullopt, 0.0,
-                                                    /*is_causal=*/true, scale);
-    out.narrow(0, s, len).copy_(o.squeeze(0).transpose(0, 1));
+  for (size_t i = 0; i < lens.size(); ++i) {
+    if (lens[i] == 0) continue;
+    at::Tensor o = at::scaled_dot_product_attention(qs[i].unsqueeze(0), ks[i].unsqueeze(0), vs[i].unsqueeze(0),
+                                                    std::nullopt, 0.0, /*is_causal=*/true, scale);
+    outs.push_back(o.squeeze(0).transpose(0, 1));  // [len, nh, hd]
   }
-  return at::linear(out.view({n, nh * hd}), l.o_w, l.o_b);
+  const at::Tensor out = outs.empty() ? at::empty({0, nh, hd}, x.options()) : at::cat(outs, 0);
+  return at::linear(out.reshape({n, nh * hd}), l.o_w, l.o_b);
 }
 
 }  // namespace
@@ -196,9 +223,9 @@ at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::T
 at::Tensor Transformer::layer_forward(const DecoderLayer& l, const at::Tensor& h, const LayerContext& ctx) const {
   const ModelConfig& c = cfg_;
   at::Tensor x = h + attention(c, l, rms_norm(h, l.input_norm, c.rms_norm_eps), ctx.cos, ctx.sin, ctx.cu_seqlens);
-  at::Tensor gu = at::linear(rms_norm(x, l.post_norm, c.rms_norm_eps), l.gate_up_w, l.gate_up_b);
-  const int64_t I = c.intermediate_size;
-  return x + at::linear(at::silu(gu.narrow(1, 0, I)) * gu.narrow(1, I, I), l.down_w, l.down_b);
+  const std::vector<at::Tensor> gu =
+      at::linear(rms_norm(x, l.post_norm, c.rms_norm_eps), l.gate_up_w, l.gate_up_b).chunk(2, 1);
+  return x + at::linear(at::silu(gu[0]) * gu[1], l.down_w, l.down_b);
 }
 
 at::Tensor Transformer::embed_and_layers(ParamProvider& p, const RootParams& r, const PackedRow& row) const {

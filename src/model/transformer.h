@@ -39,7 +39,20 @@ struct RootParams {
   at::Tensor score_w, score_b;  // value head
 };
 
-// Views of one unit's flat buffer laid out by flat_layout() (model/weights.h).
+// One slot of a unit's flat buffer laid out by flat_layout() (model/weights.h): a parameter
+// in its shape, or a fused slot ([q;k;v], [gate;up]: contiguous in the layout) as one tensor
+// along the output dim; `offset`: its first element in the flat buffer.
+struct SlotView {
+  Slot slot = Slot::None;
+  int64_t offset = 0;
+  at::Tensor view;
+};
+// Every slot the layout has, in layout order, each once.
+std::vector<SlotView> slot_views(const std::vector<FlatParam>& layout, const at::Tensor& flat);
+// The model's parameters from slot tensors (any tensors: views of a flat buffer, or the
+// outputs of an autograd function over them), and the two composed with slot_views().
+DecoderLayer layer_params(const std::vector<SlotView>& slots);
+RootParams root_params(const ModelConfig& c, const std::vector<SlotView>& slots);
 DecoderLayer layer_views(const std::vector<FlatParam>& layout, const at::Tensor& flat);
 RootParams root_views(const ModelConfig& c, const std::vector<FlatParam>& layout, const at::Tensor& flat);
 
