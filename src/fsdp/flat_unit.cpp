@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "dist/comm.h"
+#include "fsdp/buffer_pool.h"
 #include "core/error.h"
 #include "model/torch_dtype.h"
 
@@ -38,18 +39,24 @@ void FlatUnit::unshard() {
   if (unsharded_) return;
   c10::Storage st = full_.storage();
   const size_t nbytes = static_cast<size_t>(padded_) * full_.element_size();
-  at::Allocator* alloc = st.allocator() ? st.allocator() : c10::GetCPUAllocator();
-  st.set_data_ptr_noswap(alloc->allocate(nbytes));
+  st.set_data_ptr_noswap(pool_take(nbytes));
   st.set_nbytes(nbytes);
-  at::Tensor local = dtype_ == at::kFloat ? shard_t_ : shard_t_.to(dtype_);
-  comm_->all_gather(local.data_ptr(), full_.data_ptr(), static_cast<size_t>(shard_), to_dtype(dtype_));
+  if (dtype_ == at::kFloat) {
+    comm_->all_gather(shard_t_.data_ptr(), full_.data_ptr(), static_cast<size_t>(shard_), DType::F32);
+  } else {
+    at::Tensor local = pool_tensor(shard_, dtype_);
+    local.copy_(shard_t_);
+    comm_->all_gather(local.data_ptr(), full_.data_ptr(), static_cast<size_t>(shard_), to_dtype(dtype_));
+    pool_give_tensor(std::move(local));
+  }
   unsharded_ = true;
 }
 
 void FlatUnit::reshard() {
   c10::Storage st = full_.storage();
+  const size_t nbytes = st.nbytes();
   at::Allocator* alloc = st.allocator() ? st.allocator() : c10::GetCPUAllocator();
-  st.set_data_ptr_noswap(alloc->allocate(0));
+  pool_give(st.set_data_ptr(alloc->allocate(0)), nbytes);
   st.set_nbytes(0);
   unsharded_ = false;
 }
@@ -62,11 +69,12 @@ void FlatUnit::reduce_grad(const at::Tensor& full_grad) {
     g = at::constant_pad_nd(g, {0, padded_ - numel_});
   }
   g = g.contiguous();
-  at::Tensor out = at::empty({shard_}, at::kFloat);
+  at::Tensor out = pool_tensor(shard_, at::kFloat);
   comm_->reduce_scatter(g.data_ptr(), out.data_ptr(), static_cast<size_t>(shard_), DType::F32, ReduceOp::Avg);
   if (replicate_ && replicate_->size() > 1)
     replicate_->all_reduce(out.data_ptr(), static_cast<size_t>(shard_), DType::F32, ReduceOp::Avg);
   grad_t_.add_(out);
+  pool_give_tensor(std::move(out));
 }
 
 void FlatUnit::zero_grad() { grad_t_.zero_(); }

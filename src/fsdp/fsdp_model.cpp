@@ -18,6 +18,7 @@
 #include <cstring>
 
 #include "dist/comm.h"
+#include "fsdp/buffer_pool.h"
 #include "core/error.h"
 #include "model/transformer.h"
 #include "model/weights.h"
@@ -47,10 +48,13 @@ struct UnshardFn : public torch::autograd::Function<UnshardFn> {
   static variable_list backward(AutogradContext* ctx, variable_list g) {
     FlatUnit* u = unit_of(ctx);
     const std::vector<int64_t> offsets = ctx->saved_data["offsets"].toIntVector();
-    at::Tensor flat = at::zeros({u->padded_numel()}, at::kFloat);
+    at::Tensor flat = pool_tensor(u->padded_numel(), at::kFloat);
+    flat.zero_();
     for (size_t i = 0; i < g.size(); ++i)
       if (g[i].defined()) flat.narrow(0, offsets[i], g[i].numel()).view(g[i].sizes()).copy_(g[i]);
+    g.clear();
     u->reduce_grad(flat);
+    pool_give_tensor(std::move(flat));
     u->reshard();
     return {at::Tensor(), at::Tensor()};
   }

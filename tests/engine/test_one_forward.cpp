@@ -112,8 +112,11 @@ HeadOutputs full_head(const at::Tensor& h, const at::Tensor& w, const at::Tensor
 TEST(LmHead, ChunkedValuesAndGradientsMatchFullLogits) {
   at::manual_seed(0);
   const int64_t n = 37, H = 16, V = 50;
+  // Forward chunks of 8 rows; backward as one row group (the weight gradient written once per
+  // vocabulary block) and as groups of 16 rows (accumulated), with vocabulary blocks of 12.
+  for (const HeadBlocks blocks : {HeadBlocks{8, 0, 12}, HeadBlocks{8, 16, 12}, HeadBlocks{8, 0, 0}})
   for (at::ScalarType dt : {at::kFloat, at::kBFloat16}) {
-    SCOPED_TRACE(c10::toString(dt));
+    SCOPED_TRACE(std::string(c10::toString(dt)) + " bwd_rows " + std::to_string(blocks.bwd_rows));
     at::Tensor h0 = at::randn({n, H}).to(dt), w0 = (at::randn({V, H}) * 0.5).to(dt);
     at::Tensor labels = at::randint(V, {n}, at::kLong), temp = at::rand({n}) + 0.5;
     at::Tensor a = at::randn({n}), c = at::randn({n});
@@ -121,7 +124,7 @@ TEST(LmHead, ChunkedValuesAndGradientsMatchFullLogits) {
     HeadOutputs outs[2];
     for (int k = 0; k < 2; ++k) {
       at::Tensor h = h0.clone().requires_grad_(true), w = w0.clone().requires_grad_(true);
-      outs[k] = k == 0 ? full_head(h, w, labels, temp) : lm_head_log_probs(h, w, labels, temp, true, /*chunk_rows=*/8);
+      outs[k] = k == 0 ? full_head(h, w, labels, temp) : lm_head_log_probs(h, w, labels, temp, true, blocks);
       torch::autograd::backward({(outs[k].log_probs * a).sum() + (outs[k].entropy * c).sum()});
       grads[k] = {h.grad().to(at::kFloat), w.grad().to(at::kFloat)};
     }
@@ -140,7 +143,7 @@ TEST(LmHead, LogProbsOnlyHasNoEntropyAndTheSameGradient) {
   at::manual_seed(1);
   at::Tensor h = at::randn({20, 8}).requires_grad_(true), w = at::randn({30, 8}).requires_grad_(true);
   at::Tensor labels = at::randint(30, {20}, at::kLong), temp = at::ones({20});
-  HeadOutputs o = lm_head_log_probs(h, w, labels, temp, false, 7);
+  HeadOutputs o = lm_head_log_probs(h, w, labels, temp, false, HeadBlocks{7, 6, 9});
   EXPECT_FALSE(o.entropy.defined());
   torch::autograd::backward({o.log_probs.sum()});
   at::Tensor h2 = h.detach().clone().requires_grad_(true), w2 = w.detach().clone().requires_grad_(true);
