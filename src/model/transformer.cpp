@@ -158,8 +158,9 @@ int64_t Transformer::num_parameters() const {
 namespace {
 
 at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::Tensor& x, const at::Tensor& cos,
-                     const at::Tensor& sin, const std::vector<int64_t>& cu) {
-  const int64_t n = x.size(0), nh = cfg_.num_heads, nkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
+                     const at::Tensor& sin, const std::vector<int64_t>& cu, const SeqParallelAttention* sp) {
+  const int64_t n_local = x.size(0), nh_all = cfg_.num_heads, nkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
+  int64_t n = n_local, nh = nh_all;
   at::Tensor qkv = at::linear(x, l.qkv_w, l.qkv_b);
   at::Tensor q = qkv.narrow(1, 0, nh * hd).view({n, nh, hd});
   at::Tensor k = qkv.narrow(1, nh * hd, nkv * hd).view({n, nkv, hd});
@@ -170,13 +171,17 @@ at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::T
   }
   q = q * cos + rotate_half(q) * sin;
   k = k * cos + rotate_half(k) * sin;
+  if (sp) sp->to_heads(q, k, v);  // the whole row, heads/sp of the heads
+  n = q.size(0);
+  nh = q.size(1);
+  const int64_t kvh = k.size(1);
   // [n, h, d] → [h, n, d] so each sequence is a contiguous slice along dim 1.
   q = q.transpose(0, 1);
   k = k.transpose(0, 1);
   v = v.transpose(0, 1);
-  if (nkv != nh) {  // GQA: repeat kv heads (as HF's repeat_kv)
-    k = k.repeat_interleave(nh / nkv, 0);
-    v = v.repeat_interleave(nh / nkv, 0);
+  if (kvh != nh) {  // GQA: repeat kv heads (as HF's repeat_kv)
+    k = k.repeat_interleave(nh / kvh, 0);
+    v = v.repeat_interleave(nh / kvh, 0);
   }
   at::Tensor out = at::empty({n, nh, hd}, x.options());
   const double scale = 1.0 / std::sqrt(double(hd));
@@ -188,14 +193,15 @@ at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::T
                                                     /*is_causal=*/true, scale);
     out.narrow(0, s, len).copy_(o.squeeze(0).transpose(0, 1));
   }
-  return at::linear(out.view({n, nh * hd}), l.o_w, l.o_b);
+  if (sp) out = sp->to_sequence(out);
+  return at::linear(out.reshape({n_local, nh_all * hd}), l.o_w, l.o_b);
 }
 
 }  // namespace
 
 at::Tensor Transformer::layer_forward(const DecoderLayer& l, const at::Tensor& h, const LayerContext& ctx) const {
   const ModelConfig& c = cfg_;
-  at::Tensor x = h + attention(c, l, rms_norm(h, l.input_norm, c.rms_norm_eps), ctx.cos, ctx.sin, ctx.cu_seqlens);
+  at::Tensor x = h + attention(c, l, rms_norm(h, l.input_norm, c.rms_norm_eps), ctx.cos, ctx.sin, ctx.cu_seqlens, ctx.sp);
   at::Tensor gu = at::linear(rms_norm(x, l.post_norm, c.rms_norm_eps), l.gate_up_w, l.gate_up_b);
   const int64_t I = c.intermediate_size;
   return x + at::linear(at::silu(gu.narrow(1, 0, I)) * gu.narrow(1, I, I), l.down_w, l.down_b);
@@ -204,8 +210,9 @@ at::Tensor Transformer::layer_forward(const DecoderLayer& l, const at::Tensor& h
 at::Tensor Transformer::embed_and_layers(ParamProvider& p, const RootParams& r, const PackedRow& row) const {
   const int64_t n = row.input_ids.size(0);
   const auto& cu = row.cu_seqlens;
-  if (cu.empty() || cu.front() != 0 || cu.back() != n)
-    fail("packed row: cu_seqlens must start at 0 and end at the row length ", n);
+  const int64_t whole = n * (row.sp ? row.sp->size() : 1);
+  if (cu.empty() || cu.front() != 0 || cu.back() != whole)
+    fail("packed row: cu_seqlens must start at 0 and end at the row length ", whole);
   if (n > 0) {
     const int64_t lo = row.input_ids.min().item<int64_t>(), hi = row.input_ids.max().item<int64_t>();
     if (lo < 0 || hi >= cfg_.vocab_size)
@@ -213,6 +220,7 @@ at::Tensor Transformer::embed_and_layers(ParamProvider& p, const RootParams& r, 
   }
   LayerContext ctx;
   ctx.cu_seqlens = cu;
+  ctx.sp = row.sp;
   rope_cos_sin(inv_freq_, row.position_ids, dtype_, &ctx.cos, &ctx.sin);
   // padding_idx: that row's gradient stays zero, as in transformers' nn.Embedding(padding_idx=pad_token_id).
   at::Tensor h = at::embedding(r.embed, row.input_ids, cfg_.pad_token_id);
