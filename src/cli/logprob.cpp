@@ -191,7 +191,11 @@ int run_logprob(const LogprobOptions& o) {
     else std::fprintf(stderr, "verlcpp logprob: %lld sequences, %lld tokens, %zu micro-batches, load %.2fs, forward %.2fs (%.0f tokens/s)\n",
                       (long long)batch.size(), (long long)nnz, micro_batches, load_s, run_s, nnz / std::max(run_s, 1e-9));
   }
-  if (world) world->barrier();
+  if (world) {
+    world->barrier();
+    world.reset();
+    finalize_comm();
+  }
   return 0;
 }
 
