@@ -199,6 +199,10 @@ struct SpCase {
   bool checkpointing;
 };
 
+void PrintTo(const SpCase& k, std::ostream* os) {
+  *os << k.family << " world " << k.world << " sp " << k.sp << (k.checkpointing ? " checkpointing" : "");
+}
+
 class UlyssesEngine : public ::testing::TestWithParam<SpCase> {};
 
 TEST_P(UlyssesEngine, SameOutputsGradientsAndUpdateAsSpOne) {
