@@ -1,6 +1,8 @@
 // logprob.cpp — `verlcpp logprob` (see logprob.h): the subcommand's flags, then the runner:
 // validate the input file, resolve the model's local paths, build it, run infer_batch, write
-// the outputs to a temporary file and rename. Built only with VERLCPP_WITH_TORCH.
+// the outputs to a temporary file and rename. One process: the dense model. Under mpirun:
+// verl's FSDP engine forward only (FsdpEngine::infer_batch, as verl's compute_log_prob), with
+// data-parallel groups and optional Ulysses sequence parallelism; rank 0 writes the file. Built only with VERLCPP_WITH_TORCH.
 #ifdef VERLCPP_WITH_TORCH
 #include "cli/logprob.h"
 
@@ -13,8 +15,11 @@
 #include <cstring>
 #include <filesystem>
 
-#include "engine/forward_step.h"
 #include "core/error.h"
+#include "dist/comm.h"
+#include "engine/forward_step.h"
+#include "engine/fsdp_engine.h"
+#include "hf/config.h"
 #include "io/safetensors.h"
 #include "hf/paths.h"
 
@@ -74,44 +79,122 @@ void write_outputs(OutputClaim& claim, const std::vector<std::pair<std::string, 
 
 }  // namespace
 
+// This rank's outputs of its data-parallel group's samples → every group's, in sample order, on
+// every rank: all-gather the sizes, then the values padded to the largest (groups in rank order;
+// the first rank of each sequence-parallel group speaks for it).
+at::Tensor gather_groups(Comm& world, int sp, const at::Tensor& mine) {
+  std::vector<int64_t> sizes(world.size());
+  int64_t n = mine.numel();
+  world.all_gather(&n, sizes.data(), 1, DType::I64);
+  const int64_t most = *std::max_element(sizes.begin(), sizes.end());
+  at::Tensor send = at::zeros({most}, at::kFloat);
+  send.narrow(0, 0, n).copy_(mine);
+  at::Tensor all = at::empty({most * world.size()}, at::kFloat);
+  world.all_gather(send.data_ptr(), all.data_ptr(), static_cast<size_t>(most), DType::F32);
+  std::vector<at::Tensor> parts;
+  for (int r = 0; r < world.size(); r += sp) parts.push_back(all.narrow(0, r * most, sizes[r]));
+  return at::cat(parts);
+}
+
 int run_logprob(const LogprobOptions& o) {
   if (o.micro_batch_size > 0 && o.max_token_len > 0) fail("--micro-batch-size and --max-token-len are exclusive");
   if (o.micro_batch_size < 0) fail("--micro-batch-size must be positive");
   if (o.max_token_len < 0) fail("--max-token-len must be positive");
   if (!(o.temperature > 0)) fail("--temperature must be positive, got ", o.temperature);
+  if (o.sp < 1) fail("--ulysses-sequence-parallel-size must be >= 1, got ", o.sp);
   if (o.threads > 0) at::set_num_threads(o.threads);
   at::ScalarType dtype = parse_engine_dtype(o.dtype);
+  // Under mpirun (or with sequence parallelism) the ranks share the work: the FSDP engine,
+  // forward only, data-parallel groups of --ulysses-sequence-parallel-size ranks each.
+  std::unique_ptr<Comm> world;
+  if (o.sp > 1 || launched_by_mpi()) {
+    world = make_comm({});
+    if (world->size() % o.sp != 0)
+      fail("--ulysses-sequence-parallel-size ", o.sp, " must divide the number of ranks (", world->size(),
+           o.sp > 1 && world->size() == 1 ? "; start the ranks with mpirun -np N)" : ")");
+  }
+  const bool lead = !world || world->rank() == 0;
   auto t0 = std::chrono::steady_clock::now();
   Batch batch = read_batch(o.batch);
   ModelPaths paths = resolve_model_paths(o.model, o.hf_config_path, "", o.cache_dir);
   // The output is claimed before any model work: a concurrent run on the same --out, or an --out
   // that is one of the inputs, fails here; an interrupted run leaves no partial file.
-  OutputClaim claim(o.out, {OutputClaim::Kind::File, /*overwrite=*/true,
-                            {o.batch, paths.local_path, paths.local_hf_config_path}, "--out"});
-  auto model = Transformer::load(paths.local_hf_config_path, paths.local_path, dtype);
-  auto t1 = std::chrono::steady_clock::now();
-  InferOptions io;
-  io.calculate_entropy = o.entropy;
-  io.temperature = o.temperature;
-  io.micro.micro_batch_size = o.micro_batch_size;
-  io.micro.max_token_len = o.max_token_len;
-  Partitions parts;
-  SampleOutputs so = infer_batch(*model, batch, io, &parts);
-  auto t2 = std::chrono::steady_clock::now();
-  std::vector<std::pair<std::string, at::Tensor>> outs;
-  if (model->is_value_model()) {
-    if (o.entropy) fail("--entropy: ", model->config().architecture, " is a value model (no vocabulary)");
-    outs.push_back({"values", so.values.values});
+  std::unique_ptr<OutputClaim> claim;
+  if (lead)
+    claim = std::make_unique<OutputClaim>(o.out, OutputClaim::Options{OutputClaim::Kind::File, /*overwrite=*/true,
+                                                                      {o.batch, paths.local_path, paths.local_hf_config_path}, "--out"});
+  const ModelConfig mc = load_model_config(paths.local_hf_config_path);
+  const bool value_model = mc.head == Head::TokenClassification;
+  if (o.entropy && value_model) fail("--entropy: ", mc.architecture, " is a value model (no vocabulary)");
+  SampleOutputs so;
+  size_t micro_batches = 0;
+  std::chrono::steady_clock::time_point t1;
+  if (!world) {
+    auto model = Transformer::load(paths.local_hf_config_path, paths.local_path, dtype);
+    t1 = std::chrono::steady_clock::now();
+    InferOptions io;
+    io.calculate_entropy = o.entropy;
+    io.temperature = o.temperature;
+    io.micro.micro_batch_size = o.micro_batch_size;
+    io.micro.max_token_len = o.max_token_len;
+    Partitions parts;
+    so = infer_batch(*model, batch, io, &parts);
+    micro_batches = parts.size();
   } else {
-    outs.push_back({"log_probs", so.log_probs.values});
-    if (o.entropy) outs.push_back({"entropy", so.entropy.values});
+    try {
+      check_ulysses(mc, o.sp);
+    } catch (const Error& e) {
+      fail("--ulysses-sequence-parallel-size: ", e.what());
+    }
+    const int dp = world->size() / o.sp;
+    const int64_t B = batch.size();
+    if (B % dp != 0)
+      fail("--batch: its ", B, " sequences must split evenly over the ", dp, " data-parallel groups (ranks / sp)");
+    EngineConfig ec;
+    ec.model_path = paths.local_path;
+    ec.hf_config_path = paths.local_hf_config_path;
+    ec.param_dtype = o.dtype;
+    ec.forward_only = true;
+    ec.temperature = o.temperature;
+    ec.ulysses_sequence_parallel_size = o.sp;
+    ec.micro_batch_size_per_gpu = o.micro_batch_size > 0 ? o.micro_batch_size : static_cast<int>(B / dp);
+    ec.use_dynamic_bsz = o.max_token_len > 0;
+    if (ec.use_dynamic_bsz) ec.max_token_len_per_gpu = o.max_token_len;
+    FsdpEngine engine(ec, *world);
+    t1 = std::chrono::steady_clock::now();
+    std::vector<int> mine;
+    for (int64_t i = engine.dp_rank() * (B / dp); i < (engine.dp_rank() + 1) * (B / dp); ++i) mine.push_back(static_cast<int>(i));
+    const SampleOutputs part = engine.infer_batch(batch.select(mine), o.entropy);
+    const std::vector<int64_t> offsets = batch.sequences.at("input_ids").offsets;
+    auto whole = [&](const Jagged& j) { return Jagged{gather_groups(*world, o.sp, j.values), offsets}; };
+    if (value_model) so.values = whole(part.values);
+    else so.log_probs = whole(part.log_probs);
+    if (o.entropy) so.entropy = whole(part.entropy);
   }
-  write_outputs(claim, outs);
-  if (!o.quiet) {
+  auto t2 = std::chrono::steady_clock::now();
+  if (lead) {
+    std::vector<std::pair<std::string, at::Tensor>> outs;
+    if (value_model) {
+      outs.push_back({"values", so.values.values});
+    } else {
+      outs.push_back({"log_probs", so.log_probs.values});
+      if (o.entropy) outs.push_back({"entropy", so.entropy.values});
+    }
+    write_outputs(*claim, outs);
+  }
+  if (lead && !o.quiet) {
     const int64_t nnz = batch.sequences["input_ids"].offsets.back();
     double load_s = std::chrono::duration<double>(t1 - t0).count(), run_s = std::chrono::duration<double>(t2 - t1).count();
-    std::fprintf(stderr, "verlcpp logprob: %lld sequences, %lld tokens, %zu micro-batches, load %.2fs, forward %.2fs (%.0f tokens/s)\n",
-                 (long long)batch.size(), (long long)nnz, parts.size(), load_s, run_s, nnz / std::max(run_s, 1e-9));
+    std::string how = world ? ", " + std::to_string(world->size()) + " ranks (sp " + std::to_string(o.sp) + ")" : "";
+    if (world) std::fprintf(stderr, "verlcpp logprob: %lld sequences, %lld tokens%s, load %.2fs, forward %.2fs (%.0f tokens/s)\n",
+                            (long long)batch.size(), (long long)nnz, how.c_str(), load_s, run_s, nnz / std::max(run_s, 1e-9));
+    else std::fprintf(stderr, "verlcpp logprob: %lld sequences, %lld tokens, %zu micro-batches, load %.2fs, forward %.2fs (%.0f tokens/s)\n",
+                      (long long)batch.size(), (long long)nnz, micro_batches, load_s, run_s, nnz / std::max(run_s, 1e-9));
+  }
+  if (world) {
+    world->barrier();
+    world.reset();
+    finalize_comm();
   }
   return 0;
 }
@@ -136,6 +219,10 @@ CLI::App* add_logprob_subcommand(CLI::App& app, LogprobOptions& o) {
   mbs->excludes(mtl);
   mtl->excludes(mbs);
   c->add_option("--dtype", o.dtype, "Engine dtype: fp32 or bf16")->check(CLI::IsMember({"fp32", "bf16", "float32", "bfloat16"}))->capture_default_str();
+  c->add_option("--ulysses-sequence-parallel-size,--sp", o.sp,
+                "Ulysses sequence parallelism under mpirun: groups of N ranks share each micro-batch, a slice of "
+                "the row each; the batch splits over ranks / N data-parallel groups (a multiple of N ranks)")
+      ->capture_default_str();
   c->add_option("--threads", o.threads, "CPU threads (default: libtorch's choice)")->check(CLI::Range(0, 1024));
   c->add_flag("--quiet,-q", o.quiet, "No summary line");
   return c;

@@ -19,6 +19,7 @@ struct LogprobOptions {
   int64_t max_token_len = 0;   // dynamic batching by token budget
   std::string dtype = "fp32";
   int threads = 0;             // 0: libtorch default
+  int sp = 1;                  // ulysses_sequence_parallel_size (under mpirun)
   bool quiet = false;
 };
 

@@ -88,8 +88,6 @@ void check_model_kind(const TaskSpec& t, const ModelConfig& mc, const std::strin
 
 Prepared prepare(const TrainSettings& s, int world) {
   Prepared p;
-  if (s.train_batch_size % world != 0)
-    fail("config key data.train_batch_size: ", s.train_batch_size, " must be a positive multiple of the ", world, " ranks");
   const ModelPaths paths = resolve_model_paths(s.model_path, s.hf_config_path, "");
   p.engine = s.engine;
   p.engine.model_path = paths.local_path;
@@ -99,8 +97,17 @@ Prepared prepare(const TrainSettings& s, int world) {
   } catch (const Error& e) {
     fail("config: ", e.what());
   }
+  const int sp = s.engine.ulysses_sequence_parallel_size, dp = world / sp;
+  if (s.train_batch_size % dp != 0)
+    fail("config key data.train_batch_size: ", s.train_batch_size, " must be a positive multiple of the ", dp,
+         sp > 1 ? " data-parallel groups (ranks / ulysses_sequence_parallel_size)" : " ranks");
   const ModelConfig mc = load_model_config(paths.local_hf_config_path);
   check_model_kind(*s.task, mc, paths.local_hf_config_path);
+  try {
+    check_ulysses(mc, sp);
+  } catch (const Error& e) {
+    fail("config: ", e.what());
+  }
   p.data = load_dataset(s.train_files, s.task->fields(s.loss), mc.vocab_size);
   if (s.train_batch_size > p.data.size())
     fail("config key data.train_batch_size: ", s.train_batch_size, " exceeds the ", p.data.size(), " sequences in ", s.train_files);
@@ -113,8 +120,8 @@ void train_loop(const TrainSettings& s, const Dataset& data, FsdpEngine& engine,
   const TaskSpec& task = *s.task;
   const LossFn loss = task.make_loss(s.loss);
   const bool entropy = task.needs_entropy(s.loss);
-  const int W = engine.world().size();
-  const int64_t bs = s.train_batch_size, per_rank = bs / W, rank = engine.world().rank();
+  // The ranks of a sequence-parallel group are given the same part of the batch.
+  const int64_t bs = s.train_batch_size, per_rank = bs / engine.dp_size(), rank = engine.dp_rank();
   DataOrder order(data.size(), s.shuffle, s.seed);
   engine.train_mode();
   int64_t ran = 0;
@@ -157,8 +164,9 @@ int run_train(const TrainArgs& a) {
   MetricsLogger log(*world, metrics, s.task->role, s.total_training_steps);
   if (!p.resume_dir.empty()) log.message("resumed from " + p.resume_dir + " at step " + std::to_string(start));
   char banner[512];
-  std::snprintf(banner, sizeof banner, "verlcpp train: task %s, %s, %d rank(s) (%s), %lld sequences, batch %lld, %lld steps",
-                s.task->name.c_str(), engine.model_config().architecture.c_str(), world->size(), world->name().c_str(),
+  const std::string sp = engine.sp_size() > 1 ? ", sequence parallel " + std::to_string(engine.sp_size()) : "";
+  std::snprintf(banner, sizeof banner, "verlcpp train: task %s, %s, %d rank(s) (%s%s), %lld sequences, batch %lld, %lld steps",
+                s.task->name.c_str(), engine.model_config().architecture.c_str(), world->size(), world->name().c_str(), sp.c_str(),
                 (long long)p.data.size(), (long long)s.train_batch_size, (long long)s.total_training_steps);
   log.message(banner);
   train_loop(s, p.data, engine, log, start);

@@ -86,6 +86,7 @@ const KeySpec kKeys[] = {
   {"ppo_micro_batch_size_per_gpu", Sec::Role, Kind::Int, "2", "[1,inf)", "sequences per micro-batch (fixed micro-batching)", "micro_batch_size_per_gpu =data.micro_batch_size_per_gpu", kBoth, nullptr},
   {"use_dynamic_bsz", Sec::Role, Kind::Bool, "false", "", "token-balanced micro-batches of at most ppo_max_token_len_per_gpu tokens", "=data.use_dynamic_bsz", kBoth, nullptr},
   {"ppo_max_token_len_per_gpu", Sec::Role, Kind::Int, "16384", "[1,inf)", "token budget of a micro-batch with use_dynamic_bsz", "max_token_len_per_gpu =data.max_token_len_per_gpu", kBoth, nullptr},
+  {"ulysses_sequence_parallel_size", Sec::Role, Kind::Int, "1", "[1,inf)", "Ulysses sequence parallelism: groups of this many consecutive ranks share each micro-batch, a slice of the row each (divides the world; num_attention_heads divisible by it)", "fsdp_config.ulysses_sequence_parallel_size =engine.ulysses_sequence_parallel_size", kBoth, nullptr},
   {"loss_agg_mode", Sec::Role, Kind::Str, "token-mean", "", "token-mean | token-sum | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm", "", kBoth, check_agg},
   {"clip_ratio", Sec::Role, Kind::Num, "0.2", "[0,1]", "PPO clip", "", kActor, nullptr},
   {"clip_ratio_low", Sec::Role, Kind::Num, "", "[0,1]", "PPO lower clip (default: clip_ratio)", "", kActor, nullptr},
@@ -424,6 +425,7 @@ void read_engine(const Values& v, const TrainSettings& s, EngineConfig& e) {
   e.micro_batch_size_per_gpu = static_cast<int>(v.integer("ppo_micro_batch_size_per_gpu"));
   e.use_dynamic_bsz = v.flag("use_dynamic_bsz");
   e.max_token_len_per_gpu = v.integer("ppo_max_token_len_per_gpu");
+  e.ulysses_sequence_parallel_size = static_cast<int>(v.integer("ulysses_sequence_parallel_size"));
   e.adamw.lr = v.num("optim.lr");
   e.adamw.weight_decay = v.num("optim.weight_decay");
   e.adamw.eps = v.num("optim.eps");

@@ -52,6 +52,10 @@ void validate(const EngineConfig& c, int world_size) {
   if (f != -1 && (f < 1 || f > world_size || world_size % f != 0))
     fail("fsdp_size = ", f, ": must be -1 (shard over all ranks) or a divisor of the world size (", world_size,
          world_size == 1 ? " rank)" : " ranks)");
+  const int sp = c.ulysses_sequence_parallel_size;
+  if (sp < 1 || world_size % sp != 0)
+    fail("ulysses_sequence_parallel_size = ", sp, ": must be >= 1 and divide the world size (", world_size,
+         world_size == 1 ? " rank)" : " ranks)");
   if (c.micro_batch_size_per_gpu < 1)
     fail("micro_batch_size_per_gpu must be >= 1, got ", c.micro_batch_size_per_gpu);
   if (c.use_dynamic_bsz && c.max_token_len_per_gpu < 1)

@@ -22,6 +22,9 @@ struct EngineConfig {
   int micro_batch_size_per_gpu = 1;
   bool use_dynamic_bsz = false;
   int64_t max_token_len_per_gpu = 16384;
+  // Ulysses sequence parallelism (fsdp/ulysses.h): groups of this many consecutive ranks share
+  // each micro-batch, one slice of the packed row per rank; data parallelism is world / sp.
+  int ulysses_sequence_parallel_size = 1;
   // optimizer + schedule
   AdamWOptions adamw;
   double grad_clip = 1.0;        // global gradient-norm clip; 0: no clipping (as HF's Trainer)
@@ -32,7 +35,7 @@ struct EngineConfig {
 // Throws an Error naming the field (by its EngineConfig / verl name) and what was expected:
 // param_dtype fp32 or bf16 (fp16 is not implemented), fsdp_size -1 or a divisor of
 // `world_size`, micro_batch_size_per_gpu >= 1, max_token_len_per_gpu >= 1 with
-// use_dynamic_bsz, grad_clip finite >= 0, lr finite >= 0, betas in [0, 1), eps > 0,
+// use_dynamic_bsz, ulysses_sequence_parallel_size >= 1 dividing `world_size`, grad_clip finite >= 0, lr finite >= 0, betas in [0, 1), eps > 0,
 // weight_decay >= 0, the LR schedule's type and ratios, temperature > 0.
 void validate(const EngineConfig& c, int world_size);
 // The param_dtype part of validate(): fp32 / float32 / bf16 / bfloat16; fp16 is refused as not implemented.

@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "fsdp/ulysses.h"
 
 namespace verl {
 
@@ -67,6 +68,12 @@ ModelInputs prepare_model_inputs(const Batch& mb, double temperature, int sp_siz
   return in;
 }
 
+ModelInputs prepare_model_inputs(const Batch& mb, double temperature, const Ulysses* sp) {
+  ModelInputs in = sp ? prepare_model_inputs(mb, temperature, sp->size(), sp->rank()) : prepare_model_inputs(mb, temperature);
+  in.ulysses = sp;
+  return in;
+}
+
 namespace {
 
 // 1 where a position's label is the next token of the same sequence, 0 at each sequence's last
@@ -86,14 +93,24 @@ at::Tensor next_token_mask(const ModelInputs& in) {
 
 TokenOutputs model_forward(const Transformer& model, ParamProvider& params, const ModelInputs& in,
                            bool calculate_entropy) {
-  if (in.sp_size > 1) fail("sequence parallelism (sp=", in.sp_size, ") is not implemented yet; run with sp=1");
   for (const auto& m : in.multi_modal_inputs)
     if (!m.is_null() && !(m.is_object() && m.empty()))
       fail(model.config().architecture, " is a text-only model, but the batch carries multi_modal_inputs");
-  TokenOutputs out = model.forward(params, in, calculate_entropy);
+  const Ulysses* sp = in.sp_size > 1 ? in.ulysses : nullptr;
+  if (in.sp_size > 1 && (!sp || sp->size() != in.sp_size || sp->rank() != in.sp_rank))
+    fail("internal: a sequence-parallel micro-batch (sp=", in.sp_size, ") without its group's exchange");
+  // Under sp the row is this rank's slice; attention sees the whole padded row, the pad as a
+  // sequence of its own (its positions restart at 0, as verl's flash-attention varlen sees it).
+  PackedRow row = in;
+  row.sp = sp;
+  if (sp && in.pad_size > 0) row.cu_seqlens.push_back(in.total_nnz + in.pad_size);
+  TokenOutputs out = model.forward(params, row, calculate_entropy);
   // A sequence's last position has no next token to score: its log-prob is 0. Its entropy (of
   // the next-token distribution) is kept, as verl's prepare_model_outputs keeps it.
   if (!model.is_value_model()) out.log_probs = out.log_probs * next_token_mask(in);
+  if (sp)
+    for (at::Tensor* t : {&out.log_probs, &out.entropy, &out.values})
+      if (t->defined()) *t = sp->gather_and_unpad(*t, in.pad_size);
   return out;
 }
 
@@ -102,15 +119,11 @@ TokenOutputs model_forward(const Transformer& model, const ModelInputs& in, bool
   return model_forward(model, model.own_params(), in, calculate_entropy);
 }
 
-SampleOutputs prepare_model_outputs(const TokenOutputs& out, const ModelInputs& in, const SpGather& gather) {
+SampleOutputs prepare_model_outputs(const TokenOutputs& out, const ModelInputs& in) {
   auto full = [&](const at::Tensor& t) -> at::Tensor {
-    if (!t.defined()) return t;
-    at::Tensor r = t;
-    if (in.sp_size > 1) {
-      if (!gather) fail("sequence parallelism (sp=", in.sp_size, ") needs a gather across the sp group");
-      r = gather(t);
-    }
-    return r.narrow(0, 0, in.total_nnz).clone();
+    if (t.size(0) != in.total_nnz)
+      fail("internal: ", t.size(0), " per-token outputs for a micro-batch of ", in.total_nnz, " tokens");
+    return t.clone();
   };
   SampleOutputs so;
   std::vector<int64_t> lens;
@@ -137,7 +150,7 @@ SampleOutputs infer_batch(const MicroForward& forward, const Batch& batch, const
   const Partitions parts = plan_micro_batches(it->second.lengths(), o.micro);
   std::vector<Jagged> lp, ent, val;
   for (const auto& p : parts) {
-    ModelInputs in = prepare_model_inputs(batch.select(p), temperature);
+    ModelInputs in = prepare_model_inputs(batch.select(p), temperature, o.ulysses);
     SampleOutputs so = prepare_model_outputs(forward(in), in);
     if (so.log_probs.size()) lp.push_back(std::move(so.log_probs));
     if (so.entropy.size()) ent.push_back(std::move(so.entropy));

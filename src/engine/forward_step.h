@@ -2,7 +2,9 @@
 // prepare_model_inputs (pack a micro-batch into one row, positions restarting per sequence,
 // labels rolled left by one, per-token temperature, sequence-parallel pad + slice),
 // model forward (model/transformer.h: one forward, parameters from a provider; the chunked
-// LM head), prepare_model_outputs (split back per sequence). infer_batch micro-batches a whole
+// LM head; under sequence parallelism the Ulysses exchange of fsdp/ulysses.h inside attention
+// and the outputs gathered back to the whole row, pad dropped), prepare_model_outputs (split
+// back per sequence). infer_batch micro-batches a whole
 // batch (fixed or token-balanced) and restores the original sample order.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -16,21 +18,28 @@
 
 namespace verl {
 
+class Ulysses;
+
 // One micro-batch packed for the model (the row, its labels and temperature: PackedRow) plus
 // what prepare_model_outputs needs to undo the packing.
 struct ModelInputs : PackedRow {
   int64_t total_nnz = 0;                                    // before padding
   int64_t pad_size = 0;                                     // sp padding added at the end
   int sp_size = 1, sp_rank = 0;                             // the row is this rank's slice when sp > 1
+  const Ulysses* ulysses = nullptr;                         // the sp group's exchange (sp > 1)
   std::vector<nlohmann::json> multi_modal_inputs;           // per sample, from the non-tensor part
 };
 
 // `temperature`: used when the micro-batch has no per-sample "temperature" tensor.
 ModelInputs prepare_model_inputs(const Batch& micro_batch, double temperature, int sp_size = 1, int sp_rank = 0);
+// The same for this rank of a sequence-parallel group (null: sp = 1).
+ModelInputs prepare_model_inputs(const Batch& micro_batch, double temperature, const Ulysses* sp);
 
 // The model's forward on a packed micro-batch with parameters from `params` (the dense
-// reference, or the FSDP units): float32 per-token outputs of this rank's slice; log-probs 0 at each
-// sequence's last position (there is no next token to score). Differentiable in grad mode.
+// reference, or the FSDP units): float32 per-token outputs of the whole micro-batch (total_nnz;
+// under sp > 1 every rank of the group gathers them, and their backward takes this rank's
+// slice, × sp as verl's gather_outputs_and_unpad); log-probs 0 at each sequence's last position
+// (there is no next token to score). Differentiable in grad mode.
 TokenOutputs model_forward(const Transformer& model, ParamProvider& params, const ModelInputs& in,
                            bool calculate_entropy);
 // The same with the model's own (dense) parameters, in inference mode.
@@ -42,9 +51,8 @@ TokenOutputs model_forward(const Transformer& model, const ModelInputs& in, bool
 struct SampleOutputs {
   Jagged log_probs, entropy, values;
 };
-// With sp > 1 `gather` all-gathers a rank's slice along dim 0 (empty: sp must be 1).
-using SpGather = std::function<at::Tensor(const at::Tensor&)>;
-SampleOutputs prepare_model_outputs(const TokenOutputs& out, const ModelInputs& in, const SpGather& gather = {});
+// `out`: model_forward's outputs (already gathered under sp > 1).
+SampleOutputs prepare_model_outputs(const TokenOutputs& out, const ModelInputs& in);
 
 SampleOutputs forward_step(const Transformer& model, const Batch& micro_batch, double temperature,
                            bool calculate_entropy);
@@ -53,6 +61,7 @@ struct InferOptions {
   bool calculate_entropy = false;
   double temperature = 1.0;       // when the batch has no "temperature" tensor / meta
   MicroBatchOptions micro;        // fixed (micro_batch_size; 0: the whole batch) or token-balanced
+  const Ulysses* ulysses = nullptr;  // sequence parallelism: this rank's group (null: sp = 1)
 };
 // Whole batch (sequence "input_ids") → micro-batches → `forward` of each → per-sample outputs
 // in the original sample order. The one infer loop: the dense model and the FSDP engine use it.

@@ -36,6 +36,11 @@ FsdpEngine::FsdpEngine(const EngineConfig& cfg, Comm& world) : cfg_(cfg), world_
   FsdpOptions fo = cfg.fsdp;
   fo.compute_dtype = parse_engine_dtype(cfg.param_dtype);
   const std::string cfg_dir = cfg.hf_config_path.empty() ? cfg.model_path : cfg.hf_config_path;
+  if (cfg.ulysses_sequence_parallel_size > 1) {
+    check_ulysses(load_model_config(cfg_dir), cfg.ulysses_sequence_parallel_size);
+    groups_ = make_ulysses_groups(world, cfg.ulysses_sequence_parallel_size);
+    ulysses_ = std::make_unique<Ulysses>(*groups_.sp);
+  }
   model_ = std::make_unique<FsdpModel>(cfg_dir, cfg.model_path, world, fo);
   if (!cfg.forward_only) {
     std::vector<at::Tensor> params;
@@ -52,7 +57,8 @@ FsdpEngine::FsdpEngine(const EngineConfig& cfg, Comm& world) : cfg_(cfg), world_
 
 FsdpEngine::~FsdpEngine() = default;
 
-int FsdpEngine::dp_size() const { return world_.size(); }
+int FsdpEngine::dp_size() const { return world_.size() / sp_size(); }
+int FsdpEngine::dp_rank() const { return world_.rank() / sp_size(); }
 
 double FsdpEngine::lr() const { return opt_ ? opt_->lr() : 0.0; }
 
@@ -68,13 +74,14 @@ StepMetrics FsdpEngine::forward_backward_batch(const Batch& batch, const LossFn&
   const std::vector<int64_t> lens = seq->second.lengths();
   const int B = static_cast<int>(lens.size());
 
-  // Global normalisation: loss tokens and sequences of the whole batch (all dp ranks).
+  // Global normalisation: loss tokens and sequences of the whole batch (all dp ranks; the ranks
+  // of an sp group hold the same data, so the sum runs over the dp group).
   double stats[2] = {0, static_cast<double>(B)};
   if (auto m = batch.sequences.find("loss_mask"); m != batch.sequences.end())
     stats[0] = m->second.values.to(at::kDouble).sum().item<double>();
   else
     for (auto l : lens) stats[0] += static_cast<double>(l);
-  world_.all_reduce(stats, 2, DType::F64, ReduceOp::Sum);
+  (groups_.dp ? *groups_.dp : world_).all_reduce(stats, 2, DType::F64, ReduceOp::Sum);
   GlobalBatchInfo g;
   g.dp_size = dp_size();
   g.batch_num_tokens = stats[0];
@@ -84,12 +91,13 @@ StepMetrics FsdpEngine::forward_backward_batch(const Batch& batch, const LossFn&
 
   StepMetrics sm;
   sm.num_micro_batches = static_cast<int>(parts.size());
-  for (auto l : lens) sm.tokens += l;
+  if (!ulysses_ || ulysses_->rank() == 0)
+    for (auto l : lens) sm.tokens += l;
   const bool grad = !forward_only && training_;
   at::AutoGradMode mode(grad);
   for (const auto& idx : parts) {
     Batch micro = batch.select(idx);
-    const ModelInputs in = prepare_model_inputs(micro, cfg_.temperature);
+    const ModelInputs in = prepare_model_inputs(micro, cfg_.temperature, ulysses_.get());
     MicroOutputs out;
     static_cast<TokenOutputs&>(out) = forward(in, needs_entropy);
     out.cu_seqlens = in.cu_seqlens;
@@ -105,7 +113,7 @@ MicroBatchOptions FsdpEngine::micro_batching() {
   MicroBatchOptions o;
   o.micro_batch_size = std::max(1, cfg_.micro_batch_size_per_gpu);
   if (cfg_.use_dynamic_bsz) {
-    o.max_token_len = cfg_.max_token_len_per_gpu;
+    o.max_token_len = cfg_.max_token_len_per_gpu * sp_size();  // verl: max_token_len_per_gpu × sp
     o.dp_max = [this](std::vector<int64_t>& v) {
       if (!v.empty()) world_.all_reduce(v.data(), v.size(), DType::I64, ReduceOp::Max);
     };
@@ -128,6 +136,7 @@ SampleOutputs FsdpEngine::infer_batch(const Batch& batch, bool calculate_entropy
   o.calculate_entropy = calculate_entropy;
   o.temperature = cfg_.temperature;
   o.micro = micro_batching();
+  o.ulysses = ulysses_.get();
   return verl::infer_batch([&](const ModelInputs& in) { return forward(in, calculate_entropy); }, batch, o);
 }
 

@@ -3,6 +3,9 @@
 // with micro-batching (fixed or token-balanced), forward_backward_batch with a loss, AdamW on
 // the local fp32 shards with global grad-norm clipping, the LR schedule, per-tensor export,
 // and sharded checkpoints in verl's folder layout (merged by `verlcpp merge --backend fsdp`).
+// With ulysses_sequence_parallel_size = sp > 1 the world splits into groups of sp consecutive
+// ranks (verl's ("dp", "sp") mesh): the ranks of a group are given the same data, and each
+// runs its slice of every micro-batch (fsdp/ulysses.h); FSDP still shards over the whole world.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -19,6 +22,7 @@
 #include "engine/losses.h"
 #include "engine/optim.h"
 #include "fsdp/fsdp_model.h"
+#include "fsdp/ulysses.h"
 
 namespace verl {
 
@@ -41,7 +45,7 @@ using LossFn = std::function<LossResult(const Batch& micro, const MicroOutputs& 
 
 struct StepMetrics {
   std::map<std::string, double> metrics;  // loss and the loss's metrics (summed over micro-batches)
-  int64_t tokens = 0;                     // tokens processed by this rank
+  int64_t tokens = 0;                     // tokens of this rank's data (under sp: on the group's first rank, else 0)
   int num_micro_batches = 0;
 };
 
@@ -54,7 +58,10 @@ class FsdpEngine {
   FsdpModel& model() { return *model_; }
   bool is_value_model() const { return model_config().head == Head::TokenClassification; }
   Comm& world() { return world_; }
+  // Data parallelism: world / sp groups; this rank's group index (the part of the data it is given).
   int dp_size() const;
+  int dp_rank() const;
+  int sp_size() const { return cfg_.ulysses_sequence_parallel_size; }
   void train_mode() { training_ = true; }
   void eval_mode() { training_ = false; }
 
@@ -104,6 +111,8 @@ class FsdpEngine {
   EngineConfig cfg_;
   Comm& world_;
   std::unique_ptr<FsdpModel> model_;
+  UlyssesGroups groups_;              // sp > 1: this rank's sp group and its dp group
+  std::unique_ptr<Ulysses> ulysses_;  // sp > 1: the exchange over groups_.sp
   std::unique_ptr<AdamW> opt_;
   std::unique_ptr<LrScheduler> sched_;
   bool training_ = true;

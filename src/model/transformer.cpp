@@ -178,8 +178,9 @@ int64_t Transformer::num_parameters() const {
 namespace {
 
 at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::Tensor& x, const at::Tensor& cos,
-                     const at::Tensor& sin, const std::vector<int64_t>& cu) {
-  const int64_t n = x.size(0), nh = cfg_.num_heads, nkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
+                     const at::Tensor& sin, const std::vector<int64_t>& cu, const SeqParallelAttention* sp) {
+  const int64_t n_local = x.size(0), nh_all = cfg_.num_heads, nkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
+  int64_t n = n_local, nh = nh_all;
   // split, not narrow: its backward writes the three gradients into one buffer (narrow's
   // would zero-fill a full-size gradient per part and sum them).
   const std::vector<at::Tensor> parts = at::linear(x, l.qkv_w, l.qkv_b).split_with_sizes({nh * hd, nkv * hd, nkv * hd}, 1);
@@ -192,13 +193,17 @@ at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::T
   }
   q = q * cos + rotate_half(q) * sin;
   k = k * cos + rotate_half(k) * sin;
+  if (sp) sp->to_heads(q, k, v);  // the whole row, heads/sp of the heads
+  n = q.size(0);
+  nh = q.size(1);
+  const int64_t kvh = k.size(1);
   // [n, h, d] → [h, n, d] so each sequence is a contiguous slice along dim 1.
   q = q.transpose(0, 1);
   k = k.transpose(0, 1);
   v = v.transpose(0, 1);
-  if (nkv != nh) {  // GQA: repeat kv heads (as HF's repeat_kv)
-    k = k.repeat_interleave(nh / nkv, 0);
-    v = v.repeat_interleave(nh / nkv, 0);
+  if (kvh != nh) {  // GQA: repeat kv heads (as HF's repeat_kv)
+    k = k.repeat_interleave(nh / kvh, 0);
+    v = v.repeat_interleave(nh / kvh, 0);
   }
   // One SDPA per sequence over split views; the outputs are concatenated (writing them into
   // slices of one buffer would make backward clone the full gradient once per sequence).
@@ -214,15 +219,16 @@ at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::T
                                                     std::nullopt, 0.0, /*is_causal=*/true, scale);
     outs.push_back(o.squeeze(0).transpose(0, 1));  // [len, nh, hd]
   }
-  const at::Tensor out = outs.empty() ? at::empty({0, nh, hd}, x.options()) : at::cat(outs, 0);
-  return at::linear(out.reshape({n, nh * hd}), l.o_w, l.o_b);
+  at::Tensor out = outs.empty() ? at::empty({0, nh, hd}, x.options()) : at::cat(outs, 0);
+  if (sp) out = sp->to_sequence(out);
+  return at::linear(out.reshape({n_local, nh_all * hd}), l.o_w, l.o_b);
 }
 
 }  // namespace
 
 at::Tensor Transformer::layer_forward(const DecoderLayer& l, const at::Tensor& h, const LayerContext& ctx) const {
   const ModelConfig& c = cfg_;
-  at::Tensor x = h + attention(c, l, rms_norm(h, l.input_norm, c.rms_norm_eps), ctx.cos, ctx.sin, ctx.cu_seqlens);
+  at::Tensor x = h + attention(c, l, rms_norm(h, l.input_norm, c.rms_norm_eps), ctx.cos, ctx.sin, ctx.cu_seqlens, ctx.sp);
   const std::vector<at::Tensor> gu =
       at::linear(rms_norm(x, l.post_norm, c.rms_norm_eps), l.gate_up_w, l.gate_up_b).chunk(2, 1);
   return x + at::linear(at::silu(gu[0]) * gu[1], l.down_w, l.down_b);
@@ -231,8 +237,9 @@ at::Tensor Transformer::layer_forward(const DecoderLayer& l, const at::Tensor& h
 at::Tensor Transformer::embed_and_layers(ParamProvider& p, const RootParams& r, const PackedRow& row) const {
   const int64_t n = row.input_ids.size(0);
   const auto& cu = row.cu_seqlens;
-  if (cu.empty() || cu.front() != 0 || cu.back() != n)
-    fail("packed row: cu_seqlens must start at 0 and end at the row length ", n);
+  const int64_t whole = n * (row.sp ? row.sp->size() : 1);
+  if (cu.empty() || cu.front() != 0 || cu.back() != whole)
+    fail("packed row: cu_seqlens must start at 0 and end at the row length ", whole);
   if (n > 0) {
     const int64_t lo = row.input_ids.min().item<int64_t>(), hi = row.input_ids.max().item<int64_t>();
     if (lo < 0 || hi >= cfg_.vocab_size)
@@ -240,6 +247,7 @@ at::Tensor Transformer::embed_and_layers(ParamProvider& p, const RootParams& r, 
   }
   LayerContext ctx;
   ctx.cu_seqlens = cu;
+  ctx.sp = row.sp;
   rope_cos_sin(inv_freq_, row.position_ids, dtype_, &ctx.cos, &ctx.sin);
   // padding_idx: that row's gradient stays zero, as in transformers' nn.Embedding(padding_idx=pad_token_id).
   at::Tensor h = at::embedding(r.embed, row.input_ids, cfg_.pad_token_id);

@@ -56,18 +56,35 @@ RootParams root_params(const ModelConfig& c, const std::vector<SlotView>& slots)
 DecoderLayer layer_views(const std::vector<FlatParam>& layout, const at::Tensor& flat);
 RootParams root_views(const ModelConfig& c, const std::vector<FlatParam>& layout, const at::Tensor& flat);
 
-// What every layer of one forward shares: rotary cos / sin [n, 1, head_dim] and the row's
-// sequence offsets.
+// Sequence parallelism seen from attention (applied from outside: fsdp/ulysses.h implements
+// it). When a row is one rank's slice of a longer row, attention hands q / k / v
+// [n, heads, d] of its slice to to_heads, which returns them for the whole row and a subset
+// of the heads ([n·sp, heads/sp, d]; kv heads repeated first where needed), and hands the
+// attention output of those heads to to_sequence, which returns [n, heads, d] of the slice.
+class SeqParallelAttention {
+ public:
+  virtual ~SeqParallelAttention() = default;
+  virtual int size() const = 0;
+  virtual void to_heads(at::Tensor& q, at::Tensor& k, at::Tensor& v) const = 0;
+  virtual at::Tensor to_sequence(const at::Tensor& out) const = 0;
+};
+
+// What every layer of one forward shares: rotary cos / sin [n, 1, head_dim], the row's
+// sequence offsets and, for a sequence-parallel slice, the exchange (cu_seqlens then describe
+// the whole row, n·sp tokens).
 struct LayerContext {
   at::Tensor cos, sin;
   std::vector<int64_t> cu_seqlens;
+  const SeqParallelAttention* sp = nullptr;
 };
 
 // One packed row: sequences back to back, positions restarting per sequence, the labels of the
-// LM head (the row rolled left by one) and a per-token temperature (fp32).
+// LM head (the row rolled left by one) and a per-token temperature (fp32). With `sp` set the
+// tensors are this rank's slice and cu_seqlens describe the whole row (sp × the slice).
 struct PackedRow {
   at::Tensor input_ids, position_ids, labels, temperature;
   std::vector<int64_t> cu_seqlens;
+  const SeqParallelAttention* sp = nullptr;
 };
 
 // Per-token outputs of a packed row, fp32 [n]: log_probs[t] scores labels[t].

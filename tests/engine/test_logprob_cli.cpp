@@ -1,6 +1,6 @@
 // test_logprob_cli.cpp — `verlcpp logprob` end to end against transformers (computed at test
 // time): fp32 and bf16 log-probs and entropy, values of a value model, per-sample temperature,
-// and one-line errors on bad input without leaving an output file behind.
+// under mpirun with Ulysses sequence parallelism, and one-line errors on bad input without leaving an output file behind.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -45,6 +45,45 @@ TEST(LogprobCli, Fp32MatchesTransformersWithPerSampleTemperature) {
   EXPECT_EQ(got.at("log_probs").scalar_type(), at::kFloat);
   EXPECT_LE(max_abs_diff(got.at("log_probs"), ref.at("log_probs")), 1e-4);
   EXPECT_LE(max_abs_diff(got.at("entropy"), ref.at("entropy")), 1e-4);
+}
+
+TEST(LogprobCli, MpirunWithSequenceParallelismMatchesTransformers) {
+  // The FSDP engine forward only over MPI ranks: sp = 2 over 2 ranks, sp = 2 × dp = 2 over 4
+  // (the batch split between the two groups); llama_tied has one kv head (< sp).
+  const std::string fx = engine_fixtures();
+  TempDir tmp;
+  struct Case {
+    int np;
+    std::string model, batch, ref, extra;
+  };
+  const Case cases[] = {
+      {2, "qwen2", "batch_temp", "ref_qwen2_fp32_temp", "--micro-batch-size 3"},
+      {4, "qwen2", "batch_temp", "ref_qwen2_fp32_temp", "--max-token-len 40"},
+      {4, "llama_tied", "batch", "ref_llama_tied_fp32", "--temperature 0.7 --micro-batch-size 2"},
+      {2, "value", "batch", "ref_value_fp32", ""},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.model + " np " + std::to_string(c.np) + " " + c.extra);
+    std::string out;
+    const bool value = c.model == "value";
+    ASSERT_EQ(run(mpirun(c.np) + logprob_cmd(fx + "/" + c.model, fx + "/" + c.batch + ".safetensors", tmp / "o.safetensors",
+                                             "--sp 2 " + std::string(value ? "" : "--entropy ") + c.extra),
+                  &out),
+              0)
+        << out;
+    EXPECT_NE(out.find("ranks (sp 2)"), std::string::npos) << out;
+    auto got = load_st(tmp / "o.safetensors");
+    auto ref = load_st(fx + "/" + c.ref + ".safetensors");
+    for (const char* k : value ? std::vector<const char*>{"values"} : std::vector<const char*>{"log_probs", "entropy"}) {
+      ASSERT_EQ(got.at(k).sizes(), ref.at(k).sizes()) << k;
+      EXPECT_LE(max_abs_diff(got.at(k), ref.at(k)), 1e-4) << k;
+    }
+  }
+  // sp must divide the ranks; without mpirun there is one rank.
+  std::string out;
+  EXPECT_NE(run(logprob_cmd(fx + "/qwen2", fx + "/batch.safetensors", tmp / "x.safetensors", "--sp 2"), &out), 0);
+  EXPECT_NE(out.find("must divide the number of ranks (1; start the ranks with mpirun -np N)"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(tmp / "x.safetensors"));
 }
 
 TEST(LogprobCli, ValueModelWritesValues) {

@@ -2,7 +2,7 @@
 // k steps (merged from the sharded checkpoint with `verlcpp merge`) against an independent
 // reference trained with transformers + torch.optim.AdamW (+ verl's PPO loss) on one process
 // (tests/oracle/train_ref.py); fixed and dynamic micro-batching, gradient checkpointing,
-// hybrid sharding; exact resume; a kill -9 during saving leaves a loadable checkpoint; bad
+// hybrid sharding, Ulysses sequence parallelism; exact resume; a kill -9 during saving leaves a loadable checkpoint; bad
 // configuration gives one clear line.
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -83,6 +83,30 @@ TEST_F(Train, DynamicBatchingAndGradientCheckpointingMatch) {
   check("sft_dyn_gc", "ref_sft_3.safetensors");
   ASSERT_EQ(train("sft_hybrid", 4, "fsdp_size=2 micro_batch_size_per_gpu=1", &log), 0) << log;
   check("sft_hybrid", "ref_sft_3.safetensors");
+}
+
+TEST_F(Train, UlyssesSequenceParallelMatchesTorch) {
+  // sp = 2 over 2 ranks; sp = 2 × dp = 2 over 4 ranks with dynamic batching whose budget is
+  // max_token_len_per_gpu × sp (24 × 2: sequences of up to 40 tokens fit only through the × sp)
+  // and gradient checkpointing; the critic at sp = 2. verl's key paths.
+  std::string log;
+  ASSERT_EQ(train("sft_sp2", 2, "ulysses_sequence_parallel_size=2 micro_batch_size_per_gpu=3", &log), 0) << log;
+  EXPECT_NE(log.find("sequence parallel 2"), std::string::npos) << log;
+  check("sft_sp2", "ref_sft_3.safetensors");
+  ASSERT_EQ(train("sft_sp2_dp2", 4,
+                  "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2 use_dynamic_bsz=true max_token_len_per_gpu=24 "
+                  "enable_gradient_checkpointing=true",
+                  &log),
+            0)
+      << log;
+  check("sft_sp2_dp2", "ref_sft_3.safetensors");
+  ASSERT_EQ(train("value_sp2", 2,
+                  "task=value path=value_model cliprange_value=0.5 micro_batch_size_per_gpu=2 "
+                  "critic.ulysses_sequence_parallel_size=2",
+                  &log),
+            0)
+      << log;
+  check("value_sp2", "ref_value_3.safetensors", "--rtol 1e-4", "critic");
 }
 
 TEST_F(Train, PpoMatchesVerlsPolicyLoss) {

@@ -170,6 +170,14 @@ TEST_F(TrainCli, FsdpSizeMustDivideTheWorld) {
   expect_refused("fsdp0", "actor_rollout_ref.actor.fsdp_config.fsdp_size=0", {"fsdp_config.fsdp_size", "-1 or >= 1"});
 }
 
+TEST_F(TrainCli, UlyssesSizeMustDivideTheWorldAndTheHeads) {
+  expect_refused("sp3", "ulysses_sequence_parallel_size=3", {"ulysses_sequence_parallel_size = 3", "divide the world size (2 ranks)"}, 2);
+  // 4 attention heads
+  expect_refused("sp3h", "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=3",
+                 {"ulysses_sequence_parallel_size = 3", "num_attention_heads (4) must be divisible by it"}, 3);
+  expect_refused("sp0", "ulysses_sequence_parallel_size=0", {"ulysses_sequence_parallel_size", "0"});
+}
+
 TEST_F(TrainCli, Fp16IsRefused) {
   expect_refused("fp16", "param_dtype=fp16", {"param_dtype", "fp16 is not implemented"});
   expect_refused("fp16b", "actor_rollout_ref.actor.fsdp_config.dtype=float16", {"float16 is not implemented"});
