@@ -4,7 +4,10 @@ batches, full logits, log_softmax, gather) against `verlcpp logprob` with dynami
 (packed, token-balanced micro-batches). Same dtype and thread count; runs alternate; each run
 is a fresh process whose peak RSS is read from wait4(). Prints tokens/s, peak RSS and ratios.
 
-    python bench/logprob/bench_logprob.py [--rounds 2] [--dtype fp32] [--batch-size 8] [--max-token-len 4096]
+    python bench/logprob/bench_logprob.py [--rounds 2] [--dtype both|fp32|bf16] [--batch-size 8] [--max-token-len 4096]
+
+Also prints the model FLOP utilisation of both: 2·params·tokens/s ÷ the matmul peak of the dtype on
+the same threads, measured in the same run (bench/common/peak.py).
 """
 import argparse
 import json
@@ -98,21 +101,14 @@ def run_with_rss(cmd):
     return out, err, wall, ru.ru_maxrss / 1024.0
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--batch-size", type=int, default=8, help="transformers padded batch size")
-    ap.add_argument("--max-token-len", type=int, default=4096, help="verlcpp dynamic batching token budget")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    a = ap.parse_args()
-    os.makedirs(OUT, exist_ok=True)
+def run_dtype(a, dtype):
+    """Both sides at one dtype: (tokens/s transformers, tokens/s verlcpp, RSS transformers, RSS verlcpp, params)."""
     py = sys.executable
     binary = os.environ.get("VERLCPP_BIN", os.path.join(ROOT, os.environ.get("BUILD_DIR", "build"), "verlcpp"))
-    model_dir, batch, lens, nparams = make_inputs(a.dtype)
+    model_dir, batch, lens, nparams = make_inputs(dtype)
     tokens = sum(lens)
     padded = sum(max(lens[s:s + a.batch_size]) * len(lens[s:s + a.batch_size]) for s in range(0, len(lens), a.batch_size))
-    print(f"model: Qwen2-shaped, {nparams / 1e6:.1f}M parameters, {a.dtype}, {a.threads} threads")
+    print(f"model: Qwen2-shaped, {nparams / 1e6:.1f}M parameters, {dtype}, {a.threads} threads")
     print(f"batch: {len(lens)} sequences, {tokens} tokens (min {min(lens)}, median {sorted(lens)[32]}, max {max(lens)}); "
           f"padded batches of {a.batch_size}: {padded} token slots")
     hf_script = os.path.join(OUT, "hf_run.py")
@@ -121,27 +117,52 @@ def main():
     res = {"transformers": [], "verlcpp": []}
     hf_out, cpp_out = os.path.join(OUT, "hf_logp.pt"), os.path.join(OUT, "verlcpp_out.safetensors")
     for r in range(a.rounds):
-        out, _, wall, rss = run_with_rss([py, hf_script, model_dir, batch, a.dtype, str(a.batch_size), str(a.threads), hf_out])
+        out, _, wall, rss = run_with_rss([py, hf_script, model_dir, batch, dtype, str(a.batch_size), str(a.threads), hf_out])
         fwd = json.loads(out.strip().splitlines()[-1])["forward_s"]
         res["transformers"].append((fwd, wall, rss))
-        print(f"round {r}: transformers  forward {fwd:7.2f}s  {tokens / fwd:8.0f} tokens/s  wall {wall:6.2f}s  peak RSS {rss:7.0f} MiB", flush=True)
+        print(f"{dtype} round {r}: transformers  forward {fwd:7.2f}s  {tokens / fwd:8.0f} tokens/s  wall {wall:6.2f}s  "
+              f"peak RSS {rss:7.0f} MiB", flush=True)
         _, err, wall, rss = run_with_rss([binary, "logprob", "--model", model_dir, "--batch", batch, "--out", cpp_out,
-                                          "--dtype", a.dtype, "--max-token-len", str(a.max_token_len), "--threads", str(a.threads)])
+                                          "--dtype", dtype, "--max-token-len", str(a.max_token_len), "--threads", str(a.threads)])
         fwd = float(re.search(r"forward ([0-9.]+)s", err).group(1))
         res["verlcpp"].append((fwd, wall, rss))
-        print(f"round {r}: verlcpp       forward {fwd:7.2f}s  {tokens / fwd:8.0f} tokens/s  wall {wall:6.2f}s  peak RSS {rss:7.0f} MiB", flush=True)
+        print(f"{dtype} round {r}: verlcpp       forward {fwd:7.2f}s  {tokens / fwd:8.0f} tokens/s  wall {wall:6.2f}s  "
+              f"peak RSS {rss:7.0f} MiB", flush=True)
     # Same answer?
     import torch
     from safetensors.torch import load_file
     d = (torch.load(hf_out) - load_file(cpp_out)["log_probs"]).abs()
-    print(f"agreement: max |Δ log-prob| {d.max().item():.2e}, mean {d.mean().item():.2e}")
-    best = {k: (min(x[0] for x in v), min(x[1] for x in v), max(x[2] for x in v)) for k, v in res.items()}
-    (hf_f, hf_w, hf_rss), (c_f, c_w, c_rss) = best["transformers"], best["verlcpp"]
-    print(f"\n{'':14s}{'tokens/s':>12s}{'wall s':>10s}{'peak RSS MiB':>15s}")
-    print(f"{'transformers':14s}{tokens / hf_f:12.0f}{hf_w:10.2f}{hf_rss:15.0f}")
-    print(f"{'verlcpp':14s}{tokens / c_f:12.0f}{c_w:10.2f}{c_rss:15.0f}")
-    print(f"ratio verlcpp/transformers: tokens/s {hf_f / c_f:.2f}x (target >= 1.5x), wall {hf_w / c_w:.2f}x faster, "
-          f"peak RSS {c_rss / hf_rss:.2f}x (target <= 1.0x)")
+    print(f"{dtype} agreement: max |Δ log-prob| {d.max().item():.2e}, mean {d.mean().item():.2e}")
+    best = {k: (min(x[0] for x in v), max(x[2] for x in v)) for k, v in res.items()}
+    (hf_f, hf_rss), (c_f, c_rss) = best["transformers"], best["verlcpp"]
+    return tokens / hf_f, tokens / c_f, hf_rss, c_rss, nparams
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dtype", default="both", choices=["both", "fp32", "bf16"])
+    ap.add_argument("--batch-size", type=int, default=8, help="transformers padded batch size")
+    ap.add_argument("--max-token-len", type=int, default=4096, help="verlcpp dynamic batching token budget")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    a = ap.parse_args()
+    os.makedirs(OUT, exist_ok=True)
+    sys.path.insert(0, os.path.join(ROOT, "bench", "common"))
+    from peak import matmul_peak_gflops, mfu
+
+    rows = []
+    for dtype in (("fp32", "bf16") if a.dtype == "both" else (a.dtype,)):
+        hf_tps, c_tps, hf_rss, c_rss, nparams = run_dtype(a, dtype)
+        rows.append((dtype, matmul_peak_gflops(dtype, a.threads), hf_tps, c_tps, hf_rss, c_rss, nparams))
+    print(f"\nMFU = 2 x params x tokens/s / the matmul peak of the dtype on {a.threads} threads, measured in this run")
+    print(f"{'':22s}{'tokens/s':>10s}{'MFU':>8s}{'peak RSS MiB':>15s}")
+    for dtype, peak, hf_tps, c_tps, hf_rss, c_rss, nparams in rows:
+        print(f"{'transformers ' + dtype:22s}{hf_tps:10.0f}{mfu(2 * nparams * hf_tps / 1e9, peak):7.1f}%{hf_rss:15.0f}")
+        print(f"{'verlcpp ' + dtype:22s}{c_tps:10.0f}{mfu(2 * nparams * c_tps / 1e9, peak):7.1f}%{c_rss:15.0f}"
+              f"   (peak {peak:.0f} GFLOP/s)")
+    for dtype, peak, hf_tps, c_tps, hf_rss, c_rss, nparams in rows:
+        print(f"ratio {dtype} verlcpp/transformers: tokens/s {c_tps / hf_tps:.2f}x (target >= 1.5x), "
+              f"peak RSS {c_rss / hf_rss:.2f}x (target <= 1.0x)")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@
   verlcpp: `mpirun -np 2 verlcpp train` with the same model, data, micro-batches and settings.
 
 Model: a random Qwen2-shaped ~100M-parameter model (fp32). Data: long-tailed sequence lengths.
-Both use one thread per rank. Runs alternate. Prints tokens/s (steps 2..N; step 1 is warm-up),
-per-rank peak RSS of both and the ratios.
+Both use one thread per rank. Runs alternate. fp32, and bf16 mixed precision (bf16 compute, fp32
+master weights and gradient reduction: FSDP2's MixedPrecisionPolicy(bf16, reduce fp32), as verl
+sets it; verlcpp's dtype=bf16). Prints tokens/s (steps 2..N; step 1 is warm-up), per-rank peak RSS
+of both, the ratios, and the model FLOP utilisation 6·params·tokens/s ÷ the matmul peak of that
+dtype on the same 2 threads, measured in the same run (bench/common/peak.py).
 
-    python bench/train/bench_train.py [--steps 6] [--rounds 2] [--bs 16] [--mbs 2] [--verlcpp build/verlcpp]
+    python bench/train/bench_train.py [--dtype both|fp32|bf16] [--steps 6] [--rounds 2] [--bs 16] [--mbs 2] [--verlcpp build/verlcpp]
     python bench/train/bench_train.py --scaling     # per-rank memory with 1, 2 and 4 ranks
 """
 import argparse
@@ -39,9 +42,13 @@ def main(rank, world, a):
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
     model = transformers.AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
     model.train()
+    kw = {}
+    if a["dtype"] == "bf16":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
     d = load_file(a["data"])
     cu = d["cu_seqlens"].tolist()
@@ -125,8 +132,9 @@ def make_inputs(a):
     return model_dir, data, int(lens.sum())
 
 
-def run_peer(a, model_dir, data, port):
-    args = json.dumps({"model": model_dir, "data": data, "bs": a.bs, "mbs": a.mbs, "steps": a.steps, "port": str(port)})
+def run_peer(a, model_dir, data, port, dtype):
+    args = json.dumps({"model": model_dir, "data": data, "bs": a.bs, "mbs": a.mbs, "steps": a.steps, "port": str(port),
+                       "dtype": dtype})
     out = subprocess.run([sys.executable, "-c", PEER, args], capture_output=True, text=True, cwd=OUT)
     if out.returncode != 0:
         raise SystemExit(f"peer failed:\n{out.stderr[-3000:]}")
@@ -134,13 +142,13 @@ def run_peer(a, model_dir, data, port):
     return r["tokens"] / r["seconds"], r["peak_rss_mib"]
 
 
-def run_ours(a, model_dir, data, k):
+def run_ours(a, model_dir, data, k, dtype):
     ck = os.path.join(OUT, f"ck_{k}")
     subprocess.run(["rm", "-rf", ck])
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "2", a.verlcpp, "train",
            f"path={model_dir}", f"train_files={data}", f"train_batch_size={a.bs}", f"micro_batch_size_per_gpu={a.mbs}",
            f"total_training_steps={a.steps}", "shuffle=false", "lr=1e-5", "save_freq=-1", "resume_mode=disable",
-           f"default_local_dir={ck}", "stop_after_steps=100000", "num_threads=1"]
+           f"default_local_dir={ck}", "stop_after_steps=100000", "num_threads=1", f"dtype={dtype}"]
     env = dict(os.environ, OMPI_MCA_btl_vader_single_copy_mechanism="none")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -178,6 +186,7 @@ def scaling(a, model_dir, data):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="both", choices=["both", "fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--bs", type=int, default=16)
@@ -191,21 +200,35 @@ def main():
         return 0
     print(f"data: {a.bs * a.steps} sequences, {total} tokens; batch {a.bs}, micro-batch {a.mbs}, {a.steps} steps, "
           f"2 ranks x 1 thread")
-    peer, ours = [], []
-    for k in range(a.rounds):
-        for who in (("peer", "ours") if k % 2 == 0 else ("ours", "peer")):
-            t0 = time.time()
-            r = run_peer(a, model_dir, data, 29500 + k) if who == "peer" else run_ours(a, model_dir, data, k)
-            (peer if who == "peer" else ours).append(r)
-            print(f"round {k} {who}: {r[0]:.0f} tokens/s, peak RSS per rank {r[1]:.0f} MiB ({time.time() - t0:.0f}s)",
-                  flush=True)
-    p_tps, o_tps = statistics.median(x[0] for x in peer), statistics.median(x[0] for x in ours)
-    p_rss, o_rss = max(x[1] for x in peer), max(x[1] for x in ours)
-    print()
-    print(f"{'':10}{'tokens/s':>12}{'peak RSS/rank':>16}")
-    print(f"{'FSDP2':10}{p_tps:12.0f}{p_rss:13.0f} MiB")
-    print(f"{'verlcpp':10}{o_tps:12.0f}{o_rss:13.0f} MiB")
-    print(f"ratio: {o_tps / p_tps:.2f}x tokens/s (target >= 1.2x), {o_rss / p_rss:.2f}x memory (target <= 1.0x)")
+    import transformers
+    sys.path.insert(0, os.path.join(ROOT, "bench", "common"))
+    from peak import matmul_peak_gflops, mfu
+
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(cfg).parameters())
+    summary = []
+    for dtype in (("fp32", "bf16") if a.dtype == "both" else (a.dtype,)):
+        peer, ours = [], []
+        for k in range(a.rounds):
+            for who in (("peer", "ours") if k % 2 == 0 else ("ours", "peer")):
+                t0 = time.time()
+                r = run_peer(a, model_dir, data, 29500 + k, dtype) if who == "peer" else run_ours(a, model_dir, data, k, dtype)
+                (peer if who == "peer" else ours).append(r)
+                print(f"{dtype} round {k} {who}: {r[0]:.0f} tokens/s, peak RSS per rank {r[1]:.0f} MiB "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+        peak = matmul_peak_gflops(dtype, threads=2)
+        p_tps, o_tps = statistics.median(x[0] for x in peer), statistics.median(x[0] for x in ours)
+        p_rss, o_rss = max(x[1] for x in peer), max(x[1] for x in ours)
+        summary.append((dtype, peak, p_tps, o_tps, p_rss, o_rss))
+    print(f"\n{params / 1e6:.1f}M parameters; MFU = 6 x params x tokens/s / the matmul peak of the dtype on 2 threads, "
+          f"measured in this run")
+    print(f"{'':16}{'tokens/s':>10}{'MFU':>8}{'peak RSS/rank':>16}")
+    for dtype, peak, p_tps, o_tps, p_rss, o_rss in summary:
+        print(f"{'FSDP2 ' + dtype:16}{p_tps:10.0f}{mfu(6 * params * p_tps / 1e9, peak):7.1f}%{p_rss:13.0f} MiB")
+        print(f"{'verlcpp ' + dtype:16}{o_tps:10.0f}{mfu(6 * params * o_tps / 1e9, peak):7.1f}%{o_rss:13.0f} MiB"
+              f"   (peak {peak:.0f} GFLOP/s)")
+    for dtype, peak, p_tps, o_tps, p_rss, o_rss in summary:
+        print(f"ratio {dtype}: {o_tps / p_tps:.2f}x tokens/s, {o_rss / p_rss:.2f}x memory")
     return 0
 
 

@@ -33,22 +33,30 @@ int64_t rows_per_chunk(int64_t vocab, int64_t want) {
   return std::max<int64_t>(32, kLogitBytes / 4 / std::max<int64_t>(1, vocab));
 }
 
-// fp32 logits of h's rows against the weight rows w at the rows' temperatures t [rows, 1].
+// fp32 logits of h's rows against the weight rows w at the rows' temperatures t [rows, 1]
+// (undefined: every temperature is 1, and the division is skipped).
 at::Tensor logits(const at::Tensor& h, const at::Tensor& w, const at::Tensor& t) {
-  return at::linear(h, w).to(at::kFloat).div_(t);
+  at::Tensor z = at::linear(h, w).to(at::kFloat);
+  return t.defined() ? z.div_(t) : z;
+}
+
+// The rows' temperatures as logits() takes them.
+at::Tensor temp_rows(const at::Tensor& temp, bool unit_temp, int64_t s, int64_t c) {
+  return unit_temp ? at::Tensor() : temp.narrow(0, s, c).unsqueeze(1);
 }
 
 // Forward over every chunk; `lse_out` / `ez_out` (if defined) receive the per-row log-sum-exp
 // and Σ p·z.
 HeadOutputs head_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& labels, const at::Tensor& temp,
-                         bool with_entropy, int64_t chunk, const at::Tensor& lse_out, const at::Tensor& ez_out) {
+                         bool with_entropy, int64_t chunk, bool unit_temp, const at::Tensor& lse_out,
+                         const at::Tensor& ez_out) {
   const int64_t n = h.size(0);
   HeadOutputs o;
   o.log_probs = at::empty({n}, h.options().dtype(at::kFloat));
   if (with_entropy) o.entropy = at::empty({n}, h.options().dtype(at::kFloat));
   for (int64_t s = 0; s < n; s += chunk) {
     const int64_t c = std::min(chunk, n - s);
-    at::Tensor z = logits(h.narrow(0, s, c), w, temp.narrow(0, s, c).unsqueeze(1));
+    at::Tensor z = logits(h.narrow(0, s, c), w, temp_rows(temp, unit_temp, s, c));
     at::Tensor lse = at::logsumexp(z, {1});
     at::Tensor picked = z.gather(1, labels.narrow(0, s, c).unsqueeze(1)).squeeze(1);
     o.log_probs.narrow(0, s, c).copy_(picked - lse);
@@ -84,7 +92,7 @@ struct ChunkedHeadFn : public torch::autograd::Function<ChunkedHeadFn> {
                                const at::Tensor& temp, bool with_entropy, std::vector<int64_t> blocks) {
     at::Tensor lse = at::empty({h.size(0)}, h.options().dtype(at::kFloat));
     at::Tensor ez = with_entropy ? at::empty({h.size(0)}, h.options().dtype(at::kFloat)) : at::Tensor();
-    HeadOutputs o = head_forward(h, w, labels, temp, with_entropy, blocks[0], lse, ez);
+    HeadOutputs o = head_forward(h, w, labels, temp, with_entropy, blocks[0], blocks[3] != 0, lse, ez);
     ctx->save_for_backward({h, w, labels, temp, lse, ez});
     ctx->saved_data["blocks"] = blocks;
     if (!with_entropy) return {o.log_probs};
@@ -115,7 +123,7 @@ struct ChunkedHeadFn : public torch::autograd::Function<ChunkedHeadFn> {
       RowGroup g;
       g.h = h.narrow(0, r0, r);
       g.labels = labels.narrow(0, r0, r);
-      g.temp = temp.narrow(0, r0, r).unsqueeze(1);
+      g.temp = temp_rows(temp, blocks[3] != 0, r0, r);
       g.lse = lse.narrow(0, r0, r).unsqueeze(1);
       g.gl = gl.narrow(0, r0, r);
       if (ge.defined()) {
@@ -156,9 +164,10 @@ HeadOutputs lm_head_log_probs(const at::Tensor& hidden, const at::Tensor& weight
   const int64_t chunk = rows_per_chunk(weight.size(0), blocks.rows);
   const at::Tensor temp = temperature.to(at::kFloat).clamp_min(1e-8);
   const bool grad = at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
-  if (!grad) return head_forward(hidden, weight, labels, temp, with_entropy, chunk, at::Tensor(), at::Tensor());
+  const bool unit_temp = temp.numel() == 0 || temp.eq(1.0).all().item<bool>();
+  if (!grad) return head_forward(hidden, weight, labels, temp, with_entropy, chunk, unit_temp, at::Tensor(), at::Tensor());
   variable_list r = ChunkedHeadFn::apply(hidden, weight, labels, temp, with_entropy,
-                                         std::vector<int64_t>{chunk, blocks.bwd_rows, blocks.bwd_vocab});
+                                         std::vector<int64_t>{chunk, blocks.bwd_rows, blocks.bwd_vocab, unit_temp});
   HeadOutputs o;
   o.log_probs = r[0];
   if (with_entropy) o.entropy = r[1];
