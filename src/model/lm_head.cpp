@@ -40,6 +40,9 @@ at::Tensor logits(const at::Tensor& h, const at::Tensor& w, const at::Tensor& t)
   return t.defined() ? z.div_(t) : z;
 }
 
+// Σ softmax(z)·z per row: the entropy is lse − this.
+at::Tensor expected_logit(const at::Tensor& z) { return (at::softmax(z, -1) * z).sum(-1); }
+
 // The rows' temperatures as logits() takes them.
 at::Tensor temp_rows(const at::Tensor& temp, bool unit_temp, int64_t s, int64_t c) {
   return unit_temp ? at::Tensor() : temp.narrow(0, s, c).unsqueeze(1);
@@ -61,7 +64,7 @@ HeadOutputs head_forward(const at::Tensor& h, const at::Tensor& w, const at::Ten
     at::Tensor picked = z.gather(1, labels.narrow(0, s, c).unsqueeze(1)).squeeze(1);
     o.log_probs.narrow(0, s, c).copy_(picked - lse);
     if (with_entropy) {
-      at::Tensor ez = (at::softmax(z, -1) * z).sum(-1);  // logits_entropy's Σ p·z
+      at::Tensor ez = expected_logit(z);
       o.entropy.narrow(0, s, c).copy_(lse - ez);
       if (ez_out.defined()) ez_out.narrow(0, s, c).copy_(ez);
     }
@@ -89,12 +92,13 @@ at::Tensor block_grad(const RowGroup& g, const at::Tensor& wb, int64_t v0) {
 
 struct ChunkedHeadFn : public torch::autograd::Function<ChunkedHeadFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& w, const at::Tensor& labels,
-                               const at::Tensor& temp, bool with_entropy, std::vector<int64_t> blocks) {
+                               const at::Tensor& temp, bool with_entropy, bool unit_temp, std::vector<int64_t> blocks) {
     at::Tensor lse = at::empty({h.size(0)}, h.options().dtype(at::kFloat));
     at::Tensor ez = with_entropy ? at::empty({h.size(0)}, h.options().dtype(at::kFloat)) : at::Tensor();
-    HeadOutputs o = head_forward(h, w, labels, temp, with_entropy, blocks[0], blocks[3] != 0, lse, ez);
+    HeadOutputs o = head_forward(h, w, labels, temp, with_entropy, blocks[0], unit_temp, lse, ez);
     ctx->save_for_backward({h, w, labels, temp, lse, ez});
     ctx->saved_data["blocks"] = blocks;
+    ctx->saved_data["unit_temp"] = unit_temp;
     if (!with_entropy) return {o.log_probs};
     return {o.log_probs, o.entropy};
   }
@@ -103,6 +107,7 @@ struct ChunkedHeadFn : public torch::autograd::Function<ChunkedHeadFn> {
     auto saved = ctx->get_saved_variables();
     const at::Tensor &h = saved[0], &w = saved[1], &labels = saved[2], &temp = saved[3], &lse = saved[4], &ez = saved[5];
     const std::vector<int64_t> blocks = ctx->saved_data["blocks"].toIntVector();
+    const bool unit_temp = ctx->saved_data["unit_temp"].toBool();
     const int64_t n = h.size(0), V = w.size(0), H = h.size(1);
     const at::Tensor g_lp = grads[0];
     const at::Tensor g_ent = grads.size() > 1 ? grads[1] : at::Tensor();
@@ -123,7 +128,7 @@ struct ChunkedHeadFn : public torch::autograd::Function<ChunkedHeadFn> {
       RowGroup g;
       g.h = h.narrow(0, r0, r);
       g.labels = labels.narrow(0, r0, r);
-      g.temp = temp_rows(temp, blocks[3] != 0, r0, r);
+      g.temp = temp_rows(temp, unit_temp, r0, r);
       g.lse = lse.narrow(0, r0, r).unsqueeze(1);
       g.gl = gl.narrow(0, r0, r);
       if (ge.defined()) {
@@ -145,14 +150,14 @@ struct ChunkedHeadFn : public torch::autograd::Function<ChunkedHeadFn> {
       }
       dh.narrow(0, r0, r).copy_(dh_acc);
     }
-    return {dh, dw.to(w.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dh, dw.to(w.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 }  // namespace
 
 at::Tensor logits_entropy(const at::Tensor& z, const at::Tensor& lse) {
-  return lse - (at::softmax(z, -1) * z).sum(-1);
+  return lse - expected_logit(z);
 }
 
 HeadOutputs lm_head_log_probs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
@@ -166,8 +171,8 @@ HeadOutputs lm_head_log_probs(const at::Tensor& hidden, const at::Tensor& weight
   const bool grad = at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
   const bool unit_temp = temp.numel() == 0 || temp.eq(1.0).all().item<bool>();
   if (!grad) return head_forward(hidden, weight, labels, temp, with_entropy, chunk, unit_temp, at::Tensor(), at::Tensor());
-  variable_list r = ChunkedHeadFn::apply(hidden, weight, labels, temp, with_entropy,
-                                         std::vector<int64_t>{chunk, blocks.bwd_rows, blocks.bwd_vocab, unit_temp});
+  variable_list r = ChunkedHeadFn::apply(hidden, weight, labels, temp, with_entropy, unit_temp,
+                                         std::vector<int64_t>{chunk, blocks.bwd_rows, blocks.bwd_vocab});
   HeadOutputs o;
   o.log_probs = r[0];
   if (with_entropy) o.entropy = r[1];
