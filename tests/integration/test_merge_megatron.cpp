@@ -209,6 +209,18 @@ TEST_F(MegatronBadInput, UnsupportedArchitecture) {
   expect_error(dir, "supported: LlamaForCausalLM");
 }
 
+TEST_F(MegatronBadInput, VisionLanguageModelIsRefusedByArchitecture) {
+  // No name map for a Megatron vision tower / projector: refused by the config's architecture,
+  // whatever the distributed checkpoint holds.
+  auto dir = broken("vlm");
+  const fs::path cfg = dir / "model" / "huggingface" / "config.json";
+  std::string text = verl::test::slurp(cfg);
+  const std::string from = "Qwen2ForCausalLM";
+  text.replace(text.find(from), from.size(), "Qwen2_5_VLForConditionalGeneration");
+  std::ofstream(cfg, std::ios::trunc) << text;
+  expect_error(dir, "vision-language model 'Qwen2_5_VLForConditionalGeneration' is not supported by the Megatron backend");
+}
+
 TEST_F(MegatronBadInput, NotACheckpoint) {
   const fs::path dir = g_root / "bad" / "empty";
   fs::create_directories(dir);
