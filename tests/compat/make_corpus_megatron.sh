@@ -12,14 +12,18 @@
 # releases >= 0.17 borrow mcore-0.19's site-packages (Python 3.12), older ones the pinned venv's
 # (/opt/verlcpp/venv, Python 3.11; override with COMPAT_BASE311). A few tens of MB each
 # instead of ~5 GB of torch.
-# usage: tests/compat/make_corpus_megatron.sh [0.13.1 0.18.2 0.19.2 ...]
+# Cases: CASES (default below) for every release, plus SINGLETON_CASES for releases >= 0.16
+# (sharded_state_dict's singleton_local_shards, which writes linear_fc1 as weight_w / weight_v).
+# Only the cases written are replaced in the corpus and the manifest.
+# usage: [CASES=a,b] tests/compat/make_corpus_megatron.sh [0.13.1 0.18.2 0.19.2 ...]
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=${COMPAT_ROOT:-/opt/verlcpp/compat}
 PY312=${COMPAT_PYTHON312:-$(command -v python3.12)}
 PY311=${COMPAT_PYTHON311:-$(command -v python3.11)}
 BASE311=${COMPAT_BASE311:-/opt/verlcpp/venv}
-CASES=qwen2_tp2,qwen2_pp2,qwen3_moe_ep2,qwen2_tp2_padvocab
+CASES=${CASES-qwen2_tp2,qwen2_pp2,qwen3_moe_ep2,qwen2_tp2_padvocab}
+SINGLETON_CASES=${SINGLETON_CASES-qwen2_tp2_singleton,qwen3_moe_ep2_singleton}
 RELEASES=("$@")
 ((${#RELEASES[@]})) || RELEASES=(0.13.1 0.18.2 0.19.2)
 manifest=corpus/MANIFEST.tsv
@@ -52,14 +56,18 @@ for rel in "${RELEASES[@]}"; do
     echo "make_corpus_megatron: installing megatron-core $rel into $venv"
     make_venv "$rel" "$venv"
   fi
+  minor=${rel#0.}
+  minor=${minor%%.*}
+  cases=$CASES
+  ((minor < 16)) || [[ -z $SINGLETON_CASES ]] || cases=${cases:+$cases,}$SINGLETON_CASES
   tmp=$(mktemp -d)
   cmd="$venv/bin/python tests/oracle/make_megatron_ckpt.py --tiny --out OUT --case"
-  "$venv/bin/python" ../oracle/make_megatron_ckpt.py --tiny --out "$tmp" --case "$CASES"
+  "$venv/bin/python" ../oracle/make_megatron_ckpt.py --tiny --out "$tmp" --case "$cases"
   out=corpus/mcore-$short
-  rm -rf "$out"
-  grep -v -P "^mcore-$rel\t" "$manifest" > "$manifest.new" || true
-  mv "$manifest.new" "$manifest"
-  for c in ${CASES//,/ }; do
+  for c in ${cases//,/ }; do
+    rm -rf "${out:?}/$c"
+    grep -v -P "^mcore-$rel\t$c\t" "$manifest" > "$manifest.new" || true
+    mv "$manifest.new" "$manifest"
     mkdir -p "$out/$c/ckpt/model/huggingface"
     cp -r "$tmp/$c/ckpt/model/dist_ckpt" "$out/$c/ckpt/model/"
     cp "$tmp/$c/ckpt/model/huggingface/config.json" "$out/$c/ckpt/model/huggingface/"

@@ -69,12 +69,19 @@ class Case:
     writer: str = "mcore"       # mcore | dcp (torch DCP directly, per-layer keys, safetensors items)
     dtype: torch.dtype = torch.float32
     vocab_multiple: int = 0     # Megatron-LM's make_vocab_size_divisible_by: vocabulary padded to a multiple of it x TP
+    singleton: bool = False     # sharded_state_dict(metadata={"singleton_local_shards": True}) (megatron-core >= 0.16)
     notes: str = ""
 
 
 CASES = {
     "qwen2_tp2": Case("Qwen2ForCausalLM", DENSE, tp=2, notes="GQA 4/2 heads, QKV bias, TP 2"),
     "qwen2_pp2": Case("Qwen2ForCausalLM", DENSE, pp=2, notes="PP 2, layers split 1 + 2"),
+    "qwen2_tp2_singleton": Case("Qwen2ForCausalLM", DENSE, tp=2, singleton=True,
+                                notes="singleton_local_shards: per-layer keys, linear_fc1 as weight_w / weight_v"),
+    "qwen3_moe_ep2_singleton": Case("Qwen3MoeForCausalLM", MOE, ep=2, singleton=True,
+                                    extra=dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+                                               head_dim=16, decoder_sparse_step=1, mlp_only_layers=[]),
+                                    notes="singleton_local_shards with experts over EP 2"),
     "qwen2_tp2_padvocab": Case("Qwen2ForCausalLM", DENSE, tp=2, vocab_multiple=16,
                                notes="vocabulary padded to a multiple of 16 x TP (302 -> 320, tiny 40 -> 64): "
                                      "random extra rows in the embedding and output layer"),
@@ -317,7 +324,13 @@ def rank_main(rank, world, case, hf_cfg, sd, ckpt, store, ref_logits, ids):
                 if tuple(t.shape) != tuple(p.shape):
                     raise RuntimeError(f"{name}: HF gives {tuple(t.shape)}, Megatron wants {tuple(p.shape)}")
                 p.copy_(t)
-        dist_checkpointing.save(model.sharded_state_dict(), ckpt)
+        if case.singleton:
+            # The layout verl's checkpoint manager asks for with singleton_local_shards (it writes
+            # False today): per-layer keys, each swiglu half its own key (..._w / ..._v).
+            ssd = model.sharded_state_dict(metadata={"singleton_local_shards": True})
+        else:
+            ssd = model.sharded_state_dict()
+        dist_checkpointing.save(ssd, ckpt)
 
         if ref_logits is not None:
             # The Megatron model must compute what the HF model computes.
