@@ -27,7 +27,7 @@ fs::path g_root;  // fixtures for the whole suite
 // make_fsdp_ckpt.py specs (CASE:W[:DTYPE]); each lands in <root>/<CASE>_w<W>[_bf16].
 const char* kCases =
     "qwen2:1,qwen2:2,qwen2:3,qwen2:4,qwen2:2:bf16,llama_tied:2,value:4,lora:2,hsdp:4,buffer:2,tiny_rows:4,"
-    "fsdp1:3,fsdp1_sharded_tensor:3,shard_dim:2,qwen2_vl:2,qwen2_5_vl:3";
+    "fsdp1:3,fsdp1_sharded_tensor:3,shard_dim:2,qwen2_vl:2,qwen2_5_vl:3,qwen2_5_vl_tied:2";
 
 const auto* const g_cleanup = ::testing::AddGlobalTestEnvironment(new verl::test::RemoveAtExit(&g_root));
 
@@ -551,10 +551,11 @@ ojson flatten_text_config(ojson j) {
 }
 
 TEST_F(MergeFsdp, VisionLanguageBitExactWithImageTextLogits) {
-  // Qwen2-VL (world 2) and Qwen2.5-VL (world 3, uneven shards): the merged folder loads with
-  // the model's own class, its tensors are save_pretrained's (names and bits), its processor
-  // files are copied, and an image + text input gives the unsharded model's logits.
-  for (const char* c : {"qwen2_vl_w2", "qwen2_5_vl_w3"}) {
+  // Qwen2-VL (world 2), Qwen2.5-VL (world 3, uneven shards) and a tied Qwen2.5-VL: the merged
+  // folder loads with the model's own class, its tensors are save_pretrained's (names and
+  // bits; no lm_head when tied), its processor files are copied, and an image + text input
+  // gives the unsharded model's logits.
+  for (const char* c : {"qwen2_vl_w2", "qwen2_5_vl_w3", "qwen2_5_vl_tied_w2"}) {
     SCOPED_TRACE(c);
     const fs::path out = g_root / "out" / c;
     std::string log;

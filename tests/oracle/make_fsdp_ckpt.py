@@ -16,8 +16,8 @@ Layout under OUT (one case) or OUT/<case>_w<W>[_bf16] (several cases):
   ref_fused/    LoRA only: peft merge_and_unload() of the same model
   ref_adapter/  LoRA only: PeftModel.save_pretrained (adapter_config.json + adapter_model.safetensors)
   ref_state.safetensors  every state-dict tensor (persistent buffers included), HF names
-  Vision-language cases (qwen2_vl, qwen2_5_vl) also write the processor files verl's
-  checkpoint manager saves (preprocessor_config.json, chat_template.json,
+  Vision-language cases (qwen2_vl, qwen2_5_vl, qwen2_5_vl_tied) also write the processor
+  files verl's checkpoint manager saves (preprocessor_config.json, chat_template.json,
   video_preprocessor_config.json) in ckpt/huggingface/ and ref/; ref/ is save_pretrained's,
   so its tensor names are the ones transformers writes (visual.*, model.*).
   case.json     manifest: case, world size, mesh, dtype, flags, and every key's global and
@@ -112,6 +112,8 @@ CASES = {
     "qwen2_vl": Case("qwen2_vl", VL_TEXT, 2, notes="Qwen2VLForConditionalGeneration, 2 vision blocks, image in the step"),
     "qwen2_5_vl": Case("qwen2_5_vl", VL_TEXT, 3,
                        notes="Qwen2_5_VLForConditionalGeneration, windowed + full-attention vision blocks"),
+    "qwen2_5_vl_tied": Case("qwen2_5_vl", VL_TEXT, 2, tie=True,
+                            notes="Qwen2.5-VL with tie_word_embeddings (as Qwen2.5-VL-3B): no lm_head in the output"),
 }
 
 
