@@ -9,7 +9,10 @@ measuring wall time and peak RSS (the child's ru_maxrss from wait4). Both write 
 always does). It also measures a disk floor: reading every shard byte plus writing as many
 bytes as the merged output holds; page-cache state is whatever the runs left (warm: there
 is no way to drop caches here), so the floor is a warm floor as well. Every run (and the floor) starts after a sync, so that writeback of
-the previous run's output does not throttle it.
+the previous run's output does not throttle it. The floor is measured right before each of
+our runs, in the same state (previous output deleted, caches as left): on a shared machine
+the cost of the kernel's page-cache writes (page allocation, reclaim) swings 2-5x between
+minutes, so "ours/floor" is the median of the per-run ratios, and "floor" the median floor.
 
 Shard files are written directly, in exactly the format FSDP2 gives: for each rank, under a
 single-process "fake" process group of that rank, DTensors (mesh ("fsdp",), Shard(0)) over
@@ -221,6 +224,13 @@ def folder_bytes(folder):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
 
 
+def expected_output_bytes(cfg):
+    """The merged model's tensor bytes in bf16 (tied weights once), for the floor before the
+    first output exists; the safetensors headers add a few KB."""
+    shapes, aliases, _ = meta_state(cfg)
+    return sum(math.prod(s) for k, s in shapes if k not in aliases) * 2
+
+
 def disk_floor(ckpt, world, out_bytes, scratch):
     """Seconds to read every shard byte, and to write out_bytes (no fsync, like the mergers)."""
     buf = bytearray(BUF)
@@ -294,7 +304,8 @@ def bench_world(world, a, cfg, work, have_ours, log):
                      "--target_dir", outs["verl"]],
             "ours": [a.verlcpp, "merge", "--backend", "fsdp", "--local_dir", ckpt, "--target_dir", outs["ours"],
                      "--overwrite", "--quiet", "--dtype", "bf16"] + (["--threads", str(a.threads)] if a.threads else [])}
-    results, failed = {"verl": [], "ours": []}, {}
+    results, failed, floors = {"verl": [], "ours": []}, {}, []
+    expected_out = expected_output_bytes(cfg)
     for i in range(a.runs):
         for who in (("verl", "ours") if i % 2 == 0 else ("ours", "verl")):
             if (who == "ours" and not have_ours) or who in failed:
@@ -304,13 +315,18 @@ def bench_world(world, a, cfg, work, have_ours, log):
             # Start every run with no dirty pages left by the previous one (writeback of the
             # last run's 3 GB output would otherwise throttle this run's writes).
             os.sync()
+            if who == "ours":
+                # The floor in the same state as this run (paired: see the docstring).
+                floors.append(disk_floor(ckpt, world, expected_out, os.path.join(base, "floor_write.tmp")))
+                os.sync()
             rc, wall, rss = run_measured(cmds[who], logp)
             if rc != 0:
                 failed[who] = f"rc={rc}, see {logp}"
                 log(f"world {world}: {who} run {i} FAILED ({failed[who]})")
                 continue
             results[who].append((wall, rss))
-            log(f"world {world}: {who} run {i}: {wall:.1f}s, peak RSS {rss / 2**30:.2f} GiB")
+            paired = f", floor {sum(floors[-1]):.2f}s ({wall / sum(floors[-1]):.2f}x)" if who == "ours" else ""
+            log(f"world {world}: {who} run {i}: {wall:.1f}s, peak RSS {rss / 2**30:.2f} GiB{paired}")
 
     verdict = "-"
     if results["verl"] and results["ours"] and not a.no_verify:
@@ -319,13 +335,17 @@ def bench_world(world, a, cfg, work, have_ours, log):
         log(f"world {world}: outputs {verdict}")
     done = [w for w in ("ours", "verl") if results[w]]
     out_bytes = folder_bytes(outs[done[0]]) if done else 0
-    os.sync()
-    read_s, write_s = disk_floor(ckpt, world, out_bytes, os.path.join(base, "floor_write.tmp"))
+    if not floors:  # verl alone: one floor after its runs
+        os.sync()
+        floors.append(disk_floor(ckpt, world, out_bytes or expected_out, os.path.join(base, "floor_write.tmp")))
     med = {w: statistics.median(x[0] for x in results[w]) if results[w] else None for w in results}
     rss = {w: max(x[1] for x in results[w]) if results[w] else None for w in results}
+    ours_ratio = (statistics.median(r[0] / sum(f) for r, f in zip(results["ours"], floors))
+                  if results["ours"] else None)
     return dict(world=world, in_bytes=in_bytes, out_bytes=out_bytes, verl=med["verl"], ours=med["ours"],
-                verl_rss=rss["verl"], ours_rss=rss["ours"], floor=read_s + write_s, read=read_s, write=write_s,
-                verdict=verdict, failed=failed)
+                verl_rss=rss["verl"], ours_rss=rss["ours"], floor=statistics.median(sum(f) for f in floors),
+                read=statistics.median(f[0] for f in floors), write=statistics.median(f[1] for f in floors),
+                ours_floor=ours_ratio, floors=len(floors), verdict=verdict, failed=failed)
 
 
 def print_table(rows, n_params, runs, have_ours):
@@ -339,13 +359,15 @@ def print_table(rows, n_params, runs, have_ours):
                       "FAILED" if "ours" in r["failed"] else fmt_s(r["ours"]) if have_ours else "n/a",
                       ratio(r["verl"], r["ours"]), fmt_gb(r["verl_rss"]), fmt_gb(r["ours_rss"]),
                       ratio(r["verl_rss"], r["ours_rss"]), fmt_s(r["floor"]), ratio(r["verl"], r["floor"]),
-                      ratio(r["ours"], r["floor"]), r["verdict"]))
+                      "-" if r["ours_floor"] is None else f"{r['ours_floor']:.2f}x", r["verdict"]))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
-    print("floor = read every shard byte (16 MiB reads) + write the output's byte count (no fsync)")
+    print("floor = read every shard byte (16 MiB reads) + write the output's byte count (no fsync), measured before"
+          " each of our runs; ours/floor = median of the per-run ratios")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for r in rows:
-        print(f"  world {r['world']}: read {r['read']:.2f}s + write {r['write']:.2f}s"
+        print(f"  world {r['world']}: median of {r['floors']} floors: read {r['read']:.2f}s + write {r['write']:.2f}s"
               + "".join(f"; {w} failed: {m}" for w, m in r["failed"].items()))
 
 
@@ -381,6 +403,7 @@ def main():
     if not have_ours:
         log(f"note: {a.verlcpp} not found or not executable: only verl's merger is measured (build it with `make build`)")
 
+    log(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     rows = [bench_world(int(w), a, cfg, work, have_ours, log) for w in a.sizes.split(",") if w]
     shapes, aliases, _ = meta_state(cfg)
     print_table(rows, sum(math.prod(s) for k, s in shapes if k not in aliases), a.runs, have_ours)

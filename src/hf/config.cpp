@@ -2,6 +2,7 @@
 // config class uses when a field is absent (see config.h).
 #include "hf/config.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -78,6 +79,9 @@ const Arch& find_arch(const json& j, const std::string& where, ConfigUse use) {
   }
   for (const auto& a : kArchs)
     if (arch == a.name && serves(a, use)) return a;
+  if (use == ConfigUse::Megatron && is_vision_language_architecture(arch))
+    fail(where, ": vision-language model '", arch, "' is not supported by the Megatron backend (no name map for its ",
+         "vision tower and projector); verl FSDP checkpoints of it merge with --backend fsdp");
   std::string list;
   for (const auto& a : supported_architectures(use)) list += (list.empty() ? "" : ", ") + a;
   fail(where, ": unsupported architecture '", arch.empty() ? std::string("(none)") : arch, "'",
@@ -196,6 +200,70 @@ ModelConfig parse_model_config(const std::string& text, const std::string& where
     c.pad_token_id = p;
   }
   return c;
+}
+
+const std::vector<std::string>& vision_language_architectures() {
+  static const std::vector<std::string> v = {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"};
+  return v;
+}
+
+bool is_vision_language_architecture(const std::string& arch) {
+  const auto& v = vision_language_architectures();
+  return std::find(v.begin(), v.end(), arch) != v.end();
+}
+
+ConfigShapes read_config_shapes(const std::string& text, const std::string& where) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const std::exception& e) {
+    fail(where, ": not valid JSON: ", e.what());
+  }
+  if (!j.is_object()) fail(where, ": expected a JSON object");
+  auto sub = [&](const char* k) -> const json* {
+    auto it = j.find(k);
+    return it != j.end() && it->is_object() ? &*it : nullptr;
+  };
+  const json* tc = sub("text_config");
+  const json* vc = sub("vision_config");
+  auto int_in = [](const json* o, const char* k) -> std::optional<int64_t> {
+    if (!o) return std::nullopt;
+    auto it = o->find(k);
+    if (it == o->end() || !it->is_number_integer()) return std::nullopt;
+    return it->get<int64_t>();
+  };
+  auto bool_in = [](const json* o, const char* k) -> std::optional<bool> {
+    if (!o) return std::nullopt;
+    auto it = o->find(k);
+    if (it == o->end() || !it->is_boolean()) return std::nullopt;
+    return it->get<bool>();
+  };
+  auto text_int = [&](const char* k) { return tc && int_in(tc, k) ? int_in(tc, k) : int_in(&j, k); };
+  ConfigShapes s;
+  if (j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty() &&
+      j["architectures"][0].is_string())
+    s.architecture = j["architectures"][0].get<std::string>();
+  s.vocab_size = text_int("vocab_size");
+  s.hidden_size = text_int("hidden_size");
+  s.num_layers = text_int("num_hidden_layers");
+  s.num_heads = text_int("num_attention_heads");
+  s.num_kv_heads = text_int("num_key_value_heads");
+  s.head_dim = text_int("head_dim");
+  s.attention_bias = tc && bool_in(tc, "attention_bias") ? bool_in(tc, "attention_bias") : bool_in(&j, "attention_bias");
+  s.tie_word_embeddings = bool_in(&j, "tie_word_embeddings") ? bool_in(&j, "tie_word_embeddings")
+                                                             : bool_in(tc, "tie_word_embeddings");
+  s.vision = vc != nullptr;
+  if (vc) {
+    s.vision_depth = int_in(vc, "depth");
+    if (int_in(vc, "embed_dim")) {  // Qwen2-VL
+      s.vision_width = int_in(vc, "embed_dim");
+      s.vision_out = int_in(vc, "hidden_size");
+    } else {  // Qwen2.5-VL
+      s.vision_width = int_in(vc, "hidden_size");
+      s.vision_out = int_in(vc, "out_hidden_size");
+    }
+  }
+  return s;
 }
 
 ModelConfig load_model_config(const std::string& dir_or_file) {

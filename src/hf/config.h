@@ -3,9 +3,12 @@
 // (Llama, Qwen2, Qwen3) with a causal-LM or value (`score`) head; the Megatron merger maps the
 // MoE families too (Qwen2-MoE, Qwen3-MoE, Mixtral). Unknown architectures and (for the engine)
 // rope scalings and activations are errors that name what is supported. Defaults are those of
-// each family's transformers config class (LlamaConfig, Qwen2Config, ...).
+// each family's transformers config class (LlamaConfig, Qwen2Config, ...). For the merger's
+// config-vs-weights check, read_config_shapes reads the shape fields of any config.json,
+// vision-language ones included (nested text_config / vision_config, or top-level fields).
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -54,5 +57,27 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
                                ConfigUse use = ConfigUse::Engine);
 // Read <dir>/config.json (or a path to the file itself).
 ModelConfig load_model_config(const std::string& dir_or_file);
+
+// The vision-language architectures the FSDP merger knows (Qwen2-VL, Qwen2.5-VL): it writes
+// their tensors under the names transformers' save_pretrained writes. Neither the engine nor
+// the Megatron backend supports them; both refuse them by architecture.
+const std::vector<std::string>& vision_language_architectures();
+bool is_vision_language_architecture(const std::string& arch);
+
+// The shape fields of a config.json that a weight conversion checks against the tensors, for
+// any architecture. A vision-language config keeps its text model's fields in `text_config`
+// (transformers 5) or at the top level (older configs): text_config wins where both exist, as
+// transformers reads it; tie_word_embeddings is read at the top level first. The vision tower
+// (`vision_config`): Qwen2-VL's layout names its width embed_dim and its output (the text
+// model's width) hidden_size; Qwen2.5-VL's names them hidden_size and out_hidden_size.
+// Absent (or mistyped) fields stay empty.
+struct ConfigShapes {
+  std::string architecture;  // architectures[0]; "" when absent
+  std::optional<int64_t> vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, head_dim;
+  std::optional<bool> attention_bias, tie_word_embeddings;
+  bool vision = false;  // the config has a vision_config object
+  std::optional<int64_t> vision_depth, vision_width, vision_out;
+};
+ConfigShapes read_config_shapes(const std::string& json_text, const std::string& where);
 
 }  // namespace verl

@@ -1,6 +1,6 @@
 // megatron_names.cpp — see megatron_names.h. The names are the family name table's
 // (hf/names.h); this file parses the key forms (root, per-layer or layer-stacked, expert
-// forms) and cuts the rows of fused tensors.
+// forms, swiglu halves as linear_fc1.weight_w / weight_v) and cuts the rows of fused tensors.
 #include "merge/megatron_names.h"
 
 #include <cctype>
@@ -130,7 +130,8 @@ void parse_layer(std::string_view rest, const Key& k, LayerKey& lk) {
          " layers (num_hidden_layers) on dim 0");
 }
 
-// Experts: local_experts.<e>.X | experts.X<e> (TEGroupedMLP) | stacked experts.experts.X / experts.X.
+// Experts: local_experts.<e>.X | experts.experts.<e>.X (SequentialMLP with singleton_local_shards)
+// | experts.X<e> (TEGroupedMLP) | stacked experts.experts.X / experts.X.
 void parse_expert(const Key& k, LayerKey& lk) {
   if (!starts_with(lk.suffix, "mlp.experts.")) return;
   std::string_view r = lk.suffix.substr(12);
@@ -140,6 +141,10 @@ void parse_expert(const Key& k, LayerKey& lk) {
     lk.expert = leading_index(r, &n);
     if (lk.expert < 0 || n >= r.size() || r[n] != '.') k.unknown();
     lk.suffix = r.substr(n + 1);
+  } else if (starts_with(r, "experts.") && leading_index(r.substr(8), &n) >= 0 && n + 8 < r.size() &&
+             r[n + 8] == '.') {
+    lk.expert = leading_index(r.substr(8), &n);
+    lk.suffix = r.substr(8 + n + 1);
   } else {
     if (starts_with(r, "experts.")) r.remove_prefix(8);
     size_t d = r.size();
@@ -195,13 +200,35 @@ void emit_layer_views(const LayerKey& lk, const std::vector<std::string>& templa
     }
 }
 
+// megatron-core's swiglu halves stored as their own keys (sharded_state_dict with
+// singleton_local_shards, 0.16+): linear_fc1.weight_w is the gate, .weight_v the up projection
+// (likewise bias_w / bias_v). Returns the part (0, 1) and strips the _w / _v; -1 otherwise.
+int swiglu_half(LayerKey& lk) {
+  for (const char* base : {".weight", ".bias"})
+    for (int part = 0; part < 2; ++part) {
+      const std::string tail = std::string(base) + (part ? "_v" : "_w");
+      if (ends_with(lk.suffix, tail) && lk.suffix.find("linear_fc1") != std::string_view::npos) {
+        lk.suffix.remove_suffix(2);
+        return part;
+      }
+    }
+  return -1;
+}
+
 bool map_layer(std::string_view rest, const Key& k, std::vector<NamedView>* out) {
   LayerKey lk;
   parse_layer(rest, k, lk);
   parse_expert(k, lk);
+  const int half = swiglu_half(lk);
   Fused fused = Fused::None;
-  const std::vector<std::string> templates = layer_templates(lk, &fused);
+  std::vector<std::string> templates = layer_templates(lk, &fused);
   if (templates.empty()) k.unknown();
+  if (half >= 0) {
+    // One half of [gate; up]: the whole tensor is that part.
+    if (fused != Fused::GateUp || templates.size() != 2) k.unknown();
+    templates = {templates[static_cast<size_t>(half)]};
+    fused = Fused::None;
+  }
   const int64_t R = k.rows_of(lk.lead_dims);
   if (R < 0 && fused != Fused::None) fail("key '", k.name, "': shape ", shape_str(k.size), " has no row dim to split");
   const auto parts = R < 0 ? std::vector<Rows>{{}} : split_rows(fused, R, k);

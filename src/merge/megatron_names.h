@@ -1,8 +1,9 @@
 // megatron_names.h — the Megatron-Core → HuggingFace name map (the names come from the family
 // name table, hf/names.h) and the row arithmetic that un-fuses Megatron's fused tensors:
 // linear_qkv (rows grouped per KV head: [q_g; k_g; v_g] for each group g), linear_fc1
-// ([gate; up]), padded vocabularies. The key forms are those of megatron-core's GPTModel
-// sharded_state_dict (per-layer, layer-stacked, expert-stacked, TEGroupedMLP). Pure functions
+// ([gate; up], or its halves as linear_fc1.weight_w / weight_v), padded vocabularies. The key
+// forms are those of megatron-core's GPTModel sharded_state_dict (per-layer, layer-stacked,
+// expert-stacked, TEGroupedMLP, singleton_local_shards). Pure functions
 // of a key, a global shape and the HF config: unit-testable without files.
 #pragma once
 #include <cstdint>

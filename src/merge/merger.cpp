@@ -31,6 +31,7 @@
 #include "merge/megatron_source.h"
 #include "merge/progress.h"
 #include "merge/thread_pool.h"
+#include "merge/vision_language.h"
 
 namespace fs = std::filesystem;
 using ojson = nlohmann::ordered_json;
@@ -435,15 +436,11 @@ void list_inputs(const fs::path& dir, std::vector<std::string>& out, int depth =
   }
 }
 
-std::optional<int64_t> config_int(const ojson& c, const char* k) {
-  for (const ojson* o : {&c, c.contains("text_config") && c["text_config"].is_object() ? &c["text_config"] : nullptr})
-    if (o && o->contains(k) && (*o)[k].is_number_integer()) return (*o)[k].get<int64_t>();
-  return std::nullopt;
-}
-
 // The HF config must describe these weights: a config from another model would otherwise be
 // written beside them (and, saying "tied", drop lm_head). Checked before anything is written.
-void check_config_against_weights(const ojson& config, const fs::path& cfg_path, const CheckpointSource& src,
+// `model` holds the merged names: the text model under model. (model.language_model. for a
+// vision-language architecture whose names are kept), a vision tower under visual.
+void check_config_against_weights(const ConfigShapes& cs, const fs::path& cfg_path, const CheckpointSource& src,
                                   const std::vector<OutTensor>& model, std::optional<size_t> dropped_lm_head,
                                   bool tied_by_flag, bool value_model, ThreadPool& pool) {
   std::map<std::string, const OutTensor*> by;
@@ -454,21 +451,24 @@ void check_config_against_weights(const ojson& config, const fs::path& cfg_path,
     auto it = by.find(n);
     return it == by.end() ? nullptr : &it->second->shape;
   };
-  const auto vocab = config_int(config, "vocab_size"), hidden = config_int(config, "hidden_size");
-  const auto layers = config_int(config, "num_hidden_layers"), heads = config_int(config, "num_attention_heads");
-  const auto kv = config_int(config, "num_key_value_heads");
-  auto head_dim = config_int(config, "head_dim");
+  const auto vocab = cs.vocab_size, hidden = cs.hidden_size, layers = cs.num_layers, heads = cs.num_heads;
+  const auto kv = cs.num_kv_heads;
+  auto head_dim = cs.head_dim;
   if (!head_dim && hidden && heads && *heads > 0) head_dim = *hidden / *heads;
-  const std::string emb = "model.embed_tokens.weight";
+  const std::string text = shape("model.language_model.embed_tokens.weight") ? "model.language_model." : "model.";
+  const std::string emb = text + "embed_tokens.weight";
   if (const auto* e = shape(emb); e && e->size() == 2) {
     if (vocab && (*e)[0] != *vocab)
       fail(c, ": vocab_size ", *vocab, " but the checkpoint's ", emb, " has ", (*e)[0], " rows", hint);
     if (hidden && (*e)[1] != *hidden)
       fail(c, ": hidden_size ", *hidden, " but the checkpoint's ", emb, " has ", (*e)[1], " columns", hint);
   }
+  std::vector<std::string> names;
+  for (const auto& t : model) names.push_back(t.name);
+  check_vision_tower(cs, c, names, shape, hint);
   std::set<int64_t> seen_layers;
   for (const auto& t : model) {
-    const std::string pre = "model.layers.";
+    const std::string pre = text + "layers.";
     if (t.name.compare(0, pre.size(), pre) != 0) continue;
     const size_t e = t.name.find('.', pre.size());
     const std::string num = t.name.substr(pre.size(), e - pre.size());
@@ -478,21 +478,19 @@ void check_config_against_weights(const ojson& config, const fs::path& cfg_path,
   if (layers && !seen_layers.empty() && static_cast<int64_t>(seen_layers.size()) != *layers)
     fail(c, ": num_hidden_layers ", *layers, " but the checkpoint has ", seen_layers.size(), " layers", hint);
   if (!seen_layers.empty()) {
-    const std::string l0 = "model.layers." + std::to_string(*seen_layers.begin()) + ".self_attn.";
+    const std::string l0 = text + "layers." + std::to_string(*seen_layers.begin()) + ".self_attn.";
     if (const auto* q = shape(l0 + "q_proj.weight"); q && heads && head_dim && !q->empty() && (*q)[0] != *heads * *head_dim)
       fail(c, ": ", *heads, " attention heads of ", *head_dim, " but the checkpoint's ", l0, "q_proj.weight has ", (*q)[0],
            " rows", hint);
     if (const auto* k = shape(l0 + "k_proj.weight"); k && kv && head_dim && !k->empty() && (*k)[0] != *kv * *head_dim)
       fail(c, ": ", *kv, " key/value heads of ", *head_dim, " but the checkpoint's ", l0, "k_proj.weight has ", (*k)[0],
            " rows", hint);
-    if (config.contains("attention_bias") && config["attention_bias"].is_boolean() &&
-        config["attention_bias"].get<bool>() != static_cast<bool>(shape(l0 + "q_proj.bias")))
-      fail(c, ": attention_bias is ", config["attention_bias"].get<bool>() ? "true" : "false", " but the checkpoint's ",
+    if (cs.attention_bias && *cs.attention_bias != static_cast<bool>(shape(l0 + "q_proj.bias")))
+      fail(c, ": attention_bias is ", *cs.attention_bias ? "true" : "false", " but the checkpoint's ",
            l0, "q_proj ", shape(l0 + "q_proj.bias") ? "has" : "has no", " bias", hint);
   }
   if (value_model || shape("score.weight") || !shape(emb)) return;  // a value head has no lm_head
-  const bool config_tied = config.contains("tie_word_embeddings") && config["tie_word_embeddings"].is_boolean() &&
-                           config["tie_word_embeddings"].get<bool>();
+  const bool config_tied = cs.tie_word_embeddings.value_or(false);
   if (!config_tied && !tied_by_flag && !shape("lm_head.weight"))
     fail(c, ": tie_word_embeddings is false but the checkpoint has no lm_head.weight", hint);
   if (dropped_lm_head && !tied_by_flag) {
@@ -532,6 +530,7 @@ struct Inputs {
   MegatronPaths mpaths;
   fs::path hf_dir, cfg_path;
   ojson config;
+  ConfigShapes shapes;  // the config's shape fields (text and vision)
   bool tied = false;  // --tie-word-embedding or the config's tie_word_embeddings
 };
 
@@ -546,9 +545,8 @@ Inputs locate_inputs(const MergeOptions& opt) {
   if (!fs::exists(in.cfg_path)) fail(in.cfg_path.string(), ": missing (the checkpoint's HuggingFace config is needed)");
   in.config = read_json(in.cfg_path);
   if (!in.config.is_object()) fail(in.cfg_path.string(), ": expected a JSON object");
-  in.tied = opt.tie_word_embedding || (in.config.contains("tie_word_embeddings") &&
-                                       in.config["tie_word_embeddings"].is_boolean() &&
-                                       in.config["tie_word_embeddings"].get<bool>());
+  in.shapes = read_config_shapes(in.config.dump(), in.cfg_path.string());
+  in.tied = opt.tie_word_embedding || in.shapes.tie_word_embeddings.value_or(false);
   return in;
 }
 
@@ -584,8 +582,9 @@ std::unique_ptr<CheckpointSource> open_source(const MergeOptions& opt, const Inp
                                           MegatronOptions{opt.tie_word_embedding, opt.is_value_model});
 }
 
-// The output tensors: the model's (base names restored, a tied lm_head dropped, LoRA pairs
-// attached for --fuse-lora) and the LoRA adapter's, each in name order.
+// The output tensors: the model's (base names restored, vision-language names as save_pretrained
+// writes them, a tied lm_head dropped, LoRA pairs attached for --fuse-lora) and the LoRA
+// adapter's, each in name order.
 struct NameMap {
   std::vector<OutTensor> model, adapter;
   LoraInfo lora;
@@ -608,7 +607,8 @@ void add_adapter_tensor(OutTensor ot, const std::string& n, NameMap& map) {
   map.adapter.push_back(std::move(ot));
 }
 
-NameMap map_names(const CheckpointSource& src, const MergeOptions& opt, bool tied, DType out_dtype) {
+NameMap map_names(const CheckpointSource& src, const MergeOptions& opt, const std::string& arch, bool tied,
+                  DType out_dtype) {
   const auto& st = src.tensors();
   std::map<std::string, size_t> by_name;
   for (size_t i = 0; i < st.size(); ++i) by_name[st[i].name] = i;
@@ -627,6 +627,7 @@ NameMap map_names(const CheckpointSource& src, const MergeOptions& opt, bool tie
     std::string name = n;
     if (starts_with(name, "base_model.model.")) name = name.substr(std::strlen("base_model.model."));
     name = replace_all(replace_all(name, ".base_layer.weight", ".weight"), ".base_layer.bias", ".bias");
+    name = vision_language_saved_name(arch, name);
     if (tied && name == "lm_head.weight") {
       map.dropped_lm_head = i;
       continue;
@@ -808,12 +809,12 @@ int run_merge(const MergeOptions& opt) {
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
   ThreadPool pool(opt.threads > 0 ? static_cast<size_t>(opt.threads) : std::min(hw, 8u));
   const std::unique_ptr<CheckpointSource> src = open_source(opt, in);
-  NameMap map = map_names(*src, opt, in.tied, out_dtype);
+  NameMap map = map_names(*src, opt, in.shapes.architecture, in.tied, out_dtype);
   const double lora_scale = map.lora.present ? resolve_lora(map.lora, opt, in.config) : 0;
   if (map.model.empty())
     fail(opt.local_dir, ": the checkpoint holds no model tensors", map.adapter.empty() ? "" : " (only LoRA adapter weights)",
          ": nothing to merge");
-  check_config_against_weights(in.config, in.cfg_path, *src, map.model, map.dropped_lm_head, opt.tie_word_embedding,
+  check_config_against_weights(in.shapes, in.cfg_path, *src, map.model, map.dropped_lm_head, opt.tie_word_embedding,
                                opt.is_value_model, pool);
   // Every check is done: from here on only info lines (errors come before any of them).
   if (!opt.quiet) std::fprintf(stderr, "%s\n", src->describe().c_str());

@@ -1,5 +1,5 @@
 // test_compat_corpus.cpp — every checkpoint in tests/compat/corpus/ (written by torch
-// 2.4 … 2.15 and megatron-core 0.19 themselves, see tests/compat/README.md) is merged by
+// 2.4 … 2.15 and megatron-core 0.13, 0.18 and 0.19 themselves, see tests/compat/README.md) is merged by
 // `verlcpp merge --dtype fp32`
 // and must equal its unsharded reference (ref.safetensors, written by the same release from
 // the model before sharding) bit for bit: same names, dtypes, shapes and bytes; LoRA entries
@@ -95,7 +95,8 @@ TEST(CompatCorpus, EveryEntryMergesBitExact) {
     releases.insert(megatron ? major_minor : "torch-" + major_minor);
     ++merged;
   }
-  for (const char* r : {"torch-2.4", "torch-2.6", "torch-2.9", "torch-2.12", "torch-2.13", "torch-2.15", "mcore-0.19"})
+  for (const char* r : {"torch-2.4", "torch-2.6", "torch-2.9", "torch-2.12", "torch-2.13", "torch-2.15", "mcore-0.13",
+                        "mcore-0.18", "mcore-0.19"})
     EXPECT_TRUE(releases.count(r)) << "no entry of " << r;
   std::printf("merged %zu corpus checkpoints of %zu releases bit for bit\n", merged, releases.size());
 }

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 
 #include "test_util.h"
 
@@ -26,7 +27,7 @@ fs::path g_root;  // fixtures for the whole suite
 // make_fsdp_ckpt.py specs (CASE:W[:DTYPE]); each lands in <root>/<CASE>_w<W>[_bf16].
 const char* kCases =
     "qwen2:1,qwen2:2,qwen2:3,qwen2:4,qwen2:2:bf16,llama_tied:2,value:4,lora:2,hsdp:4,buffer:2,tiny_rows:4,"
-    "fsdp1:3,fsdp1_sharded_tensor:3,shard_dim:2";
+    "fsdp1:3,fsdp1_sharded_tensor:3,shard_dim:2,qwen2_vl:2,qwen2_5_vl:3,qwen2_5_vl_tied:2";
 
 const auto* const g_cleanup = ::testing::AddGlobalTestEnvironment(new verl::test::RemoveAtExit(&g_root));
 
@@ -198,11 +199,11 @@ TEST_F(MergeFsdp, TargetIsRefusedOrReplacedAtomically) {
 
 class BadInput : public MergeFsdp {
  protected:
-  fs::path broken(const std::string& name) {
+  fs::path broken(const std::string& name, const std::string& from = "qwen2_w2") {
     const fs::path dir = g_root / "bad" / name;
     fs::remove_all(dir);
     fs::create_directories(dir.parent_path());
-    fs::copy(ckpt("qwen2_w2"), dir, fs::copy_options::recursive);
+    fs::copy(ckpt(from), dir, fs::copy_options::recursive);
     return dir;
   }
   void tamper(const fs::path& file, const std::string& mode) {
@@ -533,3 +534,126 @@ TEST_F(MergeFsdp, VerlcppFlatRankWorldStep) {
 }
 
 }  // namespace
+
+// --- vision-language models -----------------------------------------------------------
+
+using ojson = nlohmann::ordered_json;
+ojson read_config(const fs::path& dir) { return ojson::parse(verl::test::slurp(dir / "config.json")); }
+void write_config(const fs::path& dir, const ojson& j) { verl::test::spit(dir / "config.json", j.dump(2) + "\n"); }
+// A transformers-5 vision-language config in the older layout (Qwen/Qwen2-VL-7B-Instruct's):
+// the text model's fields at the top level, no text_config.
+ojson flatten_text_config(ojson j) {
+  const ojson t = j["text_config"];
+  j.erase("text_config");
+  for (const auto& [k, v] : t.items())
+    if (!j.contains(k) && k != "model_type") j[k] = v;
+  return j;
+}
+
+TEST_F(MergeFsdp, VisionLanguageBitExactWithImageTextLogits) {
+  // Qwen2-VL (world 2), Qwen2.5-VL (world 3, uneven shards) and a tied Qwen2.5-VL: the merged
+  // folder loads with the model's own class, its tensors are save_pretrained's (names and
+  // bits; no lm_head when tied), its processor files are copied, and an image + text input
+  // gives the unsharded model's logits.
+  for (const char* c : {"qwen2_vl_w2", "qwen2_5_vl_w3", "qwen2_5_vl_tied_w2"}) {
+    SCOPED_TRACE(c);
+    const fs::path out = g_root / "out" / c;
+    std::string log;
+    ASSERT_EQ(merge(c, out, "--dtype fp32", &log), 0) << log;
+    for (const char* f : {"preprocessor_config.json", "chat_template.json", "video_preprocessor_config.json"})
+      EXPECT_TRUE(fs::exists(out / f)) << f;
+    check(out, ref(c), "--dtype fp32 --logits");
+  }
+  const fs::path bf16 = g_root / "out" / "qwen2_5_vl_bf16";
+  std::string log;
+  ASSERT_EQ(merge("qwen2_5_vl_w3", bf16, "--dtype bf16 --max-shard-size 100KB", &log), 0) << log;
+  EXPECT_TRUE(fs::exists(bf16 / "model.safetensors.index.json"));
+  check(bf16, ref("qwen2_5_vl_w3"), "--dtype bf16 --logits");
+}
+
+TEST_F(MergeFsdp, VisionLanguageOlderConfigLayout) {
+  // The same checkpoint with its config in the pre-transformers-5 layout merges the same way
+  // (the config check reads the top-level fields), and transformers reads the result.
+  const fs::path dir = g_root / "vl_flat", reference = g_root / "vl_flat_ref";
+  fs::remove_all(dir);
+  fs::remove_all(reference);
+  fs::copy(ckpt("qwen2_vl_w2"), dir, fs::copy_options::recursive);
+  fs::copy(ref("qwen2_vl_w2"), reference, fs::copy_options::recursive);
+  const ojson flat = flatten_text_config(read_config(dir / "huggingface"));
+  ASSERT_FALSE(flat.contains("text_config"));
+  ASSERT_EQ(flat["vocab_size"], 320);
+  write_config(dir / "huggingface", flat);
+  ojson flat_ref = flatten_text_config(read_config(reference));
+  write_config(reference, flat_ref);
+  const fs::path out = g_root / "out" / "vl_flat";
+  std::string log;
+  ASSERT_EQ(merge("", out, "--dtype fp32", &log, dir), 0) << log;
+  check(out, reference, "--dtype fp32 --logits");
+  // The text fields are checked in this layout too.
+  ojson wrong = flat;
+  wrong["num_hidden_layers"] = 3;
+  write_config(dir / "huggingface", wrong);
+  EXPECT_NE(merge("", g_root / "out" / "vl_flat_wrong", "--dtype fp32", &log, dir), 0) << log;
+  EXPECT_NE(log.find("num_hidden_layers 3 but the checkpoint has 2 layers"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(g_root / "out" / "vl_flat_wrong"));
+}
+
+TEST_F(BadInput, VisionLanguageConfigOfAnotherModel) {
+  const fs::path vl_hf = ckpt("qwen2_vl_w2") / "huggingface";
+  // Qwen2.5-VL's config (same text model) on Qwen2-VL weights: another vision tower.
+  {
+    auto dir = broken("vl_other_tower", "qwen2_vl_w2");
+    fs::copy_file(ckpt("qwen2_5_vl_w3") / "huggingface" / "config.json", dir / "huggingface" / "config.json",
+                  fs::copy_options::overwrite_existing);
+    expect_error(dir, "visual.blocks.0.mlp.gate_proj.weight (the vision tower of another model)");
+  }
+  // A text model's config on vision-language weights: the vocabulary differs ...
+  {
+    auto dir = broken("vl_text_config", "qwen2_vl_w2");
+    fs::copy_file(ckpt("qwen2_w2") / "huggingface" / "config.json", dir / "huggingface" / "config.json",
+                  fs::copy_options::overwrite_existing);
+    expect_error(dir, "vocab_size 301 but the checkpoint's model.language_model.embed_tokens.weight has 320 rows");
+  }
+  // ... and where the text sizes agree, the vision tower without a vision_config is refused.
+  {
+    auto dir = broken("vl_no_vision_config", "qwen2_vl_w2");
+    ojson j = flatten_text_config(read_config(vl_hf));
+    j.erase("vision_config");
+    j["architectures"] = {"Qwen2ForCausalLM"};
+    j["model_type"] = "qwen2";
+    write_config(dir / "huggingface", j);
+    expect_error(dir, "has a vision tower (model.visual.* tensors) but the config (architecture Qwen2ForCausalLM) has no "
+                      "vision_config");
+  }
+  // A vision-language config on text-only weights of the same text sizes.
+  {
+    auto dir = broken("vl_config_on_text", "qwen2_w2");
+    ojson j = read_config(vl_hf);
+    j["text_config"]["vocab_size"] = 301;
+    j["text_config"]["max_position_embeddings"] = 128;
+    write_config(dir / "huggingface", j);
+    expect_error(dir, "has a vision_config but the checkpoint has no vision tower");
+  }
+  // Vision sizes: depth and width.
+  {
+    auto dir = broken("vl_depth", "qwen2_vl_w2");
+    ojson j = read_config(vl_hf);
+    j["vision_config"]["depth"] = 3;
+    write_config(dir / "huggingface", j);
+    expect_error(dir, "vision_config.depth 3 but the checkpoint has 2 vision blocks");
+  }
+  {
+    auto dir = broken("vl_width", "qwen2_5_vl_w3");
+    ojson j = read_config(ckpt("qwen2_5_vl_w3") / "huggingface");
+    j["vision_config"]["hidden_size"] = 48;
+    write_config(dir / "huggingface", j);
+    expect_error(dir, "vision width in vision_config is 48 but the checkpoint's visual.patch_embed.proj.weight has 32 rows");
+  }
+  {
+    auto dir = broken("vl_out", "qwen2_vl_w2");
+    ojson j = read_config(vl_hf);
+    j["vision_config"]["hidden_size"] = 96;
+    write_config(dir / "huggingface", j);
+    expect_error(dir, "vision output width in vision_config is 96 but the checkpoint's visual.merger.mlp.2.weight has 64 rows");
+  }
+}

@@ -21,7 +21,7 @@ namespace {
 fs::path g_root;
 const char* kCases =
     "qwen2_tp2,qwen2_pp2,qwen2_tp2pp2,llama_tied_tp2,qwen3_tp2,value_tp2pp2,qwen3_moe_ep2,qwen2_moe_tp2ep2,"
-    "mixtral_ep2,dcp_per_layer";
+    "mixtral_ep2,dcp_per_layer,qwen2_tp2_padvocab,qwen2_tp2_singleton,qwen3_moe_ep2_singleton";
 
 const auto* const g_cleanup = ::testing::AddGlobalTestEnvironment(new verl::test::RemoveAtExit(&g_root));
 
@@ -55,10 +55,14 @@ class MergeMegatron : public ::testing::Test {
 };
 
 TEST_F(MergeMegatron, EveryLayoutBitExactFp32WithLogits) {
-  // Dense GQA (TP, PP, TP x PP), tied embeddings, q/k norms, MoE over EP (with TP), and
-  // torch-DCP per-layer keys with safetensors items.
+  // Dense GQA (TP, PP, TP x PP), tied embeddings, q/k norms, MoE over EP (with TP), torch-DCP
+  // per-layer keys with safetensors items, and a vocabulary padded to a multiple of 16 x TP
+  // (make_vocab_size_divisible_by: 302 -> 320 rows, trimmed back to vocab_size), and
+  // sharded_state_dict's singleton_local_shards layout (per-layer keys, linear_fc1 as separate
+  // weight_w / weight_v items, experts as experts.experts.<e>.…), dense and MoE.
   for (const char* c : {"qwen2_tp2", "qwen2_pp2", "qwen2_tp2pp2", "llama_tied_tp2", "qwen3_tp2", "qwen3_moe_ep2",
-                        "qwen2_moe_tp2ep2", "mixtral_ep2", "dcp_per_layer"}) {
+                        "qwen2_moe_tp2ep2", "mixtral_ep2", "dcp_per_layer", "qwen2_tp2_padvocab", "qwen2_tp2_singleton",
+                        "qwen3_moe_ep2_singleton"}) {
     SCOPED_TRACE(c);
     const fs::path out = g_root / "out" / c;
     std::string log;
@@ -207,6 +211,18 @@ TEST_F(MegatronBadInput, UnsupportedArchitecture) {
   text.replace(text.find(from), from.size(), "GPTNeoXForCausalLM");
   std::ofstream(cfg, std::ios::trunc) << text;
   expect_error(dir, "supported: LlamaForCausalLM");
+}
+
+TEST_F(MegatronBadInput, VisionLanguageModelIsRefusedByArchitecture) {
+  // No name map for a Megatron vision tower / projector: refused by the config's architecture,
+  // whatever the distributed checkpoint holds.
+  auto dir = broken("vlm");
+  const fs::path cfg = dir / "model" / "huggingface" / "config.json";
+  std::string text = verl::test::slurp(cfg);
+  const std::string from = "Qwen2ForCausalLM";
+  text.replace(text.find(from), from.size(), "Qwen2_5_VLForConditionalGeneration");
+  std::ofstream(cfg, std::ios::trunc) << text;
+  expect_error(dir, "vision-language model 'Qwen2_5_VLForConditionalGeneration' is not supported by the Megatron backend");
 }
 
 TEST_F(MegatronBadInput, NotACheckpoint) {

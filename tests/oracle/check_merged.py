@@ -7,8 +7,11 @@ theirs), every tensor bit-for-bit equal to `reference.to(dtype)`; the index is c
 (weight_map names exactly the stored tensors and existing files, total_size = tensor
 bytes); config.json is present, names the requested dtype and otherwise matches the
 reference; tokenizer files are present and encode like the reference's; the generation
-config matches. Optional: --logits loads both folders with transformers and compares
-logits on a fixed random input; --adapter compares MERGED/lora_adapter with the peft
+config matches; processor files (preprocessor_config.json, chat_template.json,
+video_preprocessor_config.json, processor_config.json) are byte-equal to the reference's.
+Optional: --logits loads both folders with transformers and compares logits on a fixed
+random input (a vision-language model: with its own class, on an image + text input built
+with each folder's own image processor and tokenizer); --adapter compares MERGED/lora_adapter with the peft
 reference adapter and the logits of both PeftModels.
 
 Usage: check_merged.py --merged DIR --ref DIR [--dtype bf16|fp32|fp16] [--logits]
@@ -28,6 +31,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "chat_template.json", "video_preprocessor_config.json",
+                   "processor_config.json")
 IGNORED_CONFIG_FIELDS = {"dtype", "torch_dtype", "transformers_version"}
 
 
@@ -177,6 +182,17 @@ def check_config(merged, ref, dtype, report):
 
 
 def check_side_files(merged, ref, report):
+    for f in PROCESSOR_FILES:
+        want = os.path.join(ref, f)
+        if not os.path.isfile(want):
+            continue
+        got = os.path.join(merged, f)
+        if not os.path.isfile(got):
+            report(f"processor file missing: {f}")
+        else:
+            with open(got, "rb") as g, open(want, "rb") as w:
+                if g.read() != w.read():
+                    report(f"processor file {f} differs from the reference's")
     present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(ref, f))]
     for f in present:
         if not os.path.isfile(os.path.join(merged, f)):
@@ -205,10 +221,16 @@ def check_side_files(merged, ref, report):
 
 # ----------------------------------------------------------------------------- models
 
+def is_vision_language(config):
+    return isinstance(config.get("vision_config"), dict)
+
+
 def auto_class(config):
     import transformers
 
     arch = (config.get("architectures") or [""])[0]
+    if is_vision_language(config):
+        return getattr(transformers, arch)  # the model's own class, as verl's AutoModelForVision2Seq picks it
     if "ForTokenClassification" in arch:
         return transformers.AutoModelForTokenClassification
     return transformers.AutoModelForCausalLM
@@ -240,12 +262,48 @@ def compare_logits(a, b, tolerance, report, label):
         report(f"{label}: logits differ beyond tolerance {tolerance}: {describe_diff(a, b)}")
 
 
+def image_text_input(folder, config, report):
+    """An image + text input as the folder's own processor files make it: a fixed random
+    image through its image processor, a chat turn through its tokenizer and chat template,
+    the image placeholder expanded to the image's tokens."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    image = Image.fromarray((np.random.RandomState(7).rand(56, 84, 3) * 255).astype(np.uint8))
+    ip = Qwen2VLImageProcessorPil.from_pretrained(folder)  # the PIL backend: no torchvision here
+    tok = AutoTokenizer.from_pretrained(folder)
+    with open(os.path.join(folder, "chat_template.json")) as f:
+        template = json.load(f)["chat_template"]
+    pix = ip(images=[image], return_tensors="pt")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "the quick brown fox"}]}]
+    text = tok.apply_chat_template(messages, chat_template=template, tokenize=False)
+    merge = config["vision_config"].get("spatial_merge_size", 2)
+    n = int(pix["image_grid_thw"][0].prod()) // (merge * merge)
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * n, 1)
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    image_id = config.get("image_token_id")
+    if int((ids == image_id).sum()) != n:
+        report(f"{folder}: the tokenizer gives {int((ids == image_id).sum())} image tokens (id {image_id}), expected {n}")
+    return dict(input_ids=ids, pixel_values=pix["pixel_values"], image_grid_thw=pix["image_grid_thw"],
+                mm_token_type_ids=(ids == image_id).int())
+
+
 @torch.no_grad()
 def check_logits(merged, ref, config, dtype, tolerance, report):
     cls = auto_class(config)
-    ids = fixed_input(config["vocab_size"])
     m = load_model(merged, cls, dtype, report, "merged")
     r = load_model(ref, cls, dtype, report, "reference")
+    if is_vision_language(config):
+        got_in, want_in = image_text_input(merged, config, report), image_text_input(ref, config, report)
+        for k in want_in:
+            if not torch.equal(got_in[k], want_in[k]):
+                report(f"image + text input: {k} from the merged folder's processor files differs from the reference's")
+        got_in = {k: v.to(dtype) if v.is_floating_point() else v for k, v in got_in.items()}
+        want_in = {k: v.to(dtype) if v.is_floating_point() else v for k, v in want_in.items()}
+        compare_logits(m(**got_in).logits, r(**want_in).logits, tolerance, report, "model (image + text)")
+        return
+    ids = fixed_input(config["vocab_size"])
     compare_logits(m(input_ids=ids).logits, r(input_ids=ids).logits, tolerance, report, "model")
 
 

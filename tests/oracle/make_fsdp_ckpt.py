@@ -16,6 +16,10 @@ Layout under OUT (one case) or OUT/<case>_w<W>[_bf16] (several cases):
   ref_fused/    LoRA only: peft merge_and_unload() of the same model
   ref_adapter/  LoRA only: PeftModel.save_pretrained (adapter_config.json + adapter_model.safetensors)
   ref_state.safetensors  every state-dict tensor (persistent buffers included), HF names
+  Vision-language cases (qwen2_vl, qwen2_5_vl, qwen2_5_vl_tied) also write the processor
+  files verl's checkpoint manager saves (preprocessor_config.json, chat_template.json,
+  video_preprocessor_config.json) in ckpt/huggingface/ and ref/; ref/ is save_pretrained's,
+  so its tensor names are the ones transformers writes (visual.*, model.*).
   case.json     manifest: case, world size, mesh, dtype, flags, and every key's global and
                 per-rank local shapes
 
@@ -30,6 +34,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -59,13 +64,26 @@ LLAMA = dict(vocab_size=301, hidden_size=72, intermediate_size=100, num_hidden_l
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 # k/v_proj have 6 rows (2 heads of 6 dims, 1 KV head): at world 4 the chunks are [2,2,2,0];
 # intermediate 10 gives [3,3,3,1]; the value head score.weight [1,12] gives [1,0,0,0].
+# Vision-language models: the text model as QWEN2 (mrope sections sum to head_dim / 2 = 8), a
+# 2-block vision tower of width 32 (patch embedding [32, 3, 2, 14, 14]); vocabulary 320 holds
+# the test tokenizer's 299 tokens and the 4 vision tokens (ids 299..302).
+VL_TEXT = dict(vocab_size=320, hidden_size=64, intermediate_size=94, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+VL_VISION = {
+    "qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                     spatial_merge_size=2, temporal_patch_size=2),
+    "qwen2_5_vl": dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=64, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
+}
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]  # ids 299..302
+IMAGE_HW = (56, 84)  # pixels: a 4 x 6 patch grid, 24 patches, 6 image tokens after the 2 x 2 merge
 TINY = dict(vocab_size=301, hidden_size=12, intermediate_size=10, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=1, head_dim=6, max_position_embeddings=64)
 
 
 @dataclass
 class Case:
-    family: str                 # qwen2 | llama
+    family: str                 # qwen2 | llama | qwen2_vl | qwen2_5_vl
     sizes: dict
     world_size: int             # default world size
     head: str = "causal"        # causal | value
@@ -91,7 +109,16 @@ CASES = {
                                  notes="FSDP1 without device_mesh: SHARDED_STATE_DICT gives ShardedTensor, not DTensor"),
     "shard_dim": Case("qwen2", QWEN2, 2, placement_fn=True,
                       notes="FSDP2 with verl's get_shard_placement_fn: Shard(1) where dim 0 does not divide W"),
+    "qwen2_vl": Case("qwen2_vl", VL_TEXT, 2, notes="Qwen2VLForConditionalGeneration, 2 vision blocks, image in the step"),
+    "qwen2_5_vl": Case("qwen2_5_vl", VL_TEXT, 3,
+                       notes="Qwen2_5_VLForConditionalGeneration, windowed + full-attention vision blocks"),
+    "qwen2_5_vl_tied": Case("qwen2_5_vl", VL_TEXT, 2, tie=True,
+                            notes="Qwen2.5-VL with tie_word_embeddings (as Qwen2.5-VL-3B): no lm_head in the output"),
 }
+
+
+def is_vlm(case):
+    return case.family in VL_VISION
 
 
 # ----------------------------------------------------------------------------- models
@@ -115,6 +142,18 @@ def build_tokenizer():
     return tok
 
 
+def build_vlm_tokenizer():
+    """The test tokenizer with Qwen2-VL's vision tokens added."""
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"] + VISION_TOKENS})
+    return tok
+
+
+def vision_token_ids():
+    n = 299
+    return {"vision_start_token_id": n, "vision_end_token_id": n + 1, "image_token_id": n + 2, "video_token_id": n + 3}
+
+
 def build_generation_config():
     from transformers import GenerationConfig
 
@@ -130,7 +169,7 @@ def randomize_(model, seed):
     with torch.no_grad():
         for name, p in model.named_parameters():
             r = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if name.endswith("norm.weight"):
+            if re.search(r"(norm\d?|ln_q)\.weight$", name):
                 p.copy_(1.0 + 0.1 * r)
             else:
                 p.copy_(0.05 * r)
@@ -141,9 +180,29 @@ def randomize_(model, seed):
                 p[0, : special.numel()] = special.to(p.dtype)
 
 
+def build_vlm_config(case):
+    import transformers
+
+    cfg_cls = {"qwen2_vl": transformers.Qwen2VLConfig, "qwen2_5_vl": transformers.Qwen2_5_VLConfig}[case.family]
+    text = dict(case.sizes, bos_token_id=296, eos_token_id=298, pad_token_id=296)
+    return cfg_cls(text_config=text, vision_config=dict(VL_VISION[case.family]), tie_word_embeddings=case.tie,
+                   **vision_token_ids())
+
+
 def build_model(case: Case, dtype, seed):
     import transformers
 
+    if is_vlm(case):
+        config = build_vlm_config(case)
+        cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+               "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[case.family]
+        torch.manual_seed(seed)
+        model = cls._from_config(config)
+        model.config.architectures = [cls.__name__]
+        randomize_(model, seed)
+        model.to(dtype)
+        model.config.dtype = dtype
+        return model.eval()
     cfg_cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[case.family]
     kw = dict(case.sizes, tie_word_embeddings=case.tie, bos_token_id=296, eos_token_id=298, pad_token_id=296)
     if case.family == "llama":
@@ -189,6 +248,50 @@ def hf_state(model, case):
 
 # ----------------------------------------------------------------------------- references
 
+def vlm_image_inputs(case, gen):
+    """One random image of IMAGE_HW pixels as the model takes it (pixel_values of the patches,
+    image_grid_thw), and text ids around its image tokens."""
+    v = VL_VISION[case.family]
+    p, m, t = v["patch_size"], v["spatial_merge_size"], v["temporal_patch_size"]
+    gh, gw = IMAGE_HW[0] // p, IMAGE_HW[1] // p
+    pixel_values = torch.randn(gh * gw, 3 * t * p * p, generator=gen)
+    ids = vision_token_ids()
+    n_img = gh * gw // (m * m)
+    row = ([ids["vision_start_token_id"]] + [ids["image_token_id"]] * n_img + [ids["vision_end_token_id"]]
+           + torch.randint(0, 296, (5,), generator=gen).tolist())
+    input_ids = torch.tensor([row])
+    mm_token_type_ids = (input_ids == ids["image_token_id"]).int()  # what the processor returns: 1 = image
+    return dict(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=torch.tensor([[1, gh, gw]]),
+                mm_token_type_ids=mm_token_type_ids)
+
+
+VLM_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+                     "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                     "<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}{{ c['text'] }}"
+                     "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}")
+
+
+def write_processor_files(case, folder):
+    """What a Qwen2-VL processor's save_pretrained writes beside the tokenizer: the image
+    processor's preprocessor_config.json, the processor's chat_template.json and the video
+    processor's config (written by hand: transformers' video processors need torchvision)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    v = VL_VISION[case.family]
+    proc = "Qwen2_5_VLProcessor" if case.family == "qwen2_5_vl" else "Qwen2VLProcessor"
+    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=v["patch_size"],
+                                  merge_size=v["spatial_merge_size"], temporal_patch_size=v["temporal_patch_size"])
+    ip.save_pretrained(folder)
+    with open(os.path.join(folder, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": VLM_CHAT_TEMPLATE}, f, indent=2)
+    video = {"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": proc, "do_resize": True,
+             "min_pixels": 56 * 56, "max_pixels": 112 * 112, "patch_size": v["patch_size"],
+             "temporal_patch_size": v["temporal_patch_size"], "merge_size": v["spatial_merge_size"],
+             "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    with open(os.path.join(folder, "video_preprocessor_config.json"), "w") as f:
+        json.dump(video, f, indent=2)
+
+
 def save_references(case, model, tokenizer, gen_config, out):
     """ref/ (and for LoRA ref_adapter/, ref_fused/). Fuses LoRA into `model` in place."""
     ref = os.path.join(out, "ref")
@@ -210,6 +313,8 @@ def save_references(case, model, tokenizer, gen_config, out):
             model.generation_config = gen_config
         model.save_pretrained(ref)
     tokenizer.save_pretrained(ref)
+    if is_vlm(case):
+        write_processor_files(case, ref)
 
 
 def write_hf_side_files(case, model, tokenizer, gen_config, ckpt, world_size):
@@ -220,6 +325,8 @@ def write_hf_side_files(case, model, tokenizer, gen_config, ckpt, world_size):
         gen_config.save_pretrained(hf)
     model.config.save_pretrained(hf)
     tokenizer.save_pretrained(hf)
+    if is_vlm(case):
+        write_processor_files(case, hf)
     with open(os.path.join(ckpt, "fsdp_config.json"), "w") as f:
         json.dump({"FSDP_version": case.fsdp, "world_size": world_size}, f, indent=4)
     if case.lora:
@@ -295,9 +402,9 @@ def rank_main(rank, world, case, model, orig, ckpt, store_path, seed):
         opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step / 10)
         gen = torch.Generator().manual_seed(seed + 1)
-        ids = torch.randint(0, 299, (2, 7), generator=gen)
+        inputs = vlm_image_inputs(case, gen) if is_vlm(case) else dict(input_ids=torch.randint(0, 299, (2, 7), generator=gen))
         wrapped.train()
-        out = wrapped(input_ids=ids)
+        out = wrapped(**inputs)
         out.logits.float().pow(2).mean().backward()
         opt.step()
         sched.step()
@@ -484,10 +591,12 @@ def main():
     specs = parse_specs(a.case, a.world_size, a.dtype)
     quiet()
     tokenizer, gen_config = build_tokenizer(), build_generation_config()
+    vlm_tokenizer = build_vlm_tokenizer() if any(is_vlm(CASES[n]) for n, _, _ in specs) else None
     for name, w, d in specs:
+        tok = vlm_tokenizer if is_vlm(CASES[name]) else tokenizer
         out = a.out if len(specs) == 1 else os.path.join(a.out, f"{name}_w{w}" + ("_bf16" if d == "bf16" else ""))
         try:
-            dt = make_case(name, w, d, a.seed, out, tokenizer, gen_config)
+            dt = make_case(name, w, d, a.seed, out, tok, gen_config)
         except mp.ProcessRaisedException as e:
             print(f"make_fsdp_ckpt: case {name} world {w} failed in a rank:\n{e}", file=sys.stderr)
             return 1

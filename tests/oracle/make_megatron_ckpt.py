@@ -68,12 +68,23 @@ class Case:
     extra: dict = field(default_factory=dict)  # more HF config fields
     writer: str = "mcore"       # mcore | dcp (torch DCP directly, per-layer keys, safetensors items)
     dtype: torch.dtype = torch.float32
+    vocab_multiple: int = 0     # Megatron-LM's make_vocab_size_divisible_by: vocabulary padded to a multiple of it x TP
+    singleton: bool = False     # sharded_state_dict(metadata={"singleton_local_shards": True}) (megatron-core >= 0.16)
     notes: str = ""
 
 
 CASES = {
     "qwen2_tp2": Case("Qwen2ForCausalLM", DENSE, tp=2, notes="GQA 4/2 heads, QKV bias, TP 2"),
     "qwen2_pp2": Case("Qwen2ForCausalLM", DENSE, pp=2, notes="PP 2, layers split 1 + 2"),
+    "qwen2_tp2_singleton": Case("Qwen2ForCausalLM", DENSE, tp=2, singleton=True,
+                                notes="singleton_local_shards: per-layer keys, linear_fc1 as weight_w / weight_v"),
+    "qwen3_moe_ep2_singleton": Case("Qwen3MoeForCausalLM", MOE, ep=2, singleton=True,
+                                    extra=dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+                                               head_dim=16, decoder_sparse_step=1, mlp_only_layers=[]),
+                                    notes="singleton_local_shards with experts over EP 2"),
+    "qwen2_tp2_padvocab": Case("Qwen2ForCausalLM", DENSE, tp=2, vocab_multiple=16,
+                               notes="vocabulary padded to a multiple of 16 x TP (302 -> 320, tiny 40 -> 64): "
+                                     "random extra rows in the embedding and output layer"),
     "qwen2_tp2pp2": Case("Qwen2ForCausalLM", DENSE, tp=2, pp=2, notes="TP 2 x PP 2"),
     "llama_tied_tp2": Case("LlamaForCausalLM", DENSE, tp=2, tie=True, notes="tied embeddings, no biases"),
     "qwen3_tp2": Case("Qwen3ForCausalLM", DENSE, tp=2, extra=dict(head_dim=24),
@@ -204,6 +215,21 @@ class Conv:
         return torch.cat(t) if split == "fc1" else t
 
 
+def padded_vocab(case, vocab):
+    """Megatron-LM's _vocab_size_with_padding: up to a multiple of make_vocab_size_divisible_by x TP."""
+    m = case.vocab_multiple * case.tp
+    return vocab if not m else -(-vocab // m) * m
+
+
+def pad_vocab_rows(t, rows, seed):
+    """The padded vocabulary's extra rows: random (what training leaves there), never read by HF."""
+    if t.shape[0] >= rows:
+        return t
+    gen = torch.Generator().manual_seed(seed)
+    extra = 0.05 * torch.randn((rows - t.shape[0],) + tuple(t.shape[1:]), generator=gen, dtype=torch.float32)
+    return torch.cat([t, extra.to(t.dtype)])
+
+
 def megatron_param_source(name, global_layer_of, ep_rank, local_experts):
     """Parse a GPTModel parameter name -> (suffix for Conv.full, layer, expert)."""
     if not name.startswith("decoder.layers."):
@@ -274,7 +300,8 @@ def rank_main(rank, world, case, hf_cfg, sd, ckpt, store, ref_logits, ids):
                                         qk_layernorm=tcfg.qk_layernorm, normalization="RMSNorm")
         pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         value = "score.weight" in sd
-        model = GPTModel(tcfg, spec, vocab_size=hf_cfg.vocab_size, max_sequence_length=128, pre_process=pre,
+        vocab = padded_vocab(case, hf_cfg.vocab_size)
+        model = GPTModel(tcfg, spec, vocab_size=vocab, max_sequence_length=128, pre_process=pre,
                          post_process=post, share_embeddings_and_output_weights=case.tie,
                          position_embedding_type="rope", rotary_base=rope_theta(hf_cfg))
         if value and post:
@@ -291,11 +318,19 @@ def rank_main(rank, world, case, hf_cfg, sd, ckpt, store, ref_logits, ids):
                 t, split = conv.full(suffix, layer, expert)
                 if value and suffix == "output_layer.weight":
                     split = None
+                elif suffix in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                    t = pad_vocab_rows(t, vocab, zlib.crc32(suffix.encode()))
                 t = conv.shard(t, split, tp, tpr)
                 if tuple(t.shape) != tuple(p.shape):
                     raise RuntimeError(f"{name}: HF gives {tuple(t.shape)}, Megatron wants {tuple(p.shape)}")
                 p.copy_(t)
-        dist_checkpointing.save(model.sharded_state_dict(), ckpt)
+        if case.singleton:
+            # The layout verl's checkpoint manager asks for with singleton_local_shards (it writes
+            # False today): per-layer keys, each swiglu half its own key (..._w / ..._v).
+            ssd = model.sharded_state_dict(metadata={"singleton_local_shards": True})
+        else:
+            ssd = model.sharded_state_dict()
+        dist_checkpointing.save(ssd, ckpt)
 
         if ref_logits is not None:
             # The Megatron model must compute what the HF model computes.
@@ -310,7 +345,7 @@ def rank_main(rank, world, case, hf_cfg, sd, ckpt, store, ref_logits, ids):
                 out = model(input_ids=ids, position_ids=pos, attention_mask=causal)
                 gathered = [torch.empty_like(out) for _ in range(tp)]
                 dist.all_gather(gathered, out.contiguous(), group=ps.get_tensor_model_parallel_group())
-                logits = torch.cat(gathered, dim=-1)
+                logits = torch.cat(gathered, dim=-1)[..., :hf_cfg.vocab_size]  # the padded rows are no tokens
             if not torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4):
                 raise RuntimeError(f"rank {rank}: Megatron logits differ from HF: max |diff| "
                                    f"{(logits - ref_logits).abs().max():.3g}")
@@ -403,6 +438,7 @@ def make_case(name, seed, out, tokenizer, gen_config):
             mp.start_processes(dcp_rank_main, args=args, nprocs=world, start_method="fork")
     with open(os.path.join(out, "case.json"), "w") as f:
         json.dump({"case": name, "arch": case.arch, "tp": case.tp, "pp": case.pp, "ep": case.ep, "tie": case.tie,
+                   "padded_vocab": padded_vocab(case, case.sizes["vocab_size"]),
                    "writer": case.writer, "description": case.notes, "logits_checked": ref_logits is not None}, f,
                   indent=1)
     return time.time() - t0
