@@ -13,7 +13,9 @@
 #include "c10d_comm.h"
 #include "core/error.h"
 #include "engine/engine_config.h"
+#include "engine/forward_step.h"
 #include "engine/fsdp_engine.h"
+#include "fsdp/ulysses.h"
 #include "model/weights.h"
 
 namespace py = pybind11;
@@ -29,7 +31,7 @@ EngineConfig engine_config_from_json(const nlohmann::json& j) {
       "forward_prefetch", "fsdp_size", "forward_only", "micro_batch_size_per_gpu", "use_dynamic_bsz",
       "max_token_len_per_gpu", "lr", "betas", "eps", "weight_decay", "grad_clip", "lr_scheduler_type",
       "total_training_steps", "lr_warmup_steps", "lr_warmup_steps_ratio", "min_lr_ratio", "num_cycles",
-      "zero_indexed_step", "temperature"};
+      "zero_indexed_step", "temperature", "ulysses_sequence_parallel_size"};
   for (const auto& [k, v] : j.items())
     if (!known.count(k)) fail("verlcpp engine config: unknown key '", k, "'");
   EngineConfig c;
@@ -71,6 +73,7 @@ EngineConfig engine_config_from_json(const nlohmann::json& j) {
   get("num_cycles", c.lr_schedule.num_cycles);
   get("zero_indexed_step", c.lr_schedule.zero_indexed_step);
   get("temperature", c.temperature);
+  get("ulysses_sequence_parallel_size", c.ulysses_sequence_parallel_size);
   return c;
 }
 
@@ -93,26 +96,41 @@ at::Tensor check_1d(const at::Tensor& t, const char* name, at::ScalarType want) 
 
 class PyEngine {
  public:
-  PyEngine(const std::string& config_json, const std::string& group_name, double timeout_s) {
+  // group_name: the group FSDP shards over (the world). Under ulysses_sequence_parallel_size > 1,
+  // sp_group_name / dp_group_name: this rank's "sp" and "dp" groups of verl's device mesh
+  // (VerlcppEngine builds it as FSDPEngine._init_device_mesh does); each becomes a c10d Comm.
+  PyEngine(const std::string& config_json, const std::string& group_name, double timeout_s,
+           const std::string& sp_group_name, const std::string& dp_group_name) {
     guarded([&] {
       const nlohmann::json j = nlohmann::json::parse(config_json);
       const EngineConfig cfg = engine_config_from_json(j);
       comm_ = make_c10d_comm(group_name, timeout_s);
+      UlyssesGroups groups;
+      if (sp_group_name.empty() != dp_group_name.empty())
+        fail("sequence parallelism needs both the sp and the dp group name (got only one)");
+      if (!sp_group_name.empty()) {
+        groups.sp = make_c10d_comm(sp_group_name, timeout_s);
+        groups.dp = make_c10d_comm(dp_group_name, timeout_s);
+      }
       py::gil_scoped_release nogil;
-      engine_ = std::make_unique<FsdpEngine>(cfg, *comm_);
+      engine_ = std::make_unique<FsdpEngine>(cfg, *comm_, std::move(groups));
       return 0;
     });
   }
 
-  int dp_rank() const { return comm_->rank(); }
-  int dp_size() const { return comm_->size(); }
+  int dp_rank() const { return engine_->dp_rank(); }
+  int dp_size() const { return engine_->dp_size(); }
+  int sp_size() const { return engine_->sp_size(); }
   bool is_value_model() const { return engine_->is_value_model(); }
   std::string comm_name() const { return comm_->name(); }
   int64_t vocab_size() const { return engine_->model_config().vocab_size; }
 
   // One micro-batch, packed: ids [nnz], cu_seqlens [B+1], position ids [nnz], per-token
-  // temperature [nnz]. Returns {"log_probs", "entropy"?} or {"values"} as [nnz] fp32 tensors,
-  // connected to the engine's graph when grad mode is on.
+  // temperature [nnz]: the whole micro-batch, the same on every rank of a sequence-parallel group.
+  // Returns {"log_probs", "entropy"?} or {"values"} as [nnz] fp32 tensors, connected to the
+  // engine's graph when grad mode is on. Under sp > 1 this rank runs its slice of the row (padded
+  // to a multiple of sp as verl's ulysses_pad_and_slice_inputs pads it) and the outputs are
+  // gathered back over the group (gather_outputs_and_unpad), as FSDPEngineWithLMHead does.
   py::dict forward_micro(const at::Tensor& input_ids, const at::Tensor& cu_seqlens, const at::Tensor& position_ids,
                          const at::Tensor& temperature, bool calculate_entropy) {
     TokenOutputs out = guarded([&] {
@@ -131,6 +149,19 @@ class PyEngine {
         fail("position_ids / temperature: expected ", nnz, " values (one per token)");
       in.total_nnz = nnz;
       in.labels = at::roll(in.input_ids, {-1}, {0});
+      if (const Ulysses* u = engine_->ulysses()) {
+        const int sp = u->size(), r = u->rank();
+        const int64_t pad = (nnz + sp - 1) / sp * sp - nnz;
+        in.sp_size = sp;
+        in.sp_rank = r;
+        in.pad_size = pad;
+        in.ulysses = u;
+        // verl's padding: ids / labels 0, positions 0, 1, 2, ..., temperature 1.
+        in.input_ids = sp_pad_and_slice(in.input_ids, sp, r, at::zeros({pad}, at::kLong));
+        in.labels = sp_pad_and_slice(in.labels, sp, r, at::zeros({pad}, at::kLong));
+        in.position_ids = sp_pad_and_slice(in.position_ids, sp, r, at::arange(pad, at::kLong));
+        in.temperature = sp_pad_and_slice(in.temperature, sp, r, at::ones({pad}, at::kFloat));
+      }
       py::gil_scoped_release nogil;
       return engine_->forward_micro(in, calculate_entropy);
     });
@@ -199,10 +230,12 @@ PYBIND11_MODULE(_C, m) {
   using verl::PyEngine;
   m.doc() = "verl.cpp's C++ model engine (FSDP-sharded transformer) for verl's Python trainers";
   py::class_<PyEngine>(m, "Engine")
-      .def(py::init<const std::string&, const std::string&, double>(), py::arg("config_json"), py::arg("group_name"),
-           py::arg("timeout_s") = 600.0)
+      .def(py::init<const std::string&, const std::string&, double, const std::string&, const std::string&>(),
+           py::arg("config_json"), py::arg("group_name"), py::arg("timeout_s") = 600.0, py::arg("sp_group_name") = "",
+           py::arg("dp_group_name") = "")
       .def_property_readonly("dp_rank", &PyEngine::dp_rank)
       .def_property_readonly("dp_size", &PyEngine::dp_size)
+      .def_property_readonly("sp_size", &PyEngine::sp_size)
       .def_property_readonly("is_value_model", &PyEngine::is_value_model)
       .def_property_readonly("comm_name", &PyEngine::comm_name)
       .def_property_readonly("vocab_size", &PyEngine::vocab_size)

@@ -9,7 +9,9 @@ runs at construction (verl builds engine configs from Hydra / omegaconf through
 actor hands an FSDPEngineConfig whose strategy it set to "verlcpp").
 
 Used: mixed_precision.param_dtype (the compute dtype), fsdp_size, reshard_after_forward,
-forward_only, and verl's micro-batching keys (through verl's own prepare_micro_batches).
+forward_only, ulysses_sequence_parallel_size (a ("dp", "sp") device mesh as verl's FSDP engine
+builds it; it must divide the world size and the model's attention heads, checked when the engine
+is built), and verl's micro-batching keys (through verl's own prepare_micro_batches).
 Accepted with no effect, because they change nothing in what verl.cpp computes: wrap_policy
 (the units are always one per decoder layer + the root), use_orig_params, use_torch_compile,
 entropy_from_logits_with_chunking / entropy_from_logits_chunk_size / entropy_checkpointing (the
@@ -28,7 +30,6 @@ _UNSUPPORTED = {
     "param_offload": (False, "parameter offload is not implemented in verl.cpp yet"),
     "optimizer_offload": (False, "optimizer offload is not implemented in verl.cpp yet"),
     "offload_policy": (False, "FSDP2 CPU offload policy is not implemented in verl.cpp yet"),
-    "ulysses_sequence_parallel_size": (1, "Ulysses sequence parallelism is not implemented in the verlcpp backend yet"),
     "use_fused_kernels": (False, "fused kernels are not implemented in verl.cpp (its LM head is chunked already)"),
     "pad_to_length": (False, "pad_to_length is not implemented in verl.cpp"),
 }
@@ -79,6 +80,9 @@ def unsupported_settings(cfg) -> list[str]:
         extra = set(mp) - {"param_dtype", "reduce_dtype", "buffer_dtype", "_target_"}
         if extra:
             bad.append(f"mixed_precision keys {sorted(extra)}: unknown (param_dtype, reduce_dtype, buffer_dtype)")
+    sp = getattr(cfg, "ulysses_sequence_parallel_size", 1)
+    if sp is not None and (not isinstance(sp, int) or sp < 1):
+        bad.append(f"ulysses_sequence_parallel_size={sp!r}: must be an integer >= 1")
     return bad
 
 

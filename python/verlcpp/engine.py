@@ -14,8 +14,12 @@ class is registered as backend "verlcpp" for `language_model` and `value_model`,
   optimizer_step           C++ AdamW on the fp32 shards, global grad-norm clip, skip if not finite
   checkpoints              verl.cpp's sharded layout in verl's folders (`verlcpp merge` merges it)
 
-The data-parallel group is torch.distributed's WORLD group; the C++ side runs its collectives
-on that same group (gloo for CPU tensors) by name.
+Parallel layout, as FSDPEngine._init_device_mesh: FSDP shards over torch.distributed's WORLD
+group. With ulysses_sequence_parallel_size = sp > 1 a DeviceMesh (dp = world / sp, sp) with dims
+("dp", "sp") is built here, as verl builds it; the data-parallel rank / size / group verl's
+trainers see are its "dp" dimension (the ranks of an sp group are given the same data), and the
+outputs are collected from the first rank of each sp group (is_mp_src_rank_with_outputs). The C++
+side runs its collectives on these same groups (gloo for CPU tensors), resolved by their names.
 """
 import json
 import os
@@ -142,6 +146,24 @@ class VerlcppEngine(BaseEngine):
         if not dist.is_initialized():
             raise RuntimeError("verlcpp engine: torch.distributed is not initialised (verl's trainers do this; "
                                "under torchrun call torch.distributed.init_process_group first)")
+        self._init_device_mesh()
+
+    def _init_device_mesh(self):
+        """verl's FSDPEngine._init_device_mesh: the ("dp", "sp") mesh when sp > 1."""
+        sp = int(self.engine_config.ulysses_sequence_parallel_size or 1)
+        world = dist.get_world_size()
+        if sp < 1 or world % sp != 0:
+            raise ValueError(f"verlcpp engine: ulysses_sequence_parallel_size={sp} must be >= 1 and divide the "
+                             f"world size ({world} ranks)")
+        self.ulysses_sequence_parallel_size = sp
+        self.ulysses_device_mesh = None
+        if sp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+            from verl.utils.device import get_device_name
+
+            self.ulysses_device_mesh = init_device_mesh(
+                get_device_name(), mesh_shape=(world // sp, sp), mesh_dim_names=["dp", "sp"]
+            )
 
     # ---- building -------------------------------------------------------------------------
     def initialize(self):
@@ -166,8 +188,16 @@ class VerlcppEngine(BaseEngine):
         settings.update(_model_settings(self.model_config))
         if not ec.forward_only:
             settings.update(_optimizer_settings(self.optimizer_config))
-        group = self.get_data_parallel_group()
-        self._cpp = _ext().Engine(json.dumps(settings), group.group_name, _collective_timeout_s())
+        settings["ulysses_sequence_parallel_size"] = self.ulysses_sequence_parallel_size
+        sp_name = dp_name = ""
+        if self.ulysses_device_mesh is not None:
+            sp_name = self.ulysses_device_mesh.get_group(mesh_dim="sp").group_name
+            dp_name = self.ulysses_device_mesh.get_group(mesh_dim="dp").group_name
+        self._cpp = _ext().Engine(json.dumps(settings), dist.group.WORLD.group_name, _collective_timeout_s(),
+                                  sp_group_name=sp_name, dp_group_name=dp_name)
+        if dist.get_rank() == 0:
+            print(f"verlcpp engine: {dist.get_world_size()} ranks, ulysses sp={self._cpp.sp_size}, "
+                  f"dp={self._cpp.dp_size}, collectives {self._cpp.comm_name}", flush=True)
         if self._cpp.is_value_model != self.value_model:
             kind = "a value model (...ForTokenClassification, num_labels=1)" if self.value_model else "a causal LM"
             raise ValueError(f"verlcpp engine: {settings['model_path']} is not {kind}")
@@ -188,20 +218,26 @@ class VerlcppEngine(BaseEngine):
 
     # ---- parallel layout ------------------------------------------------------------------
     def get_data_parallel_rank(self):
+        if self.ulysses_device_mesh is not None:
+            return self.ulysses_device_mesh["dp"].get_local_rank()
         return dist.get_rank()
 
     def get_data_parallel_size(self):
-        return dist.get_world_size()
+        return dist.get_world_size() // self.ulysses_sequence_parallel_size
 
     def get_data_parallel_group(self):
+        if self.ulysses_device_mesh is not None:
+            return self.ulysses_device_mesh.get_group(mesh_dim="dp")
         return dist.group.WORLD
 
     def is_mp_src_rank_with_outputs(self):
+        if self.ulysses_device_mesh is not None:
+            return self.ulysses_device_mesh["sp"].get_local_rank() == 0
         return True
 
     # ---- forward / backward ---------------------------------------------------------------
     def forward_backward_batch(self, data: TensorDict, loss_function: Callable, forward_only=False):
-        tu.assign_non_tensor(data, sp_size=1)
+        tu.assign_non_tensor(data, sp_size=self.ulysses_sequence_parallel_size)
         return_model_output = tu.get_non_tensor_data(data=data, key="return_model_output", default=False)
         batch_num_tokens = data["loss_mask"].sum().to(torch.int64).cpu()
         dist.all_reduce(batch_num_tokens, op=dist.ReduceOp.SUM, group=self.get_data_parallel_group())

@@ -31,15 +31,24 @@ at::Tensor pad_jagged(const at::Tensor& flat, const std::vector<int64_t>& cu, in
   return at::stack(rows);
 }
 
-FsdpEngine::FsdpEngine(const EngineConfig& cfg, Comm& world) : cfg_(cfg), world_(world) {
+FsdpEngine::FsdpEngine(const EngineConfig& cfg, Comm& world) : FsdpEngine(cfg, world, UlyssesGroups{}) {}
+
+FsdpEngine::FsdpEngine(const EngineConfig& cfg, Comm& world, UlyssesGroups groups) : cfg_(cfg), world_(world) {
   validate(cfg, world.size());
   FsdpOptions fo = cfg.fsdp;
   fo.compute_dtype = parse_engine_dtype(cfg.param_dtype);
   const std::string cfg_dir = cfg.hf_config_path.empty() ? cfg.model_path : cfg.hf_config_path;
   if (cfg.ulysses_sequence_parallel_size > 1) {
     check_ulysses(load_model_config(cfg_dir), cfg.ulysses_sequence_parallel_size);
-    groups_ = make_ulysses_groups(world, cfg.ulysses_sequence_parallel_size);
+    if (groups.sp || groups.dp) {
+      check_ulysses_groups(world, cfg.ulysses_sequence_parallel_size, groups);
+      groups_ = std::move(groups);
+    } else {
+      groups_ = make_ulysses_groups(world, cfg.ulysses_sequence_parallel_size);
+    }
     ulysses_ = std::make_unique<Ulysses>(*groups_.sp);
+  } else {
+    check_ulysses_groups(world, cfg.ulysses_sequence_parallel_size, groups);  // refuses groups at sp = 1
   }
   model_ = std::make_unique<FsdpModel>(cfg_dir, cfg.model_path, world, fo);
   if (!cfg.forward_only) {

@@ -52,6 +52,10 @@ struct StepMetrics {
 class FsdpEngine {
  public:
   FsdpEngine(const EngineConfig& cfg, Comm& world);
+  // With sequence-parallel groups the caller made (inside Python: verl's ("dp", "sp") device mesh
+  // as torch.distributed groups); empty groups: made here by splitting `world`, as above.
+  // FsdpEngine keeps them (check_ulysses_groups checks their layout).
+  FsdpEngine(const EngineConfig& cfg, Comm& world, UlyssesGroups groups);
   ~FsdpEngine();
 
   const ModelConfig& model_config() const { return model_->config(); }
@@ -62,6 +66,8 @@ class FsdpEngine {
   int dp_size() const;
   int dp_rank() const;
   int sp_size() const { return cfg_.ulysses_sequence_parallel_size; }
+  // sp > 1: this rank's sequence-parallel exchange (null at sp = 1).
+  const Ulysses* ulysses() const { return ulysses_.get(); }
   void train_mode() { training_ = true; }
   void eval_mode() { training_ = false; }
 

@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <vector>
+
 #include "core/error.h"
 #include "dist/comm.h"
 #include "model/torch_dtype.h"
@@ -114,6 +116,36 @@ UlyssesGroups make_ulysses_groups(Comm& world, int sp) {
   g.sp = world.split(r / sp, r % sp);
   g.dp = world.split(r % sp, r / sp);
   return g;
+}
+
+void check_ulysses_groups(Comm& world, int sp, const UlyssesGroups& g) {
+  if (sp <= 1) {
+    if (g.sp || g.dp) fail("ulysses_sequence_parallel_size = ", sp, ": sequence-parallel groups were given but sp <= 1");
+    return;
+  }
+  if (!g.sp || !g.dp) fail("ulysses_sequence_parallel_size = ", sp, ": both the sp and the dp group are needed");
+  if (world.size() % sp != 0)
+    fail("ulysses_sequence_parallel_size = ", sp, " must divide the world size (", world.size(), " ranks)");
+  const int r = world.rank(), dp = world.size() / sp;
+  if (g.sp->size() != sp || g.dp->size() != dp)
+    fail("ulysses: the given sp / dp groups have ", g.sp->size(), " / ", g.dp->size(), " ranks; expected ", sp, " / ", dp,
+         " (ulysses_sequence_parallel_size = ", sp, " over ", world.size(), " ranks)");
+  // Every member's world rank, in group order: sp group g = [g·sp, (g+1)·sp), dp group = ranks ≡ r mod sp.
+  auto members = [&](Comm& c) {
+    std::vector<int64_t> all(static_cast<size_t>(c.size()));
+    const int64_t mine = r;
+    c.all_gather(&mine, all.data(), 1, DType::I64);
+    return all;
+  };
+  const std::vector<int64_t> s = members(*g.sp), d = members(*g.dp);
+  for (int i = 0; i < sp; ++i)
+    if (s[i] != (r / sp) * sp + i)
+      fail("ulysses: world rank ", r, "'s sp group is not ranks [", (r / sp) * sp, ", ", (r / sp + 1) * sp,
+           ") in order (member ", i, " is world rank ", s[i], "); expected verl's (\"dp\", \"sp\") mesh layout");
+  for (int i = 0; i < dp; ++i)
+    if (d[i] != i * sp + r % sp)
+      fail("ulysses: world rank ", r, "'s dp group is not the ranks ", r % sp, " + k·", sp, " in order (member ", i,
+           " is world rank ", d[i], "); expected verl's (\"dp\", \"sp\") mesh layout");
 }
 
 int Ulysses::size() const { return comm_.size(); }

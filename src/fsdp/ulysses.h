@@ -30,6 +30,10 @@ struct UlyssesGroups {
   std::unique_ptr<Comm> sp, dp;
 };
 UlyssesGroups make_ulysses_groups(Comm& world, int sp);
+// Groups the caller made itself (inside Python: the "sp" and "dp" groups of verl's DeviceMesh,
+// torch.distributed groups): checks they have the layout make_ulysses_groups makes (sizes, this
+// rank's place in each, and every member's world rank: a collective over both). One-line Error.
+void check_ulysses_groups(Comm& world, int sp, const UlyssesGroups& g);
 
 class Ulysses final : public SeqParallelAttention {
  public:

@@ -48,7 +48,7 @@ class ConfigTest(unittest.TestCase):
             "param_offload": True,
             "optimizer_offload": True,
             "offload_policy": True,
-            "ulysses_sequence_parallel_size": 2,
+            "ulysses_sequence_parallel_size": 0,
             "use_fused_kernels": True,
             "pad_to_length": True,
             "model_dtype": "bf16",
@@ -67,7 +67,8 @@ class ConfigTest(unittest.TestCase):
             VerlcppEngineConfig(strategy="fsdp2")
         # What is supported stays accepted.
         VerlcppEngineConfig(mixed_precision={"param_dtype": "bf16", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
-                            fsdp_size=2, reshard_after_forward=False, model_dtype="float32")
+                            fsdp_size=2, reshard_after_forward=False, model_dtype="float32",
+                            ulysses_sequence_parallel_size=2)
 
     def test_compute_dtype_as_verls_fsdp_engine(self):
         from verlcpp.config import compute_dtype

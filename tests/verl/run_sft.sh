@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs verl's real SFT entry point (verl/trainer/sft_trainer.py, Hydra config sft_trainer_engine.yaml)
-# on the CPU: torchrun, 2 ranks, gloo, fp32, packed sequences (use_remove_padding), on the tiny fixture
+# on the CPU: torchrun, 2 ranks (SFT_NPROC), gloo, fp32, packed sequences (use_remove_padding), on the tiny fixture
 # of tests/verl/make_fixture.py, 3 steps. The engine strategy is a parameter.
 #
 #   tests/verl/run_sft.sh STRATEGY OUTDIR [extra hydra overrides...]
@@ -20,6 +20,7 @@
 #   VERL_FIXTURE          fixture folder (default OUTDIR/fixture; made if missing)
 #   SFT_STEPS             training steps (default 3)
 #   SFT_TIMEOUT           seconds per torchrun (default 300)
+#   SFT_NPROC             ranks (default 2; the global batch of 8 must divide over the data-parallel ranks)
 #   SFT_HYDRA_SEARCHPATH  extra Hydra config search path, e.g. pkg://verlcpp.config or file:///abs/dir
 #                         (added as hydra.searchpath=[...]) for an out-of-tree engine/STRATEGY.yaml
 set -euo pipefail
@@ -36,6 +37,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/common.sh"
 STEPS=${SFT_STEPS:-3}
 TMO=${SFT_TIMEOUT:-300}
+NPROC=${SFT_NPROC:-2}
 export HYDRA_FULL_ERROR=1
 export WANDB_MODE=disabled
 
@@ -53,7 +55,7 @@ run_once() {
   local metrics=$1 steps=$2 resume=$3
   shift 3
   VERL_FILE_LOGGER_PATH=$metrics timeout --kill-after=10 "$TMO" \
-    "$VENV/bin/torchrun" --standalone --nproc_per_node 2 -m verl.trainer.sft_trainer \
+    "$VENV/bin/torchrun" --standalone --nproc_per_node "$NPROC" -m verl.trainer.sft_trainer \
     data.train_files="$FIX/data/train.parquet" data.val_files=null \
     data.train_batch_size=8 data.micro_batch_size_per_gpu=2 data.use_dynamic_bsz=False \
     data.max_token_len_per_gpu=512 data.pad_mode=no_padding data.max_length=512 data.num_workers=0 \
@@ -63,7 +65,7 @@ run_once() {
     engine.use_torch_compile=False \
     optim.lr=1e-3 optim.lr_warmup_steps=0 \
     trainer.total_epochs=1 trainer.total_training_steps="$steps" "trainer.logger=[console,file]" \
-    trainer.device=cpu trainer.n_gpus_per_node=2 trainer.nnodes=1 \
+    trainer.device=cpu trainer.n_gpus_per_node="$NPROC" trainer.nnodes=1 \
     trainer.project_name=verl-cpu trainer.experiment_name="sft-$STRATEGY" \
     trainer.default_local_dir="$OUT/ckpt" trainer.resume_mode="$resume" \
     trainer.save_freq="${SAVE_FREQ:--1}" trainer.test_freq=-1 \

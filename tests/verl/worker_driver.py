@@ -17,7 +17,9 @@
 #   torchrun --standalone --nproc_per_node 2 tests/verl/worker_driver.py STRATEGY OUTDIR --fixture DIR
 #   (tests/verl/run_worker.sh wraps this.)  Writes OUTDIR/worker.json (metrics, checks) and
 #   OUTDIR/worker_tensors.pt (log-probs, entropy, values, parameters after training) on rank 0.
-# Options: --dynamic (token-budget micro-batches instead of fixed ones), --engine-config MODULE:CLASS
+# Options: --dynamic (token-budget micro-batches instead of fixed ones), --sp N (the engine's
+# ulysses_sequence_parallel_size: the batch is split over the engine's data-parallel ranks, which the
+# ranks of a sequence-parallel group share, and outputs are gathered over its dp group), --engine-config MODULE:CLASS
 # (the engine config dataclass for a strategy other than fsdp/fsdp2; default for verlcpp:
 # verlcpp:VerlcppEngineConfig).
 
@@ -96,6 +98,7 @@ def make_worker(args, model_type, path):
         mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
         use_torch_compile=False,
         seed=42,
+        ulysses_sequence_parallel_size=args.sp,
     )
     optimizer_config = FSDPOptimizerConfig(lr=1e-3, lr_warmup_steps=0, weight_decay=0.01, clip_grad=1.0)
     optimizer_config.total_training_steps = 10
@@ -111,8 +114,9 @@ def make_worker(args, model_type, path):
     return worker
 
 
-def make_batch(vocab_size):
-    """The global batch (same on every rank), as test_engine.py makes it; returns this rank's half."""
+def make_batch(vocab_size, rank, world):
+    """The global batch (same on every rank), as test_engine.py makes it; returns data-parallel rank
+    `rank`'s part of `world` (the engine's dp rank / size: under sp the ranks of a group share it)."""
     torch.manual_seed(1)
     np.random.seed(1)
     input_ids = torch.randint(0, vocab_size, (BATCH, SEQLEN))
@@ -137,7 +141,6 @@ def make_batch(vocab_size):
         "ref_log_prob": ref_log_prob,
         "returns": returns,
     }
-    rank, world = dist.get_rank(), dist.get_world_size()
     per = BATCH // world
     return {k: v[rank * per : (rank + 1) * per].clone() for k, v in full.items()}
 
@@ -198,10 +201,13 @@ def all_max(x):
     return t.item()
 
 
+DP_GROUP = None  # the engine's data-parallel group (set in main)
+
+
 def gather_list(items):
-    """Per-rank lists -> the global list in batch order (rank 0's shard first), on every rank."""
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, [x.clone() for x in items])
+    """Per-dp-rank lists -> the global list in batch order (dp rank 0's shard first), on every rank."""
+    out = [None] * dist.get_world_size(DP_GROUP)
+    dist.all_gather_object(out, [x.clone() for x in items], group=DP_GROUP)
     return [x for part in out for x in part]
 
 
@@ -246,6 +252,7 @@ def main():
     ap.add_argument("--dynamic", action="store_true", help="use_dynamic_bsz (token-budget micro-batches)")
     ap.add_argument("--engine-config", default=None, help="MODULE:CLASS of the engine config dataclass")
     ap.add_argument("--ppo-steps", type=int, default=2)
+    ap.add_argument("--sp", type=int, default=1, help="ulysses_sequence_parallel_size")
     args = ap.parse_args()
 
     t0 = time.time()
@@ -257,7 +264,11 @@ def main():
     actor = make_worker(args, "language_model", actor_path)
     rank = dist.get_rank()
     log(f"actor engine {type(actor.engine).__module__}.{type(actor.engine).__name__}, dp={actor.engine.get_data_parallel_size()}")
-    batch = make_batch(actor.model_config.hf_config.vocab_size)
+    global DP_GROUP
+    DP_GROUP = actor.engine.get_data_parallel_group()
+    log(f"sp={args.sp}: dp rank {actor.engine.get_data_parallel_rank()} of {actor.engine.get_data_parallel_size()}")
+    batch = make_batch(actor.model_config.hf_config.vocab_size, actor.engine.get_data_parallel_rank(),
+                       actor.engine.get_data_parallel_size())
     seqs = hf_sequences(batch)
 
     # (d) exported parameters right after initialisation == the HF checkpoint
