@@ -53,13 +53,14 @@ void MetricsLogger::clear_bar() {
 }
 
 void MetricsLogger::log_step(int64_t step, const FsdpEngine::TrainStepResult& r, double seconds) {
-  // Over ranks: loss is a sum of micro-batch parts (÷ dp), the other metrics are averaged.
+  // Over ranks: loss and the MoE load-balancing loss are sums of micro-batch parts (÷ dp), the
+  // other metrics are averaged.
   const StepMetrics& sm = r.metrics;
   std::vector<std::string> names;
   std::vector<double> vals;
   for (const auto& [k, v] : sm.metrics) {
     names.push_back(k);
-    vals.push_back(k == "loss" ? v : v / std::max(1, sm.num_micro_batches));
+    vals.push_back(k == "loss" || k == "moe_aux_loss" ? v : v / std::max(1, sm.num_micro_batches));
   }
   vals.push_back(static_cast<double>(sm.tokens));
   world_.all_reduce(vals.data(), vals.size(), DType::F64, ReduceOp::Sum);
@@ -76,8 +77,11 @@ void MetricsLogger::log_step(int64_t step, const FsdpEngine::TrainStepResult& r,
   j["step_time_s"] = seconds;
   write(j.dump());
   clear_bar();
-  std::printf("step %lld/%lld loss %.6f grad_norm %.4f lr %.3g tokens/s %.0f\n", (long long)step, (long long)total_,
-              j.value("loss", 0.0), r.opt.grad_norm, r.lr, j["tokens_per_s"].get<double>());
+  const std::string aux = j.contains(prefix_ + "/moe_aux_loss")
+                              ? " moe_aux_loss " + std::to_string(j[prefix_ + "/moe_aux_loss"].get<double>())
+                              : std::string();
+  std::printf("step %lld/%lld loss %.6f%s grad_norm %.4f lr %.3g tokens/s %.0f\n", (long long)step, (long long)total_,
+              j.value("loss", 0.0), aux.c_str(), r.opt.grad_norm, r.lr, j["tokens_per_s"].get<double>());
   std::fflush(stdout);
   if (tty_) {
     const double eta = (now_s() - started_) / static_cast<double>(ran_) * static_cast<double>(total_ - step);

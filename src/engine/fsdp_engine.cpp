@@ -15,6 +15,7 @@
 #include "engine/forward_step.h"
 #include "core/error.h"
 #include "io/file.h"
+#include "model/moe.h"
 
 namespace verl {
 
@@ -104,15 +105,39 @@ StepMetrics FsdpEngine::forward_backward_batch(const Batch& batch, const LossFn&
     for (auto l : lens) sm.tokens += l;
   const bool grad = !forward_only && training_;
   at::AutoGradMode mode(grad);
+  // MoE load-balancing loss (model/moe.h), when config.json asks (output_router_logits): each
+  // micro-batch's aux × router_aux_loss_coef, weighted by its share of the batch's tokens (× dp,
+  // as the main loss: gradients are averaged over dp), i.e. transformers' lm_loss + coef · aux
+  // for a batch of one micro-batch on one rank.
+  const ModelConfig& mc = model_->config();
+  const bool aux_on = mc.num_experts > 0 && mc.output_router_logits;
+  if (aux_on && ulysses_)
+    fail("output_router_logits (the MoE load-balancing loss) is not supported with ulysses_sequence_parallel_size > 1");
+  double batch_tokens = 0;
+  for (auto l : lens) batch_tokens += static_cast<double>(l);
+  if (aux_on) (groups_.dp ? *groups_.dp : world_).all_reduce(&batch_tokens, 1, DType::F64, ReduceOp::Sum);
   for (const auto& idx : parts) {
     Batch micro = batch.select(idx);
-    const ModelInputs in = prepare_model_inputs(micro, cfg_.temperature, ulysses_.get());
+    ModelInputs in = prepare_model_inputs(micro, cfg_.temperature, ulysses_.get());
+    MoeAux aux;
+    double aux_weight = 0;
+    if (aux_on) {
+      aux_weight = static_cast<double>(in.total_nnz) / batch_tokens * dp_size();
+      aux.grad_scale = mc.router_aux_loss_coef * aux_weight;
+      in.moe = &aux;
+    }
     MicroOutputs out;
     static_cast<TokenOutputs&>(out) = forward(in, needs_entropy);
+    aux.counting = false;  // a recomputed forward (gradient checkpointing) must not count again
     out.cu_seqlens = in.cu_seqlens;
     const LossResult lr = loss(micro, out, g);
     if (grad && lr.loss.defined() && lr.loss.requires_grad()) torch::autograd::backward({lr.loss});
-    if (lr.loss.defined()) sm.metrics["loss"] += lr.loss.item<double>();
+    double aux_term = 0;
+    if (aux_on) {
+      aux_term = mc.router_aux_loss_coef * aux.value() * aux_weight;
+      sm.metrics["moe_aux_loss"] += aux.value() * aux_weight;
+    }
+    if (lr.loss.defined()) sm.metrics["loss"] += lr.loss.item<double>() + aux_term;
     for (const auto& [k, v] : lr.metrics) sm.metrics[k] += v;
   }
   return sm;

@@ -83,14 +83,16 @@ std::vector<SlotView> unshard_slots(FlatUnit* u, const at::Tensor& anchor) {
 // the layer with grad and back-propagates through it (reentrant checkpointing).
 struct CheckpointFn : public torch::autograd::Function<CheckpointFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t unit, int64_t model, const at::Tensor& anchor,
-                            const at::Tensor& cos, const at::Tensor& sin, std::vector<int64_t> cu, int64_t sp) {
+                            const at::Tensor& cos, const at::Tensor& sin, std::vector<int64_t> cu, int64_t sp, int64_t moe) {
     auto* u = reinterpret_cast<FlatUnit*>(unit);
     ctx->save_for_backward({x, cos, sin, anchor});
     ctx->saved_data["unit"] = unit;
     ctx->saved_data["model"] = model;
     ctx->saved_data["cu"] = cu;
     ctx->saved_data["sp"] = sp;
-    const LayerContext lc{cos, sin, std::move(cu), reinterpret_cast<const SeqParallelAttention*>(sp)};
+    ctx->saved_data["moe"] = moe;
+    const LayerContext lc{cos, sin, std::move(cu), reinterpret_cast<const SeqParallelAttention*>(sp),
+                          reinterpret_cast<MoeAux*>(moe)};
     return reinterpret_cast<const Transformer*>(model)->layer_forward(layer_views(u->params(), u->full()), x, lc);
   }
   static variable_list backward(AutogradContext* ctx, variable_list g) {
@@ -98,7 +100,8 @@ struct CheckpointFn : public torch::autograd::Function<CheckpointFn> {
     const auto* model = reinterpret_cast<const Transformer*>(ctx->saved_data["model"].toInt());
     auto saved = ctx->get_saved_variables();
     const LayerContext lc{saved[1], saved[2], ctx->saved_data["cu"].toIntVector(),
-                          reinterpret_cast<const SeqParallelAttention*>(ctx->saved_data["sp"].toInt())};
+                          reinterpret_cast<const SeqParallelAttention*>(ctx->saved_data["sp"].toInt()),
+                          reinterpret_cast<MoeAux*>(ctx->saved_data["moe"].toInt())};
     u->unshard();
     at::Tensor x = saved[0].detach().requires_grad_(true);
     at::Tensor out;
@@ -107,7 +110,8 @@ struct CheckpointFn : public torch::autograd::Function<CheckpointFn> {
       out = model->layer_forward(layer_params(unshard_slots(u, saved[3])), x, lc);
     }
     torch::autograd::backward({out}, {g[0]});
-    return {x.grad(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {x.grad(),     at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -171,7 +175,7 @@ at::Tensor FsdpModel::run_layer(const Transformer& model, int i, const at::Tenso
   if (grad && opt_.gradient_checkpointing) {
     u->unshard();
     out = CheckpointFn::apply(h, reinterpret_cast<int64_t>(u), reinterpret_cast<int64_t>(&model), anchor(), ctx.cos,
-                              ctx.sin, ctx.cu_seqlens, reinterpret_cast<int64_t>(ctx.sp));
+                              ctx.sin, ctx.cu_seqlens, reinterpret_cast<int64_t>(ctx.sp), reinterpret_cast<int64_t>(ctx.moe));
   } else {
     out = model.layer_forward(layer_params(gathered(u)), h, ctx);
     if (grad) out = PreBackwardFn::apply(out, reinterpret_cast<int64_t>(u));

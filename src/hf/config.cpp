@@ -3,6 +3,7 @@
 #include "hf/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -27,9 +28,12 @@ const Arch kArchs[] = {
     {"Qwen2ForTokenClassification", Family::Qwen2, Head::TokenClassification, true},
     {"Qwen3ForCausalLM", Family::Qwen3, Head::CausalLM, true},
     {"Qwen3ForTokenClassification", Family::Qwen3, Head::TokenClassification, true},
-    {"Qwen2MoeForCausalLM", Family::Qwen2Moe, Head::CausalLM, false},
-    {"Qwen3MoeForCausalLM", Family::Qwen3Moe, Head::CausalLM, false},
-    {"MixtralForCausalLM", Family::Mixtral, Head::CausalLM, false},
+    {"Qwen2MoeForCausalLM", Family::Qwen2Moe, Head::CausalLM, true},
+    {"Qwen2MoeForTokenClassification", Family::Qwen2Moe, Head::TokenClassification, true},
+    {"Qwen3MoeForCausalLM", Family::Qwen3Moe, Head::CausalLM, true},
+    {"Qwen3MoeForTokenClassification", Family::Qwen3Moe, Head::TokenClassification, true},
+    {"MixtralForCausalLM", Family::Mixtral, Head::CausalLM, true},
+    {"MixtralForTokenClassification", Family::Mixtral, Head::TokenClassification, true},
 };
 bool serves(const Arch& a, ConfigUse use) { return a.engine || use == ConfigUse::Megatron; }
 
@@ -144,6 +148,11 @@ void parse_rope(const json& j, const std::string& where, bool strict, ModelConfi
 void check_engine_forward(const json& j, const std::string& where, const ModelConfig& c) {
   if (get_or<bool>(j, "use_sliding_window", false, where))
     fail(where, ": use_sliding_window is not supported (full attention only)");
+  // Mixtral has no use_sliding_window switch: a sliding_window value turns it on.
+  if (c.family == Family::Mixtral && j.contains("sliding_window") && !j["sliding_window"].is_null())
+    fail(where, ": sliding_window is not supported (full attention only; Mixtral needs sliding_window null)");
+  if (get_or<double>(j, "router_jitter_noise", 0.0, where) != 0.0)
+    fail(where, ": router_jitter_noise is not supported (random noise on the router inputs in training); set it to 0");
   if (c.hidden_act != "silu")
     fail(where, ": unsupported hidden_act '", c.hidden_act, "'; supported: silu (SwiGLU)");
 }
@@ -151,10 +160,47 @@ void check_engine_forward(const json& j, const std::string& where, const ModelCo
 // Biases and norms each family's HF modules have.
 void parse_family_flags(const json& j, const std::string& where, ModelConfig& c) {
   const bool qwen2 = c.family == Family::Qwen2 || c.family == Family::Qwen2Moe;
-  c.attention_bias = qwen2 ? true : get_or<bool>(j, "attention_bias", false, where);
+  c.attention_bias = c.family == Family::Qwen2 ? true
+                     : c.family == Family::Qwen2Moe ? get_or<bool>(j, "qkv_bias", true, where)
+                                                    : get_or<bool>(j, "attention_bias", false, where);
   c.o_proj_bias = !qwen2 && c.attention_bias;
   c.mlp_bias = c.family == Family::Llama ? get_or<bool>(j, "mlp_bias", false, where) : false;
   c.qk_norm = c.family == Family::Qwen3 || c.family == Family::Qwen3Moe;
+}
+
+// The mixture-of-experts fields, with the defaults of each family's transformers config class;
+// read and checked only for the engine (a weight conversion needs num_experts alone, as written).
+void parse_moe(const json& j, const std::string& where, ConfigUse use, ModelConfig& c) {
+  if (use != ConfigUse::Engine) return;
+  const bool q2 = c.family == Family::Qwen2Moe, q3 = c.family == Family::Qwen3Moe, mx = c.family == Family::Mixtral;
+  if (!q2 && !q3 && !mx) {
+    c.num_experts = 0;  // dense families have no experts
+    return;
+  }
+  // Either spelling in any family: transformers 5 writes Qwen3-MoE's as num_local_experts.
+  const int dflt = mx ? 8 : q2 ? 60 : 128;
+  c.num_experts = get_or<int>(j, "num_experts", get_or<int>(j, "num_local_experts", dflt, where), where);
+  c.num_experts_per_tok = get_or<int>(j, "num_experts_per_tok", mx ? 2 : q2 ? 4 : 8, where);
+  c.moe_intermediate_size = mx ? c.intermediate_size : get_or<int>(j, "moe_intermediate_size", q2 ? 1408 : 768, where);
+  c.shared_expert_intermediate_size = q2 ? get_or<int>(j, "shared_expert_intermediate_size", 5632, where) : 0;
+  c.norm_topk_prob = mx ? true : get_or<bool>(j, "norm_topk_prob", false, where);
+  c.decoder_sparse_step = mx ? 1 : get_or<int>(j, "decoder_sparse_step", 1, where);
+  if (!mx) c.mlp_only_layers = get_or<std::vector<int>>(j, "mlp_only_layers", {}, where);
+  c.output_router_logits = get_or<bool>(j, "output_router_logits", false, where);
+  c.router_aux_loss_coef = get_or<double>(j, "router_aux_loss_coef", 0.001, where);
+  if (c.num_experts < 0) fail(where, ": num_experts must be >= 0, found ", c.num_experts);
+  if (c.num_experts > 0 && (c.num_experts_per_tok < 1 || c.num_experts_per_tok > c.num_experts))
+    fail(where, ": num_experts_per_tok must be in [1, num_experts = ", c.num_experts, "], found ", c.num_experts_per_tok);
+  if (c.num_experts > 0 && c.moe_intermediate_size <= 0)
+    fail(where, ": moe_intermediate_size must be a positive integer, found ", c.moe_intermediate_size);
+  if (q2 && c.shared_expert_intermediate_size <= 0)
+    fail(where, ": shared_expert_intermediate_size must be a positive integer, found ", c.shared_expert_intermediate_size);
+  if (c.decoder_sparse_step < 1) fail(where, ": decoder_sparse_step must be >= 1, found ", c.decoder_sparse_step);
+  for (int l : c.mlp_only_layers)
+    if (l < 0 || l >= c.num_layers)
+      fail(where, ": mlp_only_layers has layer ", l, ", outside [0, num_hidden_layers = ", c.num_layers, ")");
+  if (!std::isfinite(c.router_aux_loss_coef) || c.router_aux_loss_coef < 0)
+    fail(where, ": router_aux_loss_coef must be a finite number >= 0");
 }
 
 int parse_num_labels(const json& j, const std::string& where) {
@@ -185,6 +231,7 @@ ModelConfig parse_model_config(const std::string& text, const std::string& where
   parse_rope(j, where, use == ConfigUse::Engine, c);
   c.tie_word_embeddings = get_or<bool>(j, "tie_word_embeddings", false, where);
   parse_family_flags(j, where, c);
+  parse_moe(j, where, use, c);
   c.hidden_act = get_or<std::string>(j, "hidden_act", "silu", where);
   if (use == ConfigUse::Engine) check_engine_forward(j, where, c);
   if (c.head == Head::TokenClassification) c.num_labels = parse_num_labels(j, where);
@@ -200,6 +247,12 @@ ModelConfig parse_model_config(const std::string& text, const std::string& where
     c.pad_token_id = p;
   }
   return c;
+}
+
+bool ModelConfig::is_moe_layer(int layer) const {
+  if (num_experts <= 0) return false;
+  if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) != mlp_only_layers.end()) return false;
+  return (layer + 1) % decoder_sparse_step == 0;
 }
 
 const std::vector<std::string>& vision_language_architectures() {

@@ -1,7 +1,8 @@
 // config.h — the transformer hyper-parameters read from a HuggingFace config.json: the one
 // config.json parser of both the engine and the merger. The engine builds the dense families
-// (Llama, Qwen2, Qwen3) with a causal-LM or value (`score`) head; the Megatron merger maps the
-// MoE families too (Qwen2-MoE, Qwen3-MoE, Mixtral). Unknown architectures and (for the engine)
+// (Llama, Qwen2, Qwen3) with a causal-LM or value (`score`) head and the mixture-of-experts
+// families (Qwen2-MoE, Qwen3-MoE, Mixtral) with either head; the Megatron merger maps all.
+// Unknown architectures and (for the engine)
 // rope scalings and activations are errors that name what is supported. Defaults are those of
 // each family's transformers config class (LlamaConfig, Qwen2Config, ...). For the merger's
 // config-vs-weights check, read_config_shapes reads the shape fields of any config.json,
@@ -39,6 +40,23 @@ struct ModelConfig {
   bool qk_norm = false;         // Qwen3: RMSNorm over head_dim on q and k
   int num_labels = 1;           // value head width
   int num_experts = 0;          // MoE families: num_experts (Qwen) / num_local_experts (Mixtral)
+  // Mixture of experts (engine; transformers' Qwen2MoeConfig / Qwen3MoeConfig / MixtralConfig):
+  // a layer is sparse when num_experts > 0, it is not in mlp_only_layers and
+  // (layer + 1) % decoder_sparse_step == 0 (Mixtral: every layer); its router picks
+  // num_experts_per_tok experts per token (softmax, then top-k, renormalised when
+  // norm_topk_prob: Mixtral always). Qwen2-MoE adds a shared expert scaled by
+  // sigmoid(shared_expert_gate). Dense layers of an MoE model use intermediate_size.
+  int num_experts_per_tok = 0;
+  int moe_intermediate_size = 0;            // each expert's width (Mixtral: intermediate_size)
+  int shared_expert_intermediate_size = 0;  // Qwen2-MoE's shared expert; 0: none
+  bool norm_topk_prob = false;
+  int decoder_sparse_step = 1;
+  std::vector<int> mlp_only_layers;
+  // transformers' load-balancing loss: added to the training loss × router_aux_loss_coef when
+  // output_router_logits is true in config.json.
+  bool output_router_logits = false;
+  double router_aux_loss_coef = 0.0;
+  bool is_moe_layer(int layer) const;
   std::string hidden_act = "silu";
   std::string torch_dtype;      // "bfloat16", "float32", ... (informative)
   // The embedding row that gets no gradient (transformers: nn.Embedding padding_idx); -1: none.

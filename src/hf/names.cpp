@@ -39,25 +39,32 @@ constexpr TensorName kLayer[] = {
     {"self_attn.k_norm.weight", "self_attention.k_layernorm.weight", F::None, S::KNorm, W::QkNorm, {D::HeadDim}},
     {"post_attention_layernorm.weight", "pre_mlp_layernorm.weight", F::None, S::PostNorm, W::Always, {D::Hidden}},
     {"post_attention_layernorm.bias", "pre_mlp_layernorm.bias", F::None, S::None, W::Never, {D::Hidden}},
-    {"mlp.gate_proj.weight", "mlp.linear_fc1.weight", F::GateUp, S::GateUp, W::Always, {D::Intermediate, D::Hidden}},
-    {"mlp.up_proj.weight", "mlp.linear_fc1.weight", F::GateUp, S::GateUp, W::Always, {D::Intermediate, D::Hidden}},
+    {"mlp.gate_proj.weight", "mlp.linear_fc1.weight", F::GateUp, S::GateUp, W::DenseMlp, {D::Intermediate, D::Hidden}},
+    {"mlp.up_proj.weight", "mlp.linear_fc1.weight", F::GateUp, S::GateUp, W::DenseMlp, {D::Intermediate, D::Hidden}},
     {"mlp.gate_proj.bias", "mlp.linear_fc1.bias", F::GateUp, S::GateUpBias, W::MlpBias, {D::Intermediate}},
     {"mlp.up_proj.bias", "mlp.linear_fc1.bias", F::GateUp, S::GateUpBias, W::MlpBias, {D::Intermediate}},
-    {"mlp.down_proj.weight", "mlp.linear_fc2.weight", F::None, S::Down, W::Always, {D::Hidden, D::Intermediate}},
+    {"mlp.down_proj.weight", "mlp.linear_fc2.weight", F::None, S::Down, W::DenseMlp, {D::Hidden, D::Intermediate}},
     {"mlp.down_proj.bias", "mlp.linear_fc2.bias", F::None, S::DownBias, W::MlpBias, {D::Hidden}},
-    // MoE (not built by the engine): router, shared experts and their gate.
-    {"{moe}.gate.weight", "mlp.router.weight"},
+    // MoE: router, shared experts and their gate (the experts' rows are kExpert).
+    {"{moe}.gate.weight", "mlp.router.weight", F::None, S::Router, W::MoeLayer, {D::Experts, D::Hidden}},
     {"{moe}.gate.e_score_correction_bias", "mlp.router.expert_bias"},
-    {"{shared}.gate_proj.weight", "mlp.shared_experts.linear_fc1.weight", F::GateUp},
-    {"{shared}.up_proj.weight", "mlp.shared_experts.linear_fc1.weight", F::GateUp},
-    {"{shared}.down_proj.weight", "mlp.shared_experts.linear_fc2.weight"},
-    {"mlp.shared_expert_gate.weight", "mlp.shared_experts.gate_weight"},
+    {"{shared}.gate_proj.weight", "mlp.shared_experts.linear_fc1.weight", F::GateUp, S::SharedGateUp, W::SharedExpert,
+     {D::SharedIntermediate, D::Hidden}},
+    {"{shared}.up_proj.weight", "mlp.shared_experts.linear_fc1.weight", F::GateUp, S::SharedGateUp, W::SharedExpert,
+     {D::SharedIntermediate, D::Hidden}},
+    {"{shared}.down_proj.weight", "mlp.shared_experts.linear_fc2.weight", F::None, S::SharedDown, W::SharedExpert,
+     {D::Hidden, D::SharedIntermediate}},
+    {"mlp.shared_expert_gate.weight", "mlp.shared_experts.gate_weight", F::None, S::SharedGate, W::SharedExpert,
+     {D::One, D::Hidden}},
 };
 
 constexpr TensorName kExpert[] = {
-    {"{gate}.weight", "linear_fc1.weight", F::GateUp}, {"{up}.weight", "linear_fc1.weight", F::GateUp},
-    {"{gate}.bias", "linear_fc1.bias", F::GateUp},     {"{up}.bias", "linear_fc1.bias", F::GateUp},
-    {"{down}.weight", "linear_fc2.weight"},                {"{down}.bias", "linear_fc2.bias"},
+    {"{gate}.weight", "linear_fc1.weight", F::GateUp, S::ExpertGateUp, W::MoeLayer, {D::MoeIntermediate, D::Hidden}},
+    {"{up}.weight", "linear_fc1.weight", F::GateUp, S::ExpertGateUp, W::MoeLayer, {D::MoeIntermediate, D::Hidden}},
+    {"{gate}.bias", "linear_fc1.bias", F::GateUp},
+    {"{up}.bias", "linear_fc1.bias", F::GateUp},
+    {"{down}.weight", "linear_fc2.weight", F::None, S::ExpertDown, W::MoeLayer, {D::Hidden, D::MoeIntermediate}},
+    {"{down}.bias", "linear_fc2.bias"},
 };
 
 // Transformer Engine fuses a layer's norms into the next linear; its keys name them there.
@@ -109,7 +116,7 @@ std::string fill_family(std::string_view tmpl, const FamilyNames& f) {
   return s;
 }
 
-bool model_has(const TensorName& t, const ModelConfig& c, bool score_bias) {
+bool model_has(const TensorName& t, const ModelConfig& c, bool score_bias, int layer) {
   switch (t.when) {
     case When::Always: return true;
     case When::Untied: return c.head == Head::CausalLM && !c.tie_word_embeddings;
@@ -118,7 +125,10 @@ bool model_has(const TensorName& t, const ModelConfig& c, bool score_bias) {
     case When::AttentionBias: return c.attention_bias;
     case When::OProjBias: return c.o_proj_bias;
     case When::QkNorm: return c.qk_norm;
-    case When::MlpBias: return c.mlp_bias;
+    case When::MlpBias: return c.mlp_bias && !c.is_moe_layer(layer);
+    case When::DenseMlp: return !c.is_moe_layer(layer);
+    case When::MoeLayer: return c.is_moe_layer(layer);
+    case When::SharedExpert: return c.is_moe_layer(layer) && c.shared_expert_intermediate_size > 0;
     case When::Never: return false;
   }
   return false;
@@ -136,6 +146,10 @@ std::vector<int64_t> shape_of(const TensorName& t, const ModelConfig& c) {
       case Dim::HeadDim: s.push_back(c.head_dim); break;
       case Dim::Vocab: s.push_back(c.vocab_size); break;
       case Dim::Labels: s.push_back(c.num_labels); break;
+      case Dim::Experts: s.push_back(c.num_experts); break;
+      case Dim::MoeIntermediate: s.push_back(c.moe_intermediate_size); break;
+      case Dim::SharedIntermediate: s.push_back(c.shared_expert_intermediate_size); break;
+      case Dim::One: s.push_back(1); break;
     }
   }
   return s;

@@ -30,13 +30,22 @@ enum class Slot {
   Embed, FinalNorm, LmHead, Score, ScoreBias,                        // root unit
   InputNorm, Qkv, QkvBias, O, OBias, QNorm, KNorm, PostNorm,         // decoder layer
   GateUp, GateUpBias, Down, DownBias,
+  // mixture-of-experts layer: the router [experts, hidden], the shared expert's [gate;up],
+  // down and sigmoid gate, then every expert's [gate;up] and down, expert-major ([E·2I, H],
+  // [E·H, I]) and last in the layer's layout, so that a range of experts is one contiguous
+  // range of each expert slot (what expert parallelism splits over ranks).
+  Router, SharedGateUp, SharedDown, SharedGate,
+  ExpertGateUp, ExpertDown,
 };
 
 // A dimension of a tensor's shape, from config.json.
-enum class Dim { None, Hidden, Intermediate, QRows, KvRows, HeadDim, Vocab, Labels };
+enum class Dim { None, Hidden, Intermediate, QRows, KvRows, HeadDim, Vocab, Labels, Experts, MoeIntermediate,
+                 SharedIntermediate, One };
 
 // When a model of an engine family has the tensor (a Megatron key is mapped whenever present).
-enum class When { Always, Untied, ValueHead, ScoreBias, AttentionBias, OProjBias, QkNorm, MlpBias, Never };
+// DenseMlp / MoeLayer / SharedExpert: the layer's MLP is dense, sparse, sparse with a shared expert.
+enum class When { Always, Untied, ValueHead, ScoreBias, AttentionBias, OProjBias, QkNorm, MlpBias, DenseMlp, MoeLayer,
+                  SharedExpert, Never };
 
 struct TensorName {
   std::string_view hf;           // root: full name; layer: after "model.layers.<i>."; expert: after "{moe}.experts.<e>."
@@ -67,8 +76,9 @@ const FamilyNames& family_names(Family f);
 std::string fill_family(std::string_view tmpl, const FamilyNames& f);
 
 // Whether a model with config `c` has the row's tensor (`score_bias`: a value head's bias is
-// nn.Linear's default, present only when the checkpoint has it).
-bool model_has(const TensorName& t, const ModelConfig& c, bool score_bias);
+// nn.Linear's default, present only when the checkpoint has it; `layer`: the decoder layer of a
+// layer or expert row, whose MLP may be dense or sparse).
+bool model_has(const TensorName& t, const ModelConfig& c, bool score_bias, int layer = -1);
 // The row's shape for config `c`.
 std::vector<int64_t> shape_of(const TensorName& t, const ModelConfig& c);
 

@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "model/lm_head.h"
+#include "model/moe.h"
 #include "model/weights.h"
 
 namespace verl {
@@ -109,7 +110,10 @@ DecoderLayer layer_params(const std::vector<SlotView>& slots) {
       {&DecoderLayer::o_w, Slot::O},                {&DecoderLayer::o_b, Slot::OBias},
       {&DecoderLayer::q_norm, Slot::QNorm},         {&DecoderLayer::k_norm, Slot::KNorm},
       {&DecoderLayer::gate_up_w, Slot::GateUp},     {&DecoderLayer::gate_up_b, Slot::GateUpBias},
-      {&DecoderLayer::down_w, Slot::Down},          {&DecoderLayer::down_b, Slot::DownBias}};
+      {&DecoderLayer::down_w, Slot::Down},          {&DecoderLayer::down_b, Slot::DownBias},
+      {&DecoderLayer::router, Slot::Router},        {&DecoderLayer::experts_gate_up, Slot::ExpertGateUp},
+      {&DecoderLayer::experts_down, Slot::ExpertDown}, {&DecoderLayer::shared_gate_up, Slot::SharedGateUp},
+      {&DecoderLayer::shared_down, Slot::SharedDown}, {&DecoderLayer::shared_gate, Slot::SharedGate}};
   DecoderLayer l;
   for (const auto& [m, slot] : kSlots) l.*m = find_slot(slots, slot);
   return l;
@@ -229,8 +233,9 @@ at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::T
 at::Tensor Transformer::layer_forward(const DecoderLayer& l, const at::Tensor& h, const LayerContext& ctx) const {
   const ModelConfig& c = cfg_;
   at::Tensor x = h + attention(c, l, rms_norm(h, l.input_norm, c.rms_norm_eps), ctx.cos, ctx.sin, ctx.cu_seqlens, ctx.sp);
-  const std::vector<at::Tensor> gu =
-      at::linear(rms_norm(x, l.post_norm, c.rms_norm_eps), l.gate_up_w, l.gate_up_b).chunk(2, 1);
+  const at::Tensor y = rms_norm(x, l.post_norm, c.rms_norm_eps);
+  if (l.is_moe()) return x + moe_mlp(c, l, y, ctx.moe);
+  const std::vector<at::Tensor> gu = at::linear(y, l.gate_up_w, l.gate_up_b).chunk(2, 1);
   return x + at::linear(at::silu(gu[0]) * gu[1], l.down_w, l.down_b);
 }
 
@@ -248,6 +253,7 @@ at::Tensor Transformer::embed_and_layers(ParamProvider& p, const RootParams& r, 
   LayerContext ctx;
   ctx.cu_seqlens = cu;
   ctx.sp = row.sp;
+  ctx.moe = row.moe;
   rope_cos_sin(inv_freq_, row.position_ids, dtype_, &ctx.cos, &ctx.sin);
   // padding_idx: that row's gradient stays zero, as in transformers' nn.Embedding(padding_idx=pad_token_id).
   at::Tensor h = at::embedding(r.embed, row.input_ids, cfg_.pad_token_id);

@@ -1,4 +1,5 @@
-// transformer.h — the decoder-only transformer (Llama / Qwen2 / Qwen3) in libtorch, the one
+// transformer.h — the decoder-only transformer (Llama / Qwen2 / Qwen3, and the mixture-of-experts
+// Qwen2-MoE / Qwen3-MoE / Mixtral through model/moe.h) in libtorch, the one
 // forward of the engine, run on one packed row of variable-length sequences: RMSNorm, rotary
 // embeddings in HF's rotate-half convention, grouped-query attention that never crosses a
 // sequence boundary, SwiGLU MLP, and the heads: causal LM (`lm_head`, possibly tied; the
@@ -30,6 +31,12 @@ struct DecoderLayer {
   at::Tensor q_norm, k_norm;     // Qwen3
   at::Tensor gate_up_w, down_w;
   at::Tensor gate_up_b, down_b;  // Llama mlp_bias
+  // A mixture-of-experts layer (model/moe.h) instead of gate_up_w / down_w: the router
+  // [experts, hidden], every expert's [gate;up] [E·2I, hidden] and down [E·hidden, I], and
+  // Qwen2-MoE's shared expert ([gate;up], down, sigmoid gate [1, hidden]).
+  at::Tensor router, experts_gate_up, experts_down;
+  at::Tensor shared_gate_up, shared_down, shared_gate;
+  bool is_moe() const { return router.defined(); }
 };
 
 // The parameters outside the layers.
@@ -72,10 +79,13 @@ class SeqParallelAttention {
 // What every layer of one forward shares: rotary cos / sin [n, 1, head_dim], the row's
 // sequence offsets and, for a sequence-parallel slice, the exchange (cu_seqlens then describe
 // the whole row, n·sp tokens).
+struct MoeAux;  // model/moe.h
+
 struct LayerContext {
   at::Tensor cos, sin;
   std::vector<int64_t> cu_seqlens;
   const SeqParallelAttention* sp = nullptr;
+  MoeAux* moe = nullptr;  // mixture-of-experts layers: the load-balancing loss's statistics
 };
 
 // One packed row: sequences back to back, positions restarting per sequence, the labels of the
@@ -85,6 +95,7 @@ struct PackedRow {
   at::Tensor input_ids, position_ids, labels, temperature;
   std::vector<int64_t> cu_seqlens;
   const SeqParallelAttention* sp = nullptr;
+  MoeAux* moe = nullptr;  // set: collect the load-balancing loss (model/moe.h)
 };
 
 // Per-token outputs of a packed row, fp32 [n]: log_probs[t] scores labels[t].

@@ -30,22 +30,36 @@ std::string fmt_shape(const std::vector<int64_t>& s) {
 
 // The rows of `table` that a model with config `c` has, named by `name`.
 template <class Name>
-std::vector<WeightSpec> specs_of(std::span<const TensorName> table, const ModelConfig& c, bool score_bias, Name name) {
+std::vector<WeightSpec> specs_of(std::span<const TensorName> table, const ModelConfig& c, bool score_bias, int layer,
+                                 Name name) {
   std::vector<WeightSpec> p;
   for (const auto& t : table)
-    if (t.slot != Slot::None && model_has(t, c, score_bias)) p.push_back({name(t.hf), shape_of(t, c), t.slot});
+    if (t.slot != Slot::None && model_has(t, c, score_bias, layer)) p.push_back({name(t.hf), shape_of(t, c), t.slot});
   return p;
 }
 
 }  // namespace
 
 std::vector<WeightSpec> layer_weight_specs(const ModelConfig& c, int i) {
+  const FamilyNames& fam = family_names(c.family);
   const std::string prefix = "model.layers." + std::to_string(i) + ".";
-  return specs_of(layer_names(), c, false, [&](std::string_view hf) { return prefix + std::string(hf); });
+  std::vector<WeightSpec> r =
+      specs_of(layer_names(), c, false, i, [&](std::string_view hf) { return prefix + fill_family(hf, fam); });
+  // The experts last, slot by slot ([gate;up] of every expert, then every down), expert-major.
+  std::vector<Slot> slots;
+  for (const auto& t : expert_names())
+    if (t.slot != Slot::None && std::find(slots.begin(), slots.end(), t.slot) == slots.end()) slots.push_back(t.slot);
+  for (Slot slot : slots)
+    for (int e = 0; e < c.num_experts; ++e) {
+      const std::string ep = prefix + fill_family("{moe}", fam) + ".experts." + std::to_string(e) + ".";
+      for (const auto& t : expert_names())
+        if (t.slot == slot && model_has(t, c, false, i)) r.push_back({ep + fill_family(t.hf, fam), shape_of(t, c), t.slot});
+    }
+  return r;
 }
 
 std::vector<WeightSpec> root_weight_specs(const ModelConfig& c, bool score_bias) {
-  return specs_of(root_names(), c, score_bias, [](std::string_view hf) { return std::string(hf); });
+  return specs_of(root_names(), c, score_bias, -1, [](std::string_view hf) { return std::string(hf); });
 }
 
 std::vector<FlatParam> flat_layout(const std::vector<WeightSpec>& specs, int64_t* numel) {

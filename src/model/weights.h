@@ -1,8 +1,9 @@
 // weights.h — a HuggingFace folder's weights and what each model needs: WeightSet loads
 // tensors of model.safetensors (or a sharded index) by name as torch tensors; the spec lists
 // are the rows of the family name table (hf/names.h) that a config has, with their shapes,
-// per decoder layer in the order the fused views need ([q;k;v] and [gate;up] contiguous) and
-// for the root (embeddings, final norm, head). Both the single-device model and the
+// per decoder layer in the order the fused views need ([q;k;v] and [gate;up] contiguous; a
+// mixture-of-experts layer's router and shared expert, then its experts last, expert-major:
+// every expert's gate and up, then every down) and for the root (embeddings, final norm, head). Both the single-device model and the
 // FSDP-sharded model load through these, so the name table and its checks exist once.
 #pragma once
 #include <ATen/core/Tensor.h>

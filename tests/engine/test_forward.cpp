@@ -42,7 +42,8 @@ TEST_P(ForwardVsTransformers, RopeInvFreqMatches) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, ForwardVsTransformers,
-                         ::testing::Values("qwen2", "llama_tied", "llama_linear", "qwen3", "value"));
+                         ::testing::Values("qwen2", "llama_tied", "llama_linear", "qwen3", "value", "qwen2_moe",
+                                           "qwen3_moe", "mixtral", "moe_value"));
 
 TEST(Forward, PerSampleTemperature) {
   const std::string fx = engine_fixtures();

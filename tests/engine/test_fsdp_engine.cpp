@@ -47,7 +47,7 @@ TEST_P(FsdpEngineVsTransformers, InferBatchFixedAndDynamic) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, FsdpEngineVsTransformers,
-                         ::testing::Values("qwen2", "llama_tied", "qwen3", "value"));
+                         ::testing::Values("qwen2", "llama_tied", "qwen3", "value", "qwen2_moe", "mixtral", "moe_value"));
 
 TEST(FsdpEngine, PerTensorParamsAreTheHfWeights) {
   const std::string fx = engine_fixtures();

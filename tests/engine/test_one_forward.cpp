@@ -56,7 +56,7 @@ TEST_P(OneForward, ShardedEngineEqualsTheDenseModelBitForBit) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, OneForward, ::testing::Values("qwen2", "llama_tied", "qwen3", "value"));
+INSTANTIATE_TEST_SUITE_P(Families, OneForward, ::testing::Values("qwen2", "llama_tied", "qwen3", "value", "qwen3_moe", "mixtral"));
 
 // SFT-style loss over the packed row: −Σ log_probs · mask / n.
 at::Tensor row_loss(const TokenOutputs& t, const at::Tensor& mask) {

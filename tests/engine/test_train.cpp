@@ -2,7 +2,7 @@
 // k steps (merged from the sharded checkpoint with `verlcpp merge`) against an independent
 // reference trained with transformers + torch.optim.AdamW (+ verl's PPO loss) on one process
 // (tests/oracle/train_ref.py); fixed and dynamic micro-batching, gradient checkpointing,
-// hybrid sharding, Ulysses sequence parallelism; exact resume; a kill -9 during saving leaves a loadable checkpoint; bad
+// hybrid sharding, Ulysses sequence parallelism, an MoE model with its load-balancing loss; exact resume; a kill -9 during saving leaves a loadable checkpoint; bad
 // configuration gives one clear line.
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -107,6 +107,51 @@ TEST_F(Train, UlyssesSequenceParallelMatchesTorch) {
             0)
       << log;
   check("value_sp2", "ref_value_3.safetensors", "--rtol 1e-4", "critic");
+}
+
+TEST_F(Train, MoeSftWithLoadBalancingLossMatchesTransformers) {
+  // Qwen2-MoE (shared expert, a dense layer, output_router_logits with router_aux_loss_coef
+  // 0.2): the SFT loss + transformers' load-balancing loss of each micro-batch (a forward),
+  // weighted by its tokens. One micro-batch on one rank; two ranks × one micro-batch with
+  // gradient checkpointing (the recomputed forward must not count twice); two ranks × two.
+  // Parameters within 1e-4 (measured ≤ 3.5e-5; the losses agree to 7 digits): the dense cases'
+  // 1e-5 is crossed by AdamW turning ~1e-7 gradient differences of the routers into steps. A
+  // reference with the wrong grouping (one aux over the batch instead of four) differs by 0.76.
+  std::string log;
+  const fs::path fx = g_dir / "moe_fx";
+  ASSERT_EQ(run(train_oracle() + " make --family qwen2_moe --out " + q(fx) + " --seqs 16", &log), 0) << log;
+  struct Case {
+    std::string name;
+    int np, groups;
+    std::string extra;
+  };
+  const Case cases[] = {{"moe_np0", 0, 1, "micro_batch_size_per_gpu=8"},
+                        {"moe_np2_gc", 2, 2, "micro_batch_size_per_gpu=4 enable_gradient_checkpointing=true"},
+                        {"moe_np2_mb2", 2, 4, "micro_batch_size_per_gpu=2"}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const fs::path d = g_dir / c.name;
+    fs::create_directories(d);
+    fs::copy(fx, d / "fx", fs::copy_options::recursive);
+    ASSERT_EQ(run(train_oracle() + " ref --out " + q(d / "fx") + " --task sft --steps 3 --bs 8 --aux-groups " +
+                      std::to_string(c.groups),
+                  &log),
+              0)
+        << log;
+    ASSERT_EQ(run("cd " + q(d) + " && " + (c.np > 0 ? mpirun(c.np) : std::string()) + verlcpp_bin() +
+                      " train path=fx/model train_files=fx/data.safetensors train_batch_size=8 total_training_steps=3 "
+                      "lr=1e-3 shuffle=false default_local_dir=" + q(d / "ck") + " " + c.extra,
+                  &log),
+              0)
+        << log;
+    EXPECT_NE(log.find("moe_aux_loss"), std::string::npos) << log;
+    ASSERT_EQ(merge(c.name, 3, &log), 0) << log;
+    EXPECT_EQ(run(train_oracle() + " check --merged " + q(d / "merged") + " --ref " +
+                      q(d / "fx" / "ref_sft_3.safetensors") + " --rtol 1e-4",
+                  &log),
+              0)
+        << log;
+  }
 }
 
 TEST_F(Train, PpoMatchesVerlsPolicyLoss) {

@@ -48,6 +48,23 @@ def models():
                   transformers.Qwen3Config(num_key_value_heads=2, head_dim=32, **common), {}),
         "value": (transformers.Qwen2ForTokenClassification,
                   transformers.Qwen2Config(num_key_value_heads=2, num_labels=1, **common), {}),
+        # Mixture of experts: sparse and dense layers mixed (mlp_only_layers, decoder_sparse_step),
+        # a shared expert (Qwen2-MoE), top-k renormalised or not, a value head.
+        "qwen2_moe": (transformers.Qwen2MoeForCausalLM,
+                      transformers.Qwen2MoeConfig(num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+                                                  moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                                  norm_topk_prob=False, mlp_only_layers=[1],
+                                                  **{**common, "num_hidden_layers": 3}), {}),
+        "qwen3_moe": (transformers.Qwen3MoeForCausalLM,
+                      transformers.Qwen3MoeConfig(num_key_value_heads=2, head_dim=16, num_experts=8,
+                                                  num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=True,
+                                                  decoder_sparse_step=2, **{**common, "num_hidden_layers": 4}), {}),
+        "mixtral": (transformers.MixtralForCausalLM,
+                    transformers.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                               sliding_window=None, rope_theta=1e6, **common), {}),
+        "moe_value": (transformers.Qwen3MoeForTokenClassification,
+                      transformers.Qwen3MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                                  moe_intermediate_size=24, num_labels=1, **common), {}),
     }
 
 
@@ -68,7 +85,7 @@ def reference(model, seqs, temps, dtype):
     with torch.no_grad():
         out = m(input_ids=ids, attention_mask=mask).logits
     res = {}
-    if isinstance(m, transformers.Qwen2ForTokenClassification):
+    if type(m).__name__.endswith("ForTokenClassification"):
         res["values"] = torch.cat([out[i, : len(s), 0].float() for i, s in enumerate(seqs)])
         return res
     lps, ents = [], []

@@ -1,13 +1,14 @@
 """train_ref.py — fixtures and the independent reference for `verlcpp train`.
 
-  make  --out DIR [--family qwen2|llama] [--seqs N] [--seed S]
+  make  --out DIR [--family qwen2|llama|qwen2_moe] [--seqs N] [--seed S]
         a tiny random HF model (DIR/model, fp32 safetensors) and a data file DIR/data.safetensors
         in verlcpp train's format: input_ids, cu_seqlens, loss_mask, advantages, old_log_probs,
         ref_log_probs (every per-token field aligned like log-probs: position t is about token t+1).
   ref   --out DIR --task sft|ppo --steps K --bs B --lr LR --grad-clip C [--clip-ratio ...]
         trains the same model with transformers + torch.optim.AdamW on one process over the same
         global batches (samples [s*B, (s+1)*B) of the file, no shuffle), with verl's loss
-        (SFT: token-mean NLL over the batch; PPO: verl's compute_policy_loss_vanilla token-mean),
+        (SFT: token-mean NLL over the batch, + router_aux_loss_coef × transformers' load-balancing
+        loss per --aux-groups group when the config has output_router_logits; PPO: verl's compute_policy_loss_vanilla token-mean),
         and writes DIR/ref_<task>_<K>.safetensors (final parameters, HF names) + .json (losses).
   check --merged FOLDER --ref FILE.safetensors [--rtol R]
         max relative difference of every parameter (vs max |ref|), non-zero exit above rtol.
@@ -27,9 +28,18 @@ def make(a):
     torch.manual_seed(a.seed)
     common = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256)
+    moe = {}
     if a.family == "qwen2":
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=False)
         model = transformers.Qwen2ForCausalLM(cfg)
+    elif a.family == "qwen2_moe":
+        # A shared expert, one dense layer of three, and the load-balancing loss on (a large
+        # coefficient, so that it visibly moves the routers).
+        common["num_hidden_layers"] = 3
+        moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=40,
+                   mlp_only_layers=[1], output_router_logits=True, router_aux_loss_coef=0.2)
+        cfg = transformers.Qwen2MoeConfig(**common, **moe, tie_word_embeddings=False)
+        model = transformers.Qwen2MoeForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True)
         model = transformers.LlamaForCausalLM(cfg)
@@ -40,9 +50,9 @@ def make(a):
                 p.normal_(0, 0.08)
     model.save_pretrained(os.path.join(a.out, "model"), safe_serialization=True)
     # A critic of the same family: token classification with one label (verl's value model).
-    vcls = transformers.Qwen2ForTokenClassification if a.family == "qwen2" else transformers.LlamaForTokenClassification
+    vcls = getattr(transformers, type(model).__name__.replace("ForCausalLM", "ForTokenClassification"))
     # No dropout in the head (the engine implements none; RL critics train without it).
-    vcfg = type(cfg)(**common, num_labels=1, classifier_dropout=0.0)
+    vcfg = type(cfg)(**common, **moe, num_labels=1, classifier_dropout=0.0)
     critic = vcls(vcfg).float()
     with torch.no_grad():
         for p in critic.parameters():
@@ -68,17 +78,40 @@ def make(a):
                "ref_log_probs": ref, "returns": returns, "values": values}, os.path.join(a.out, "data.safetensors"))
 
 
-def token_log_probs(model, ids, cu):
-    """Per-token log p(token t+1 | <= t) of each sequence (0 at its last position), concatenated."""
+def token_log_probs(model, ids, cu, router_logits=None):
+    """Per-token log p(token t+1 | <= t) of each sequence (0 at its last position), concatenated.
+    `router_logits` (a list): receives each sequence's per-layer router logits (MoE models)."""
     out = []
     for i in range(len(cu) - 1):
         s, e = int(cu[i]), int(cu[i + 1])
         x = ids[s:e].unsqueeze(0)
-        logits = model(input_ids=x).logits[0].float()
+        if router_logits is not None:
+            o = model(input_ids=x, output_router_logits=True)
+            router_logits.append(o.router_logits)
+        else:
+            o = model(input_ids=x)
+        logits = o.logits[0].float()
         lp = torch.log_softmax(logits, -1)
         picked = lp[:-1].gather(1, x[0, 1:].unsqueeze(1)).squeeze(1)
         out.append(torch.cat([picked, picked.new_zeros(1)]))
     return torch.cat(out)
+
+
+def aux_loss(model, router_logits, lens, groups):
+    """transformers' load_balancing_loss_func over each of `groups` contiguous groups of the
+    batch's sequences (one forward each: the engine's micro-batches), weighted by its tokens."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    c = model.config
+    n, total = len(router_logits), sum(lens)
+    per = n // groups
+    loss = 0.0
+    for g in range(groups):
+        seqs = router_logits[g * per:(g + 1) * per]
+        layers = tuple(torch.cat([r[layer] for r in seqs], 0) for layer in range(len(seqs[0])))
+        tok = sum(lens[g * per:(g + 1) * per])
+        loss = loss + load_balancing_loss_func(layers, c.num_experts, c.num_experts_per_tok) * (tok / total)
+    return loss
 
 
 def pad(flat, cu):
@@ -125,11 +158,15 @@ def ref(a):
             loss = compute_value_loss(pad(vpreds, cu), pad(f["returns"], cu), pad(f["values"], cu), pad(mask, cu),
                                       cliprange_value=0.5, loss_agg_mode="token-mean")[0]
         else:
-            lp = token_log_probs(model, ids, cu)
+            rl = [] if getattr(model.config, "output_router_logits", False) else None
+            lp = token_log_probs(model, ids, cu, rl)
         if a.task == "value":
             pass
         elif a.task == "sft":
             loss = -(lp * mask).sum() / mask.sum()
+            if rl is not None:
+                lens = [int(cu[i + 1] - cu[i]) for i in range(len(cu) - 1)]
+                loss = loss + model.config.router_aux_loss_coef * aux_loss(model, rl, lens, a.aux_groups)
         else:
             from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
             from omegaconf import OmegaConf
@@ -145,7 +182,21 @@ def ref(a):
         torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
         opt.step()
         losses.append(loss.item())
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        # transformers 5 keeps a layer's experts fused ([E, 2I, H] / [E, H, I]); checkpoints and
+        # the engine name them one by one (what save_pretrained writes).
+        if k.endswith(".experts.gate_up_proj"):
+            half = v.shape[1] // 2
+            for e in range(v.shape[0]):
+                sd[k[: -len("gate_up_proj")] + f"{e}.gate_proj.weight"] = v[e, :half].contiguous()
+                sd[k[: -len("gate_up_proj")] + f"{e}.up_proj.weight"] = v[e, half:].contiguous()
+        elif k.endswith(".experts.down_proj"):
+            for e in range(v.shape[0]):
+                sd[k[: -len("down_proj")] + f"{e}.down_proj.weight"] = v[e].contiguous()
+        else:
+            sd[k] = v.contiguous()
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     base = os.path.join(a.out, f"ref_{a.task}_{a.steps}")
@@ -221,6 +272,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--clip-ratio", type=float, default=0.2)
+    ap.add_argument("--aux-groups", type=int, default=1,
+                    help="MoE: the load-balancing loss over this many contiguous groups of each batch (micro-batches)")
     ap.add_argument("--merged")
     ap.add_argument("--ref")
     ap.add_argument("--rtol", type=float, default=1e-5)
