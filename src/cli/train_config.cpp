@@ -100,6 +100,7 @@ const KeySpec kKeys[] = {
   // The trained model's engine (FSDP).
   {"dtype", Sec::Engine, Kind::Str, "fp32", "", "compute dtype: fp32, or bf16 (mixed precision: fp32 master weights and gradients); fp16 is not implemented", "param_dtype mixed_precision.param_dtype", kBoth, check_param_dtype},
   {"fsdp_size", Sec::Engine, Kind::Int, "-1", "-1|[1,inf)", "ranks per shard group: -1 all, else a divisor of the world (hybrid sharding)", "", kBoth, nullptr},
+  {"expert_parallel_size", Sec::Engine, Kind::Int, "1", "[1,inf)", "MoE: experts split over groups of this many consecutive ranks (a divisor of the world and of num_experts; not with hybrid sharding)", "", kBoth, nullptr},
   {"reshard_after_forward", Sec::Engine, Kind::Bool, "true", "", "free each unit's gathered parameters after its forward", "", kBoth, nullptr},
   {"forward_prefetch", Sec::Engine, Kind::Bool, "false", "", "accepted (collectives are blocking here)", "", kBoth, nullptr},
   {"param_offload", Sec::Engine, Kind::Bool, "false", "", "accepted: parameters already live in host memory on the CPU", "", kBoth, nullptr},
@@ -419,6 +420,7 @@ void read_job(const Values& v, TrainSettings& s) {
 void read_engine(const Values& v, const TrainSettings& s, EngineConfig& e) {
   e.param_dtype = v.str("dtype");
   e.fsdp.fsdp_size = static_cast<int>(v.integer("fsdp_size"));
+  e.fsdp.expert_parallel_size = static_cast<int>(v.integer("expert_parallel_size"));
   e.fsdp.reshard_after_forward = v.flag("reshard_after_forward");
   e.fsdp.gradient_checkpointing = v.flag("enable_gradient_checkpointing");
   e.fsdp.forward_prefetch = v.flag("forward_prefetch");

@@ -191,10 +191,12 @@ void agree(Comm& c, const std::string& err, const std::function<void()>& cleanup
 void write_fsdp_config(const fs::path& tmp, FsdpModel& model, int world) {
   // The flat-unit table: what `verlcpp merge` needs to cut parameters out of the shards.
   nlohmann::json units = nlohmann::json::array();
-  for (FlatUnit* u : model.units()) {
+  for (const FsdpModel::UnitInfo& u : model.unit_table()) {
     nlohmann::json ps = nlohmann::json::array();
-    for (const auto& p : u->params()) ps.push_back({{"name", p.name}, {"shape", p.shape}, {"offset", p.offset}});
-    units.push_back({{"name", u->name()}, {"numel", u->numel()}, {"shard_numel", u->shard_numel()}, {"params", ps}});
+    for (const auto& p : u.params) ps.push_back({{"name", p.name}, {"shape", p.shape}, {"offset", p.offset}});
+    nlohmann::json e = {{"name", u.name}, {"numel", u.numel}, {"shard_numel", u.shard_numel}, {"params", ps}};
+    if (!u.ranks.empty()) e["ranks"] = u.ranks;  // expert parallelism: who holds the shards, in order
+    units.push_back(std::move(e));
   }
   nlohmann::json fc = {{"FSDP_version", "verlcpp-flat-1"}, {"world_size", world},
                        {"fsdp_size", model.shard_comm().size()}, {"units", units}};

@@ -52,6 +52,12 @@ void validate(const EngineConfig& c, int world_size) {
   if (f != -1 && (f < 1 || f > world_size || world_size % f != 0))
     fail("fsdp_size = ", f, ": must be -1 (shard over all ranks) or a divisor of the world size (", world_size,
          world_size == 1 ? " rank)" : " ranks)");
+  const int ep = c.fsdp.expert_parallel_size;
+  if (ep < 1 || world_size % ep != 0)
+    fail("expert_parallel_size = ", ep, ": must be >= 1 and divide the world size (", world_size,
+         world_size == 1 ? " rank)" : " ranks)");
+  if (ep > 1 && f != -1 && f != world_size)
+    fail("expert_parallel_size = ", ep, " with fsdp_size = ", f, " (hybrid sharding) is not supported");
   const int sp = c.ulysses_sequence_parallel_size;
   if (sp < 1 || world_size % sp != 0)
     fail("ulysses_sequence_parallel_size = ", sp, ": must be >= 1 and divide the world size (", world_size,

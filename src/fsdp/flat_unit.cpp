@@ -73,6 +73,7 @@ void FlatUnit::reduce_grad(const at::Tensor& full_grad) {
   comm_->reduce_scatter(g.data_ptr(), out.data_ptr(), static_cast<size_t>(shard_), DType::F32, ReduceOp::Avg);
   if (replicate_ && replicate_->size() > 1)
     replicate_->all_reduce(out.data_ptr(), static_cast<size_t>(shard_), DType::F32, ReduceOp::Avg);
+  if (grad_scale_ != 1.0) out.mul_(grad_scale_);
   grad_t_.add_(out);
   pool_give_tensor(std::move(out));
 }

@@ -49,6 +49,9 @@ class FlatUnit {
   // Accumulates this rank's slice of the mean (over every data-parallel rank) of a full
   // flat gradient [padded or unpadded], any floating dtype.
   void reduce_grad(const at::Tensor& full_grad);
+  // A factor on every reduced gradient (expert parallelism: 1 / ep, since an expert unit's
+  // shard group holds W / ep ranks but its gradient sums the tokens of all W).
+  void set_grad_scale(double s) { grad_scale_ = s; }
   void zero_grad();
 
   // Copies `src` (any dtype, `p.shape`) into the part of this rank's master shard that
@@ -68,6 +71,7 @@ class FlatUnit {
   int64_t numel_ = 0, padded_ = 0, shard_ = 0;
   at::Tensor shard_t_, grad_t_, full_;
   bool unsharded_ = false;
+  double grad_scale_ = 1.0;
 };
 
 }  // namespace verl

@@ -19,6 +19,7 @@
 
 #include "dist/comm.h"
 #include "fsdp/buffer_pool.h"
+#include "fsdp/expert_parallel.h"
 #include "core/error.h"
 #include "model/transformer.h"
 #include "model/weights.h"
@@ -79,39 +80,44 @@ std::vector<SlotView> unshard_slots(FlatUnit* u, const at::Tensor& anchor) {
   return slots;
 }
 
-// A layer whose forward keeps nothing but its input; backward gathers the unit, recomputes
-// the layer with grad and back-propagates through it (reentrant checkpointing).
+// A layer whose forward keeps nothing but its input; backward gathers the layer's units,
+// recomputes the layer with grad and back-propagates through it (reentrant checkpointing).
 struct CheckpointFn : public torch::autograd::Function<CheckpointFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t unit, int64_t model, const at::Tensor& anchor,
-                            const at::Tensor& cos, const at::Tensor& sin, std::vector<int64_t> cu, int64_t sp, int64_t moe) {
-    auto* u = reinterpret_cast<FlatUnit*>(unit);
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t provider, int64_t layer, int64_t model,
+                            const at::Tensor& anchor, const at::Tensor& cos, const at::Tensor& sin, std::vector<int64_t> cu,
+                            int64_t sp, int64_t moe) {
+    auto* fm = reinterpret_cast<FsdpModel*>(provider);
     ctx->save_for_backward({x, cos, sin, anchor});
-    ctx->saved_data["unit"] = unit;
+    ctx->saved_data["provider"] = provider;
+    ctx->saved_data["layer"] = layer;
     ctx->saved_data["model"] = model;
     ctx->saved_data["cu"] = cu;
     ctx->saved_data["sp"] = sp;
     ctx->saved_data["moe"] = moe;
     const LayerContext lc{cos, sin, std::move(cu), reinterpret_cast<const SeqParallelAttention*>(sp),
                           reinterpret_cast<MoeAux*>(moe)};
-    return reinterpret_cast<const Transformer*>(model)->layer_forward(layer_views(u->params(), u->full()), x, lc);
+    return reinterpret_cast<const Transformer*>(model)->layer_forward(fm->layer_params_of(static_cast<int>(layer), nullptr),
+                                                                      x, lc);
   }
   static variable_list backward(AutogradContext* ctx, variable_list g) {
-    FlatUnit* u = unit_of(ctx);
+    auto* fm = reinterpret_cast<FsdpModel*>(ctx->saved_data["provider"].toInt());
+    const int layer = static_cast<int>(ctx->saved_data["layer"].toInt());
     const auto* model = reinterpret_cast<const Transformer*>(ctx->saved_data["model"].toInt());
     auto saved = ctx->get_saved_variables();
     const LayerContext lc{saved[1], saved[2], ctx->saved_data["cu"].toIntVector(),
                           reinterpret_cast<const SeqParallelAttention*>(ctx->saved_data["sp"].toInt()),
                           reinterpret_cast<MoeAux*>(ctx->saved_data["moe"].toInt())};
-    u->unshard();
+    fm->unshard_layer(layer);
     at::Tensor x = saved[0].detach().requires_grad_(true);
     at::Tensor out;
     {
       at::AutoGradMode on(true);
-      out = model->layer_forward(layer_params(unshard_slots(u, saved[3])), x, lc);
+      out = model->layer_forward(fm->layer_params_of(layer, &saved[3]), x, lc);
     }
     torch::autograd::backward({out}, {g[0]});
-    return {x.grad(),     at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    variable_list r(10);
+    r[0] = x.grad();
+    return r;
   }
 };
 
@@ -132,15 +138,94 @@ FsdpModel::FsdpModel(const std::string& config_dir, const std::string& weights_d
   shard_ = world.split(world.rank() / fs, world.rank());
   if (fs < W) replicate_ = world.split(world.rank() % fs, world.rank());
 
-  WeightSet w(weights_dir);
-  const auto specs = w.unit_specs(config());
-  for (size_t i = 0; i < specs.size(); ++i) {
-    auto u = std::make_unique<FlatUnit>(i == 0 ? "root" : "layer" + std::to_string(i - 1), specs[i], shard_.get(),
-                                        replicate_.get(), opt.compute_dtype);
-    for (const auto& p : u->params()) u->load_param(p, w.load(p.name, p.shape, at::kFloat));
-    if (i == 0) root_ = std::move(u);
-    else layers_.push_back(std::move(u));
+  const ModelConfig& c = config();
+  const int ep = opt.expert_parallel_size;
+  if (ep < 1) fail("expert_parallel_size = ", ep, ": must be >= 1");
+  if (ep > 1) {
+    if (c.num_experts <= 0)
+      fail("expert_parallel_size = ", ep, ": ", c.architecture, " has no experts (a mixture-of-experts model is needed)");
+    if (c.num_experts % ep)
+      fail("expert_parallel_size = ", ep, " does not divide num_experts = ", c.num_experts);
+    if (fs != W) fail("expert_parallel_size > 1 with hybrid sharding (fsdp_size ", opt.fsdp_size, " < ", W, ") is not supported");
+    ExpertGroups g = make_expert_groups(world, ep);
+    ep_comm_ = std::move(g.ep);
+    edp_comm_ = std::move(g.data);
+    ep_ = std::make_unique<ExpertGroup>(*ep_comm_);
   }
+
+  WeightSet w(weights_dir);
+  const auto specs = w.unit_specs(c);  // checks every key of the folder
+  auto load = [&](FlatUnit& u) {
+    for (const auto& p : u.params()) u.load_param(p, w.load(p.name, p.shape, at::kFloat));
+  };
+  root_ = std::make_unique<FlatUnit>("root", specs[0], shard_.get(), replicate_.get(), opt.compute_dtype);
+  load(*root_);
+  for (int i = 0; i < c.num_layers; ++i) {
+    const std::string name = "layer" + std::to_string(i);
+    const bool split = ep_ && c.is_moe_layer(i);
+    layers_.push_back(std::make_unique<FlatUnit>(name, split ? layer_dense_weight_specs(c, i) : specs[i + 1], shard_.get(),
+                                                 replicate_.get(), opt.compute_dtype));
+    load(*layers_.back());
+    experts_.emplace_back();
+    if (!split) continue;
+    // This rank's experts, sharded over its expert-data group (see fsdp/expert_parallel.h).
+    const int el = c.num_experts / ep, j = ep_->rank();
+    auto u = std::make_unique<FlatUnit>(expert_unit_name(i, j), expert_weight_specs(c, i, j * el, el), edp_comm_.get(),
+                                        nullptr, opt.compute_dtype);
+    u->set_grad_scale(1.0 / ep);
+    load(*u);
+    experts_.back() = std::move(u);
+  }
+}
+
+std::string FsdpModel::expert_unit_name(int layer, int ep_rank) {
+  return "layer" + std::to_string(layer) + ".experts" + std::to_string(ep_rank);
+}
+
+std::vector<FsdpModel::UnitInfo> FsdpModel::unit_table() const {
+  std::vector<UnitInfo> t;
+  auto add = [&](const FlatUnit& u) { t.push_back({u.name(), u.numel(), u.shard_numel(), u.params(), {}}); };
+  add(*root_);
+  for (const auto& l : layers_) add(*l);
+  const ModelConfig& c = config();
+  for (int i = 0; i < c.num_layers; ++i) {
+    if (!experts_[i]) continue;
+    // Every expert group's unit: the same layout with its own experts, held by the ranks with
+    // that place in their group (in world-rank order).
+    const int ep = ep_->size(), el = c.num_experts / ep, W = ep * edp_comm_->size();
+    for (int j = 0; j < ep; ++j) {
+      UnitInfo u{expert_unit_name(i, j), experts_[i]->numel(), experts_[i]->shard_numel(), {}, {}};
+      int64_t n = 0;
+      u.params = flat_layout(expert_weight_specs(c, i, j * el, el), &n);
+      for (int r = j; r < W; r += ep) u.ranks.push_back(r);
+      t.push_back(std::move(u));
+    }
+  }
+  return t;
+}
+
+void FsdpModel::unshard_layer(int i) {
+  layers_.at(i)->unshard();
+  if (experts_[i]) experts_[i]->unshard();
+}
+
+void FsdpModel::reshard_layer(int i) {
+  layers_.at(i)->reshard();
+  if (experts_[i]) experts_[i]->reshard();
+}
+
+DecoderLayer FsdpModel::layer_params_of(int i, const at::Tensor* anchor) {
+  auto slots_of = [&](FlatUnit* u) {
+    return anchor ? unshard_slots(u, *anchor) : slot_views(u->params(), u->full());
+  };
+  std::vector<SlotView> slots = slots_of(layers_.at(i).get());
+  if (FlatUnit* e = experts_[i].get()) {
+    const std::vector<SlotView> es = slots_of(e);
+    slots.insert(slots.end(), es.begin(), es.end());
+  }
+  DecoderLayer l = layer_params(slots);
+  if (experts_[i]) l.ep = ep_.get();
+  return l;
 }
 
 FsdpModel::~FsdpModel() = default;
@@ -148,12 +233,16 @@ FsdpModel::~FsdpModel() = default;
 std::vector<FlatUnit*> FsdpModel::units() {
   std::vector<FlatUnit*> r{root_.get()};
   for (auto& l : layers_) r.push_back(l.get());
+  for (auto& e : experts_)
+    if (e) r.push_back(e.get());
   return r;
 }
 
 int64_t FsdpModel::num_parameters() const {
   int64_t n = root_->numel();
   for (const auto& l : layers_) n += l->numel();
+  for (const auto& e : experts_)
+    if (e) n += e->numel() * ep_->size();  // every expert group's share
   return n;
 }
 
@@ -170,17 +259,21 @@ RootParams FsdpModel::root() { return root_params(config(), gathered(root_.get()
 
 at::Tensor FsdpModel::run_layer(const Transformer& model, int i, const at::Tensor& h, const LayerContext& ctx) {
   FlatUnit* u = layers_.at(i).get();
+  FlatUnit* e = experts_.at(i).get();
   const bool grad = at::GradMode::is_enabled();
   at::Tensor out;
+  unshard_layer(i);
   if (grad && opt_.gradient_checkpointing) {
-    u->unshard();
-    out = CheckpointFn::apply(h, reinterpret_cast<int64_t>(u), reinterpret_cast<int64_t>(&model), anchor(), ctx.cos,
+    out = CheckpointFn::apply(h, reinterpret_cast<int64_t>(this), i, reinterpret_cast<int64_t>(&model), anchor(), ctx.cos,
                               ctx.sin, ctx.cu_seqlens, reinterpret_cast<int64_t>(ctx.sp), reinterpret_cast<int64_t>(ctx.moe));
   } else {
-    out = model.layer_forward(layer_params(gathered(u)), h, ctx);
-    if (grad) out = PreBackwardFn::apply(out, reinterpret_cast<int64_t>(u));
+    out = model.layer_forward(layer_params_of(i, grad ? &anchor() : nullptr), h, ctx);
+    if (grad) {
+      out = PreBackwardFn::apply(out, reinterpret_cast<int64_t>(u));
+      if (e) out = PreBackwardFn::apply(out, reinterpret_cast<int64_t>(e));
+    }
   }
-  if (!grad || opt_.reshard_after_forward || opt_.gradient_checkpointing) u->reshard();
+  if (!grad || opt_.reshard_after_forward || opt_.gradient_checkpointing) reshard_layer(i);
   return out;
 }
 
@@ -191,9 +284,27 @@ void FsdpModel::end_forward() {
 }
 
 void FsdpModel::for_each_param(const std::function<void(const std::string&, const at::Tensor&)>& fn) {
-  for (FlatUnit* u : units()) {
+  std::vector<FlatUnit*> dense{root_.get()};
+  for (auto& l : layers_) dense.push_back(l.get());
+  for (FlatUnit* u : dense) {
     at::Tensor full = u->gather_full_fp32();
     for (const auto& p : u->params()) fn(p.name, param_view(full, p));
+  }
+  // Expert units: gathered inside the expert-data group, then every expert group's over ep.
+  const std::vector<UnitInfo> table = unit_table();
+  for (size_t i = 0; i < experts_.size(); ++i) {
+    FlatUnit* e = experts_[i].get();
+    if (!e) continue;
+    const at::Tensor mine = e->gather_full_fp32();
+    const int ep = ep_->size();
+    at::Tensor all = at::empty({ep * mine.numel()}, at::kFloat);
+    ep_comm_->all_gather(mine.data_ptr(), all.data_ptr(), static_cast<size_t>(mine.numel()), DType::F32);
+    for (int j = 0; j < ep; ++j) {
+      const std::string name = expert_unit_name(static_cast<int>(i), j);
+      for (const UnitInfo& u : table)
+        if (u.name == name)
+          for (const auto& p : u.params) fn(p.name, param_view(all.narrow(0, j * mine.numel(), mine.numel()), p));
+    }
   }
 }
 

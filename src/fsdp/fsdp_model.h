@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "fsdp/flat_unit.h"
+#include "model/moe.h"
 #include "model/transformer.h"
 
 namespace verl {
@@ -27,6 +28,10 @@ struct FsdpOptions {
   bool gradient_checkpointing = false;
   bool forward_prefetch = false;  // accepted: collectives are blocking here, so it changes nothing yet
   int fsdp_size = -1;             // < world: hybrid sharding (shard inside groups of fsdp_size)
+  // MoE: the experts of each sparse layer split over groups of this many consecutive ranks and
+  // FSDP-sharded inside their expert-data group (fsdp/expert_parallel.h); a divisor of the
+  // world and of num_experts, without hybrid sharding.
+  int expert_parallel_size = 1;
 };
 
 class FsdpModel : public ParamProvider {
@@ -52,6 +57,25 @@ class FsdpModel : public ParamProvider {
   at::Tensor run_layer(const Transformer& model, int i, const at::Tensor& h, const LayerContext& ctx) override;
   void end_forward() override;
 
+  // Every unit of the checkpoint's unit table, this rank's or not: under expert parallelism
+  // every expert group's unit of each sparse layer ("layer<i>.experts<j>"), with the world
+  // ranks that hold its shards in order (`ranks`; empty: the shard group of ranks 0..N-1).
+  struct UnitInfo {
+    std::string name;
+    int64_t numel = 0, shard_numel = 0;
+    std::vector<FlatParam> params;
+    std::vector<int> ranks;
+  };
+  std::vector<UnitInfo> unit_table() const;
+  static std::string expert_unit_name(int layer, int ep_rank);
+  int expert_parallel_size() const { return ep_ ? ep_->size() : 1; }
+
+  // For the autograd functions of fsdp_model.cpp: gather / free a layer's units (its experts'
+  // too), and its parameters from the gathered units (`anchor`: through UnshardFn).
+  void unshard_layer(int i);
+  void reshard_layer(int i);
+  DecoderLayer layer_params_of(int i, const at::Tensor* anchor);
+
   void zero_grad();
   // Every parameter as a full fp32 tensor, one at a time, in HF names (a collective).
   void for_each_param(const std::function<void(const std::string& name, const at::Tensor& full)>& fn);
@@ -63,6 +87,11 @@ class FsdpModel : public ParamProvider {
   std::unique_ptr<Comm> shard_, replicate_;
   std::unique_ptr<FlatUnit> root_;
   std::vector<std::unique_ptr<FlatUnit>> layers_;
+  // Expert parallelism: the ep and expert-data groups, and per layer this rank's expert unit
+  // (null for dense layers and at ep = 1, where the experts stay in the layer's unit).
+  std::unique_ptr<Comm> ep_comm_, edp_comm_;
+  std::unique_ptr<ExpertParallel> ep_;
+  std::vector<std::unique_ptr<FlatUnit>> experts_;
   std::vector<SlotView> gathered(FlatUnit* u);  // the unit's slots, through UnshardFn in grad mode
 };
 

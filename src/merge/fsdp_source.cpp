@@ -205,14 +205,40 @@ void FsdpSource::plan_flat_units(const nlohmann::json& j) {
   mesh_desc_ = "verlcpp flat units, shard group of " + std::to_string(fsdp) + ", reading " + std::to_string(fsdp) + " of " +
                std::to_string(world_) + " rank files";
   if (!j["units"].is_array()) fail(cfg.string(), ": 'units' must be a list");
+  // The file of world rank r (opened on first use: units of expert parallelism live on other
+  // shard groups' ranks too).
+  auto file_of = [&](int r) -> size_t {
+    for (size_t f = 0; f < file_rank_.size(); ++f)
+      if (file_rank_[f] == r) return f;
+    auto f = std::make_unique<TorchCheckpoint>(rank_file(dir_, world_, r));
+    check_file(*f, r);
+    files_.push_back(std::move(f));
+    file_rank_.push_back(r);
+    input_bytes_ += File(files_.back()->path()).size();
+    return files_.size() - 1;
+  };
   try {
     for (const auto& u : j["units"]) {
       const std::string uname = u.at("name").get<std::string>();
       const int64_t S = u.at("shard_numel").get<int64_t>(), numel = u.at("numel").get<int64_t>();
-      if (S * fsdp < numel)
-        fail(cfg.string(), ": unit '", uname, "': ", fsdp, " shards of ", S, " cannot hold ", numel, " elements");
+      // "ranks": the world ranks holding the unit's shards, in order (expert parallelism);
+      // otherwise the first shard group's.
+      std::vector<int> ranks;
+      if (u.contains("ranks")) {
+        ranks = u.at("ranks").get<std::vector<int>>();
+        if (ranks.empty()) fail(cfg.string(), ": unit '", uname, "': empty 'ranks'");
+        for (int r : ranks)
+          if (r < 0 || r >= world_) fail(cfg.string(), ": unit '", uname, "': rank ", r, " outside the world of ", world_);
+      } else {
+        for (int r = 0; r < fsdp; ++r) ranks.push_back(r);
+      }
+      const int nsh = static_cast<int>(ranks.size());
+      if (S * nsh < numel)
+        fail(cfg.string(), ": unit '", uname, "': ", nsh, " shards of ", S, " cannot hold ", numel, " elements");
       std::vector<std::pair<size_t, const CkptTensor*>> shards;
-      for (size_t f = 0; f < files_.size(); ++f) {
+      std::vector<size_t> shard_file;
+      for (int r : ranks) shard_file.push_back(file_of(r));
+      for (size_t f : shard_file) {
         const CkptTensor* t = files_[f]->find(uname + ".flat");
         if (!t) fail(files_[f]->path(), ": no '", uname, ".flat' (listed in ", cfg.string(), ")");
         if (t->dtensor || t->local.size.size() != 1 || t->local.size[0] != S)
@@ -227,7 +253,7 @@ void FsdpSource::plan_flat_units(const nlohmann::json& j) {
         Plan plan;
         plan.shard_dim = 0;
         plan.flat = true;
-        for (int r = 0; r < fsdp; ++r) {
+        for (int r = 0; r < nsh; ++r) {
           const int64_t lo = std::max(off, r * S), hi = std::min(off + n, (r + 1) * S);
           if (lo >= hi) continue;
           TensorRef ref = shards[r].second->local;
@@ -235,7 +261,8 @@ void FsdpSource::plan_flat_units(const nlohmann::json& j) {
           ref.size = {hi - lo};
           ref.stride = {1};
           synth_.push_back(ref);
-          plan.pieces.push_back({r, shards[r].first, lo - off, static_cast<int>(synth_.size()) - 1});
+          plan.pieces.push_back({static_cast<int>(shard_file[r]), shards[r].first, lo - off,
+                                 static_cast<int>(synth_.size()) - 1});
         }
         tensors_.push_back(std::move(st));
         plans_.push_back(std::move(plan));

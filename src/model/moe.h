@@ -6,7 +6,10 @@
 // families cast the k weights back to the compute dtype, Mixtral keeps fp32. The experts run as
 // grouped work: the (token, choice) pairs are sorted by expert and each expert's two matmuls run
 // once on its contiguous slice of the sorted tokens (experts with no token are skipped), then
-// the weighted outputs are summed back per token (index_add).
+// the weighted outputs are summed back per token (index_add). Under expert parallelism
+// (DecoderLayer::ep) the sorted rows travel to their expert's rank and back through two
+// all-to-alls, each rank's blocks padded to the largest count of the group (the counts per
+// expert go first, so every rank knows the layout of what it receives).
 //
 // The load-balancing loss (transformers' load_balancing_loss_func over every sparse layer's
 // router logits of one forward, a packed row having no padding):
@@ -28,6 +31,22 @@ namespace verl {
 
 struct ModelConfig;
 struct DecoderLayer;
+
+// Expert parallelism seen from the MoE layer (applied from outside: fsdp/expert_parallel.h
+// implements it). The experts are split over size() ranks in order (rank j holds experts
+// [j·E/size, (j+1)·E/size), the layer's expert slots hold only those); every rank routes its own
+// tokens, sends each (token, choice) row to the rank of its expert and gets the result back.
+class ExpertParallel {
+ public:
+  virtual ~ExpertParallel() = default;
+  virtual int size() const = 0;
+  virtual int rank() const = 0;
+  // Block j of `send` [size·m, ...] goes to rank j; returns [size·m, ...] with block i from
+  // rank i (m equal on every rank). Differentiable (its own adjoint); any dtype.
+  virtual at::Tensor all_to_all(const at::Tensor& send) const = 0;
+  // The largest `v` over the group.
+  virtual int64_t max(int64_t v) const = 0;
+};
 
 struct MoeAux {
   bool counting = true;     // the forward adds to counts / prob_sum / rows

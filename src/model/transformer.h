@@ -23,6 +23,8 @@
 
 namespace verl {
 
+class ExpertParallel;  // model/moe.h
+
 // One decoder layer's parameters (views: fused [q;k;v] and [gate;up] along the output dim).
 struct DecoderLayer {
   at::Tensor input_norm, post_norm;
@@ -36,6 +38,7 @@ struct DecoderLayer {
   // Qwen2-MoE's shared expert ([gate;up], down, sigmoid gate [1, hidden]).
   at::Tensor router, experts_gate_up, experts_down;
   at::Tensor shared_gate_up, shared_down, shared_gate;
+  const ExpertParallel* ep = nullptr;  // set: the expert slots hold this rank's experts only
   bool is_moe() const { return router.defined(); }
 };
 

@@ -40,21 +40,32 @@ std::vector<WeightSpec> specs_of(std::span<const TensorName> table, const ModelC
 
 }  // namespace
 
-std::vector<WeightSpec> layer_weight_specs(const ModelConfig& c, int i) {
+std::vector<WeightSpec> layer_dense_weight_specs(const ModelConfig& c, int i) {
   const FamilyNames& fam = family_names(c.family);
   const std::string prefix = "model.layers." + std::to_string(i) + ".";
-  std::vector<WeightSpec> r =
-      specs_of(layer_names(), c, false, i, [&](std::string_view hf) { return prefix + fill_family(hf, fam); });
-  // The experts last, slot by slot ([gate;up] of every expert, then every down), expert-major.
+  return specs_of(layer_names(), c, false, i, [&](std::string_view hf) { return prefix + fill_family(hf, fam); });
+}
+
+std::vector<WeightSpec> expert_weight_specs(const ModelConfig& c, int i, int first, int count) {
+  const FamilyNames& fam = family_names(c.family);
+  const std::string prefix = "model.layers." + std::to_string(i) + "." + fill_family("{moe}", fam) + ".experts.";
+  // Slot by slot ([gate;up] of every expert, then every down), expert-major.
   std::vector<Slot> slots;
   for (const auto& t : expert_names())
     if (t.slot != Slot::None && std::find(slots.begin(), slots.end(), t.slot) == slots.end()) slots.push_back(t.slot);
+  std::vector<WeightSpec> r;
   for (Slot slot : slots)
-    for (int e = 0; e < c.num_experts; ++e) {
-      const std::string ep = prefix + fill_family("{moe}", fam) + ".experts." + std::to_string(e) + ".";
+    for (int e = first; e < first + count; ++e)
       for (const auto& t : expert_names())
-        if (t.slot == slot && model_has(t, c, false, i)) r.push_back({ep + fill_family(t.hf, fam), shape_of(t, c), t.slot});
-    }
+        if (t.slot == slot && model_has(t, c, false, i))
+          r.push_back({prefix + std::to_string(e) + "." + fill_family(t.hf, fam), shape_of(t, c), t.slot});
+  return r;
+}
+
+std::vector<WeightSpec> layer_weight_specs(const ModelConfig& c, int i) {
+  std::vector<WeightSpec> r = layer_dense_weight_specs(c, i);
+  const std::vector<WeightSpec> e = expert_weight_specs(c, i, 0, c.num_experts);
+  r.insert(r.end(), e.begin(), e.end());
   return r;
 }
 

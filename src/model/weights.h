@@ -40,6 +40,10 @@ std::vector<FlatParam> flat_layout(const std::vector<WeightSpec>& specs, int64_t
 at::Tensor param_view(const at::Tensor& flat, const FlatParam& p);
 
 std::vector<WeightSpec> layer_weight_specs(const ModelConfig& c, int layer);
+// The same split for expert parallelism: everything but the experts, and the experts
+// [first, first + count) of an MoE layer (empty for a dense one), in layer_weight_specs' order.
+std::vector<WeightSpec> layer_dense_weight_specs(const ModelConfig& c, int layer);
+std::vector<WeightSpec> expert_weight_specs(const ModelConfig& c, int layer, int first, int count);
 // score.bias is nn.Linear's default: checkpoints may or may not carry it.
 std::vector<WeightSpec> root_weight_specs(const ModelConfig& c, bool score_bias);
 

@@ -127,7 +127,10 @@ TEST_F(Train, MoeSftWithLoadBalancingLossMatchesTransformers) {
   };
   const Case cases[] = {{"moe_np0", 0, 1, "micro_batch_size_per_gpu=8"},
                         {"moe_np2_gc", 2, 2, "micro_batch_size_per_gpu=4 enable_gradient_checkpointing=true"},
-                        {"moe_np2_mb2", 2, 4, "micro_batch_size_per_gpu=2"}};
+                        {"moe_np2_mb2", 2, 4, "micro_batch_size_per_gpu=2"},
+                        // Expert parallelism: the experts split over the two ranks; the merged
+                        // checkpoint has every expert under its HF name and loads in transformers.
+                        {"moe_np2_ep2", 2, 2, "micro_batch_size_per_gpu=4 expert_parallel_size=2"}};
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
     const fs::path d = g_dir / c.name;
@@ -147,7 +150,7 @@ TEST_F(Train, MoeSftWithLoadBalancingLossMatchesTransformers) {
     EXPECT_NE(log.find("moe_aux_loss"), std::string::npos) << log;
     ASSERT_EQ(merge(c.name, 3, &log), 0) << log;
     EXPECT_EQ(run(train_oracle() + " check --merged " + q(d / "merged") + " --ref " +
-                      q(d / "fx" / "ref_sft_3.safetensors") + " --rtol 1e-4",
+                      q(d / "fx" / "ref_sft_3.safetensors") + " --rtol 1e-4 --load",
                   &log),
               0)
         << log;

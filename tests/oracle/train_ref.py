@@ -10,7 +10,7 @@
         (SFT: token-mean NLL over the batch, + router_aux_loss_coef × transformers' load-balancing
         loss per --aux-groups group when the config has output_router_logits; PPO: verl's compute_policy_loss_vanilla token-mean),
         and writes DIR/ref_<task>_<K>.safetensors (final parameters, HF names) + .json (losses).
-  check --merged FOLDER --ref FILE.safetensors [--rtol R]
+  check --merged FOLDER --ref FILE.safetensors [--rtol R] [--load]
         max relative difference of every parameter (vs max |ref|), non-zero exit above rtol.
 """
 import argparse
@@ -209,6 +209,15 @@ def ref(a):
 def check(a):
     from safetensors.torch import load_file
 
+    if a.load:
+        # The merged folder loads in transformers with no missing or unexpected key.
+        import transformers
+
+        _, info = transformers.AutoModelForCausalLM.from_pretrained(a.merged, output_loading_info=True)
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if bad:
+            print(f"transformers loads {a.merged} with {bad}")
+            return 1
     ref = load_file(a.ref)
     merged = {}
     for fn in os.listdir(a.merged):
@@ -278,6 +287,7 @@ def main():
     ap.add_argument("--ref")
     ap.add_argument("--rtol", type=float, default=1e-5)
     ap.add_argument("--exact", action="store_true", help="bit-identical tensors")
+    ap.add_argument("--load", action="store_true", help="check: also load the merged folder with transformers")
     ap.add_argument("--update-rtol", type=float, default=None,
                     help="compare ||ours - ref|| / ||ref - init|| over all parameters instead (needs --init, --metrics)")
     ap.add_argument("--loss-rtol", type=float, default=1e-3)
