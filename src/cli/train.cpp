@@ -8,6 +8,7 @@
 
 #include <ATen/Parallel.h>
 #include <malloc.h>
+#include <sys/resource.h>
 
 #include <chrono>
 #include <cstdio>
@@ -155,6 +156,12 @@ int run_train(const TrainArgs& a) {
   if (lead)
     for (const auto& w : p.data.warnings) std::fprintf(stderr, "verlcpp: warning: %s\n", w.c_str());
   FsdpEngine engine(p.engine, *world);
+  // Peak RSS of building the engine (the model's shards, read straight from the safetensors
+  // files one tensor at a time, their gradients and AdamW state), max over ranks.
+  struct rusage ru;
+  ::getrusage(RUSAGE_SELF, &ru);
+  double build_rss = static_cast<double>(ru.ru_maxrss) / 1024.0;
+  world->all_reduce(&build_rss, 1, DType::F64, ReduceOp::Max);
   int64_t start = 0;
   if (!p.resume_dir.empty()) {
     engine.load_checkpoint(p.resume_dir);
@@ -164,10 +171,14 @@ int run_train(const TrainArgs& a) {
   MetricsLogger log(*world, metrics, s.task->role, s.total_training_steps);
   if (!p.resume_dir.empty()) log.message("resumed from " + p.resume_dir + " at step " + std::to_string(start));
   char banner[512];
-  const std::string sp = engine.sp_size() > 1 ? ", sequence parallel " + std::to_string(engine.sp_size()) : "";
-  std::snprintf(banner, sizeof banner, "verlcpp train: task %s, %s, %d rank(s) (%s%s), %lld sequences, batch %lld, %lld steps",
-                s.task->name.c_str(), engine.model_config().architecture.c_str(), world->size(), world->name().c_str(), sp.c_str(),
-                (long long)p.data.size(), (long long)s.train_batch_size, (long long)s.total_training_steps);
+  std::string par = engine.sp_size() > 1 ? ", sequence parallel " + std::to_string(engine.sp_size()) : "";
+  if (engine.model().expert_parallel_size() > 1) par += ", expert parallel " + std::to_string(engine.model().expert_parallel_size());
+  std::snprintf(banner, sizeof banner,
+                "verlcpp train: task %s, %s (%.1fM parameters), %d rank(s) (%s%s), %lld sequences, batch %lld, %lld steps; "
+                "engine built at peak RSS %.0f MiB per rank (max)",
+                s.task->name.c_str(), engine.model_config().architecture.c_str(),
+                static_cast<double>(engine.model().num_parameters()) / 1e6, world->size(), world->name().c_str(), par.c_str(),
+                (long long)p.data.size(), (long long)s.train_batch_size, (long long)s.total_training_steps, build_rss);
   log.message(banner);
   train_loop(s, p.data, engine, log, start);
   log.finish();

@@ -89,6 +89,15 @@ void FlatUnit::load_param(const FlatParam& p, const at::Tensor& src) {
   shard_t_.narrow(0, lo - b, hi - lo).copy_(flat.narrow(0, lo - p.offset, hi - lo));
 }
 
+bool FlatUnit::shard_part(const FlatParam& p, int64_t* first, at::Tensor* part) {
+  const int64_t b = shard_begin(), e = b + shard_;
+  const int64_t lo = std::max(b, p.offset), hi = std::min(e, p.offset + p.numel);
+  if (lo >= hi) return false;
+  *first = lo - p.offset;
+  *part = shard_t_.narrow(0, lo - b, hi - lo);
+  return true;
+}
+
 at::Tensor FlatUnit::gather(const at::Tensor& shard) const {
   if (shard.numel() != shard_ || shard.scalar_type() != at::kFloat)
     fail("fsdp unit ", name_, ": gather of a tensor that is not an fp32 shard of ", shard_, " elements");

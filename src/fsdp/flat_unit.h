@@ -57,6 +57,9 @@ class FlatUnit {
   // Copies `src` (any dtype, `p.shape`) into the part of this rank's master shard that
   // overlaps parameter p.
   void load_param(const FlatParam& p, const at::Tensor& src);
+  // The part of this rank's master shard that overlaps parameter p: its first element within
+  // p (row-major) and the shard's view of it. False when they do not overlap.
+  bool shard_part(const FlatParam& p, int64_t* first, at::Tensor* part);
   // The full fp32 flat buffer [padded] of the master shards, or of any fp32 [S] tensor laid
   // out like them (gradients, optimizer state): a collective over the shard group.
   at::Tensor gather_full_fp32() const { return gather(shard_t_); }

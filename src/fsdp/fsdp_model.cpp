@@ -155,8 +155,15 @@ FsdpModel::FsdpModel(const std::string& config_dir, const std::string& weights_d
 
   WeightSet w(weights_dir);
   const auto specs = w.unit_specs(c);  // checks every key of the folder
+  // Each rank reads only its shard's part of each tensor, straight from the mapped files: no
+  // rank ever holds a whole tensor, let alone the model (VeOmni's init_device=meta).
   auto load = [&](FlatUnit& u) {
-    for (const auto& p : u.params()) u.load_param(p, w.load(p.name, p.shape, at::kFloat));
+    for (const auto& p : u.params()) {
+      int64_t first = 0;
+      at::Tensor part;
+      if (!u.shard_part(p, &first, &part)) part = at::empty({0}, at::kFloat);  // none here: checked all the same
+      w.load_slice(p.name, p.shape, first, part);
+    }
   };
   root_ = std::make_unique<FlatUnit>("root", specs[0], shard_.get(), replicate_.get(), opt.compute_dtype);
   load(*root_);

@@ -38,6 +38,8 @@ class SafetensorsReader {
   const uint8_t* data(const StTensor& t) const { return file_.data() + data_start_ + t.begin; }
   uint64_t data_start() const { return data_start_; }
   void release(const StTensor& t) const { file_.release(data_start_ + t.begin, t.nbytes()); }
+  // The same for bytes [off, off + n) of the tensor.
+  void release_range(const StTensor& t, uint64_t off, uint64_t n) const { file_.release(data_start_ + t.begin + off, n); }
 
  private:
   MappedFile file_;

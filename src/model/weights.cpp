@@ -134,6 +134,24 @@ void WeightSet::check(const std::vector<WeightSpec>& want, const ModelConfig& c)
   throw Error(msg);
 }
 
+void WeightSet::load_slice(const std::string& name, const std::vector<int64_t>& shape, int64_t lo, at::Tensor& dst) const {
+  auto [r, t] = folder_->find(name);
+  if (t->shape != shape)
+    fail(r->path(), ": tensor '", name, "' has shape ", fmt_shape(t->shape), ", expected ", fmt_shape(shape),
+         " from config.json");
+  if (!dtype_is_float(t->dtype)) fail(r->path(), ": tensor '", name, "' has dtype ", dtype_st_name(t->dtype), ", expected a float type");
+  const at::ScalarType st = to_scalar_type(t->dtype, r->path() + ": '" + name + "'");
+  const int64_t n = dst.numel(), esz = static_cast<int64_t>(c10::elementSize(st));
+  int64_t total = 1;
+  for (auto d : shape) total *= d;
+  if (lo < 0 || lo + n > total) fail("internal: slice [", lo, ", ", lo + n, ") of '", name, "' outside its ", total, " elements");
+  // Row-major: the flat slice is one contiguous byte range of the mapped file, converted in one
+  // copy; its pages are released after.
+  const uint8_t* src = r->data(*t) + lo * esz;
+  dst.copy_(at::from_blob(const_cast<uint8_t*>(src), {n}, at::TensorOptions().dtype(st)));
+  r->release_range(*t, lo * esz, n * esz);
+}
+
 at::Tensor WeightSet::load(const std::string& name, const std::vector<int64_t>& shape, at::ScalarType dtype) const {
   auto [r, t] = folder_->find(name);
   if (t->shape != shape)

@@ -61,6 +61,9 @@ class WeightSet {
   std::vector<std::vector<WeightSpec>> unit_specs(const ModelConfig& c) const;
   // Copies a tensor out of the mapping, checks its shape, converts to dtype.
   at::Tensor load(const std::string& name, const std::vector<int64_t>& shape, at::ScalarType dtype) const;
+  // Elements [lo, lo + dst.numel()) of the tensor in row-major order, converted into `dst`
+  // straight from the mapping (no copy of the whole tensor: what a rank of a sharded model reads).
+  void load_slice(const std::string& name, const std::vector<int64_t>& shape, int64_t lo, at::Tensor& dst) const;
 
  private:
   std::unique_ptr<HfFolder> folder_;
