@@ -101,6 +101,13 @@ const KeySpec kKeys[] = {
   {"dtype", Sec::Engine, Kind::Str, "fp32", "", "compute dtype: fp32, or bf16 (mixed precision: fp32 master weights and gradients); fp16 is not implemented", "param_dtype mixed_precision.param_dtype", kBoth, check_param_dtype},
   {"fsdp_size", Sec::Engine, Kind::Int, "-1", "-1|[1,inf)", "ranks per shard group: -1 all, else a divisor of the world (hybrid sharding)", "", kBoth, nullptr},
   {"expert_parallel_size", Sec::Engine, Kind::Int, "1", "[1,inf)", "MoE: experts split over groups of this many consecutive ranks (a divisor of the world and of num_experts; not with hybrid sharding)", "", kBoth, nullptr},
+  // VeOmni's engine fields (verl's VeOmniEngineConfig), as far as they apply on the CPU.
+  {"init_device", Sec::Engine, Kind::Str, "meta", "meta|cpu", "where parameters are built: meta and cpu both read each rank's shard straight from the safetensors files (no rank holds the model); cuda / npu are not available in this build", "", kBoth, nullptr},
+  {"enable_full_shard", Sec::Engine, Kind::Bool, "true", "", "false: no sharding, every rank holds a whole replica and gradients are averaged (DDP; fsdp_size 1)", "", kBoth, nullptr},
+  {"enable_reentrant", Sec::Engine, Kind::Bool, "true", "", "accepted: gradient checkpointing recomputes each layer in its backward either way (same numbers)", "", kBoth, nullptr},
+  {"enable_fsdp_offload", Sec::Engine, Kind::Bool, "false", "", "accepted: parameters already live in host memory on the CPU", "", kBoth, nullptr},
+  {"moe_implementation", Sec::Engine, Kind::Str, "fused", "eager|fused", "MoE experts: both run the one grouped implementation (each expert's matmuls over the tokens routed to it)", "", kBoth, nullptr},
+  {"attn_implementation", Sec::Engine, Kind::Str, "sdpa", "eager|sdpa|flash_attention_2|flash_attention_3", "attention is SDPA within each packed sequence on the CPU whatever the name (the same math)", "", kBoth, nullptr},
   {"reshard_after_forward", Sec::Engine, Kind::Bool, "true", "", "free each unit's gathered parameters after its forward", "", kBoth, nullptr},
   {"forward_prefetch", Sec::Engine, Kind::Bool, "false", "", "accepted (collectives are blocking here)", "", kBoth, nullptr},
   {"param_offload", Sec::Engine, Kind::Bool, "false", "", "accepted: parameters already live in host memory on the CPU", "", kBoth, nullptr},
@@ -420,6 +427,11 @@ void read_job(const Values& v, TrainSettings& s) {
 void read_engine(const Values& v, const TrainSettings& s, EngineConfig& e) {
   e.param_dtype = v.str("dtype");
   e.fsdp.fsdp_size = static_cast<int>(v.integer("fsdp_size"));
+  if (!v.flag("enable_full_shard")) {
+    if (e.fsdp.fsdp_size != -1 && e.fsdp.fsdp_size != 1)
+      fail("config: enable_full_shard false (a whole replica per rank) contradicts fsdp_size ", e.fsdp.fsdp_size);
+    e.fsdp.fsdp_size = 1;
+  }
   e.fsdp.expert_parallel_size = static_cast<int>(v.integer("expert_parallel_size"));
   e.fsdp.reshard_after_forward = v.flag("reshard_after_forward");
   e.fsdp.gradient_checkpointing = v.flag("enable_gradient_checkpointing");

@@ -178,6 +178,39 @@ TEST_F(TrainCli, UlyssesSizeMustDivideTheWorldAndTheHeads) {
   expect_refused("sp0", "ulysses_sequence_parallel_size=0", {"ulysses_sequence_parallel_size", "0"});
 }
 
+TEST_F(TrainCli, VeOmniEngineFields) {
+  // Accepted where they apply; cuda / a wrong name / a contradiction is one line.
+  expect_refused("init_cuda", "init_device=cuda", {"init_device", "cuda", "meta|cpu"});
+  expect_refused("moe_impl", "moe_implementation=triton", {"moe_implementation", "triton"});
+  expect_refused("attn_impl", "attn_implementation=native-sparse", {"attn_implementation", "native-sparse"});
+  expect_refused("full_shard", "enable_full_shard=false fsdp_size=2", {"enable_full_shard", "fsdp_size 2"}, 2);
+  expect_refused("ep_dense", "expert_parallel_size=2", {"expert_parallel_size = 2", "has no experts"}, 2);
+  expect_refused("ep3", "expert_parallel_size=3", {"expert_parallel_size = 3", "divide the world size"}, 2);
+}
+
+TEST_F(TrainCli, EnableFullShardFalseIsDdpAndMatchesTorch) {
+  // Whole replicas on 2 ranks (gradients averaged), VeOmni's other fields set: transformers +
+  // torch AdamW's parameters, as with sharding.
+  const fs::path ref = g_dir / "ddp_ref";
+  fs::create_directories(ref);
+  fs::create_symlink(g_dir / "model", ref / "model");
+  fs::create_symlink(g_dir / "data.safetensors", ref / "data.safetensors");
+  std::string log;
+  ASSERT_EQ(run(train_oracle() + " ref --out " + q(ref) + " --task sft --steps 3 --bs 8", &log), 0) << log;
+  const Cli c = train("ddp", 2,
+                      "lr=1e-3 enable_full_shard=false init_device=meta enable_reentrant=false moe_implementation=eager "
+                      "attn_implementation=flash_attention_2 enable_fsdp_offload=true micro_batch_size_per_gpu=2");
+  ASSERT_EQ(c.rc, 0) << c.out << c.err;
+  const fs::path role = g_dir / "ddp" / "ck" / "global_step_3" / "actor";
+  EXPECT_NE(read_text_file((role / "fsdp_config.json").string()).find("\"fsdp_size\": 1"), std::string::npos);
+  ASSERT_EQ(merge(role, g_dir / "ddp" / "merged", &log), 0) << log;
+  EXPECT_EQ(run(train_oracle() + " check --merged " + q(g_dir / "ddp" / "merged") + " --ref " +
+                    q(ref / "ref_sft_3.safetensors"),
+                &log),
+            0)
+      << log;
+}
+
 TEST_F(TrainCli, Fp16IsRefused) {
   expect_refused("fp16", "param_dtype=fp16", {"param_dtype", "fp16 is not implemented"});
   expect_refused("fp16b", "actor_rollout_ref.actor.fsdp_config.dtype=float16", {"float16 is not implemented"});
