@@ -106,6 +106,17 @@ class TrainCli : public ::testing::Test {
     save_st((g_dir / (name + ".safetensors")).string(), d);
     return "train_files=" + name + ".safetensors";
   }
+  // <g_dir>/<name>/ref_sft_3.safetensors: train_ref.py's SFT reference (3 steps, batch 8) on
+  // the fixture's model and data with `args`.
+  static fs::path reference(const std::string& name, const std::string& args) {
+    const fs::path ref = g_dir / name;
+    fs::create_directories(ref);
+    fs::create_symlink(g_dir / "model", ref / "model");
+    fs::create_symlink(g_dir / "data.safetensors", ref / "data.safetensors");
+    std::string log;
+    EXPECT_EQ(run(train_oracle() + " ref --out " + q(ref) + " --task sft --steps 3 --bs 8 " + args, &log), 0) << log;
+    return ref;
+  }
   static int merge(const fs::path& role_dir, const fs::path& out, std::string* log) {
     return run(verlcpp_bin() + " merge -q --backend fsdp --dtype fp32 --overwrite --local_dir " + q(role_dir) +
                    " --target_dir " + q(out),
@@ -142,12 +153,8 @@ TEST_F(TrainCli, GradClipNegativeIsRefused) {
 TEST_F(TrainCli, GradClipZeroMeansNoClipping) {
   // References: transformers + torch AdamW without clipping (max_norm=inf is the identity) and
   // with the default clip 1.0; this data's gradient norms are above 1, so the two differ.
-  const fs::path ref = g_dir / "noclip_ref";
-  fs::create_directories(ref);
-  fs::create_symlink(g_dir / "model", ref / "model");
-  fs::create_symlink(g_dir / "data.safetensors", ref / "data.safetensors");
+  const fs::path ref = reference("noclip_ref", "--grad-clip inf");
   std::string log;
-  ASSERT_EQ(run(train_oracle() + " ref --out " + q(ref) + " --task sft --steps 3 --bs 8 --grad-clip inf", &log), 0) << log;
   ASSERT_EQ(run(train_oracle() + " ref --out " + q(g_dir) + " --task sft --steps 3 --bs 8 --grad-clip 1", &log), 0) << log;
   const Cli c = train("gc_zero", 0, "grad_clip=0 lr=1e-3 micro_batch_size_per_gpu=3");
   ASSERT_EQ(c.rc, 0) << c.out << c.err;
@@ -191,12 +198,8 @@ TEST_F(TrainCli, VeOmniEngineFields) {
 TEST_F(TrainCli, EnableFullShardFalseIsDdpAndMatchesTorch) {
   // Whole replicas on 2 ranks (gradients averaged), VeOmni's other fields set: transformers +
   // torch AdamW's parameters, as with sharding.
-  const fs::path ref = g_dir / "ddp_ref";
-  fs::create_directories(ref);
-  fs::create_symlink(g_dir / "model", ref / "model");
-  fs::create_symlink(g_dir / "data.safetensors", ref / "data.safetensors");
+  const fs::path ref = reference("ddp_ref", "");
   std::string log;
-  ASSERT_EQ(run(train_oracle() + " ref --out " + q(ref) + " --task sft --steps 3 --bs 8", &log), 0) << log;
   const Cli c = train("ddp", 2,
                       "lr=1e-3 enable_full_shard=false init_device=meta enable_reentrant=false moe_implementation=eager "
                       "attn_implementation=flash_attention_2 enable_fsdp_offload=true micro_batch_size_per_gpu=2");
