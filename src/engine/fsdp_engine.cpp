@@ -84,14 +84,16 @@ StepMetrics FsdpEngine::forward_backward_batch(const Batch& batch, const LossFn&
   const std::vector<int64_t> lens = seq->second.lengths();
   const int B = static_cast<int>(lens.size());
 
-  // Global normalisation: loss tokens and sequences of the whole batch (all dp ranks; the ranks
-  // of an sp group hold the same data, so the sum runs over the dp group).
-  double stats[2] = {0, static_cast<double>(B)};
+  // Global normalisation: loss tokens, sequences and all tokens of the whole batch (all dp ranks;
+  // the ranks of an sp group hold the same data, so the sum runs over the dp group). All tokens
+  // weigh the MoE load-balancing loss below.
+  double stats[3] = {0, static_cast<double>(B), 0};
+  for (auto l : lens) stats[2] += static_cast<double>(l);
   if (auto m = batch.sequences.find("loss_mask"); m != batch.sequences.end())
     stats[0] = m->second.values.to(at::kDouble).sum().item<double>();
   else
-    for (auto l : lens) stats[0] += static_cast<double>(l);
-  (groups_.dp ? *groups_.dp : world_).all_reduce(stats, 2, DType::F64, ReduceOp::Sum);
+    stats[0] = stats[2];
+  (groups_.dp ? *groups_.dp : world_).all_reduce(stats, 3, DType::F64, ReduceOp::Sum);
   GlobalBatchInfo g;
   g.dp_size = dp_size();
   g.batch_num_tokens = stats[0];
@@ -113,9 +115,7 @@ StepMetrics FsdpEngine::forward_backward_batch(const Batch& batch, const LossFn&
   const bool aux_on = mc.num_experts > 0 && mc.output_router_logits;
   if (aux_on && ulysses_)
     fail("output_router_logits (the MoE load-balancing loss) is not supported with ulysses_sequence_parallel_size > 1");
-  double batch_tokens = 0;
-  for (auto l : lens) batch_tokens += static_cast<double>(l);
-  if (aux_on) (groups_.dp ? *groups_.dp : world_).all_reduce(&batch_tokens, 1, DType::F64, ReduceOp::Sum);
+  const double batch_tokens = stats[2];
   for (const auto& idx : parts) {
     Batch micro = batch.select(idx);
     ModelInputs in = prepare_model_inputs(micro, cfg_.temperature, ulysses_.get());

@@ -80,15 +80,6 @@ void FlatUnit::reduce_grad(const at::Tensor& full_grad) {
 
 void FlatUnit::zero_grad() { grad_t_.zero_(); }
 
-void FlatUnit::load_param(const FlatParam& p, const at::Tensor& src) {
-  if (src.numel() != p.numel) fail("fsdp unit ", name_, ": '", p.name, "' has ", src.numel(), " elements, expected ", p.numel);
-  const int64_t b = shard_begin(), e = b + shard_;
-  const int64_t lo = std::max(b, p.offset), hi = std::min(e, p.offset + p.numel);
-  if (lo >= hi) return;
-  at::Tensor flat = src.reshape({-1});
-  shard_t_.narrow(0, lo - b, hi - lo).copy_(flat.narrow(0, lo - p.offset, hi - lo));
-}
-
 bool FlatUnit::shard_part(const FlatParam& p, int64_t* first, at::Tensor* part) {
   const int64_t b = shard_begin(), e = b + shard_;
   const int64_t lo = std::max(b, p.offset), hi = std::min(e, p.offset + p.numel);

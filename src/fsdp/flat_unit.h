@@ -54,9 +54,6 @@ class FlatUnit {
   void set_grad_scale(double s) { grad_scale_ = s; }
   void zero_grad();
 
-  // Copies `src` (any dtype, `p.shape`) into the part of this rank's master shard that
-  // overlaps parameter p.
-  void load_param(const FlatParam& p, const at::Tensor& src);
   // The part of this rank's master shard that overlaps parameter p: its first element within
   // p (row-major) and the shard's view of it. False when they do not overlap.
   bool shard_part(const FlatParam& p, int64_t* first, at::Tensor* part);

@@ -199,16 +199,21 @@ std::vector<FsdpModel::UnitInfo> FsdpModel::unit_table() const {
     if (!experts_[i]) continue;
     // Every expert group's unit: the same layout with its own experts, held by the ranks with
     // that place in their group (in world-rank order).
-    const int ep = ep_->size(), el = c.num_experts / ep, W = ep * edp_comm_->size();
+    const int ep = ep_->size(), W = ep * edp_comm_->size();
     for (int j = 0; j < ep; ++j) {
-      UnitInfo u{expert_unit_name(i, j), experts_[i]->numel(), experts_[i]->shard_numel(), {}, {}};
-      int64_t n = 0;
-      u.params = flat_layout(expert_weight_specs(c, i, j * el, el), &n);
+      UnitInfo u{expert_unit_name(i, j), experts_[i]->numel(), experts_[i]->shard_numel(), expert_layout(i, j), {}};
       for (int r = j; r < W; r += ep) u.ranks.push_back(r);
       t.push_back(std::move(u));
     }
   }
   return t;
+}
+
+std::vector<FlatParam> FsdpModel::expert_layout(int layer, int ep_rank) const {
+  const ModelConfig& c = config();
+  const int el = c.num_experts / ep_->size();
+  int64_t n = 0;
+  return flat_layout(expert_weight_specs(c, layer, ep_rank * el, el), &n);
 }
 
 void FsdpModel::unshard_layer(int i) {
@@ -298,7 +303,6 @@ void FsdpModel::for_each_param(const std::function<void(const std::string&, cons
     for (const auto& p : u->params()) fn(p.name, param_view(full, p));
   }
   // Expert units: gathered inside the expert-data group, then every expert group's over ep.
-  const std::vector<UnitInfo> table = unit_table();
   for (size_t i = 0; i < experts_.size(); ++i) {
     FlatUnit* e = experts_[i].get();
     if (!e) continue;
@@ -306,12 +310,9 @@ void FsdpModel::for_each_param(const std::function<void(const std::string&, cons
     const int ep = ep_->size();
     at::Tensor all = at::empty({ep * mine.numel()}, at::kFloat);
     ep_comm_->all_gather(mine.data_ptr(), all.data_ptr(), static_cast<size_t>(mine.numel()), DType::F32);
-    for (int j = 0; j < ep; ++j) {
-      const std::string name = expert_unit_name(static_cast<int>(i), j);
-      for (const UnitInfo& u : table)
-        if (u.name == name)
-          for (const auto& p : u.params) fn(p.name, param_view(all.narrow(0, j * mine.numel(), mine.numel()), p));
-    }
+    for (int j = 0; j < ep; ++j)
+      for (const auto& p : expert_layout(static_cast<int>(i), j))
+        fn(p.name, param_view(all.narrow(0, j * mine.numel(), mine.numel()), p));
   }
 }
 

@@ -93,6 +93,8 @@ class FsdpModel : public ParamProvider {
   std::unique_ptr<ExpertParallel> ep_;
   std::vector<std::unique_ptr<FlatUnit>> experts_;
   std::vector<SlotView> gathered(FlatUnit* u);  // the unit's slots, through UnshardFn in grad mode
+  // The flat layout of expert group `ep_rank`'s unit of a sparse layer (its own experts).
+  std::vector<FlatParam> expert_layout(int layer, int ep_rank) const;
 };
 
 }  // namespace verl

@@ -134,12 +134,18 @@ void WeightSet::check(const std::vector<WeightSpec>& want, const ModelConfig& c)
   throw Error(msg);
 }
 
-void WeightSet::load_slice(const std::string& name, const std::vector<int64_t>& shape, int64_t lo, at::Tensor& dst) const {
+std::pair<const SafetensorsReader*, const StTensor*> WeightSet::find_checked(const std::string& name,
+                                                                             const std::vector<int64_t>& shape) const {
   auto [r, t] = folder_->find(name);
   if (t->shape != shape)
     fail(r->path(), ": tensor '", name, "' has shape ", fmt_shape(t->shape), ", expected ", fmt_shape(shape),
          " from config.json");
   if (!dtype_is_float(t->dtype)) fail(r->path(), ": tensor '", name, "' has dtype ", dtype_st_name(t->dtype), ", expected a float type");
+  return {r, t};
+}
+
+void WeightSet::load_slice(const std::string& name, const std::vector<int64_t>& shape, int64_t lo, at::Tensor& dst) const {
+  auto [r, t] = find_checked(name, shape);
   const at::ScalarType st = to_scalar_type(t->dtype, r->path() + ": '" + name + "'");
   const int64_t n = dst.numel(), esz = static_cast<int64_t>(c10::elementSize(st));
   int64_t total = 1;
@@ -153,11 +159,7 @@ void WeightSet::load_slice(const std::string& name, const std::vector<int64_t>& 
 }
 
 at::Tensor WeightSet::load(const std::string& name, const std::vector<int64_t>& shape, at::ScalarType dtype) const {
-  auto [r, t] = folder_->find(name);
-  if (t->shape != shape)
-    fail(r->path(), ": tensor '", name, "' has shape ", fmt_shape(t->shape), ", expected ", fmt_shape(shape),
-         " from config.json");
-  if (!dtype_is_float(t->dtype)) fail(r->path(), ": tensor '", name, "' has dtype ", dtype_st_name(t->dtype), ", expected a float type");
+  auto [r, t] = find_checked(name, shape);
   return read_st_tensor(*r, *t).to(dtype);
 }
 

@@ -20,6 +20,8 @@
 namespace verl {
 
 class HfFolder;
+class SafetensorsReader;
+struct StTensor;
 
 struct WeightSpec {
   std::string name;             // e.g. "model.layers.3.self_attn.q_proj.weight"
@@ -66,6 +68,9 @@ class WeightSet {
   void load_slice(const std::string& name, const std::vector<int64_t>& shape, int64_t lo, at::Tensor& dst) const;
 
  private:
+  // The tensor's file and entry, its shape checked against `shape` and its dtype a float type.
+  std::pair<const SafetensorsReader*, const StTensor*> find_checked(const std::string& name,
+                                                                    const std::vector<int64_t>& shape) const;
   std::unique_ptr<HfFolder> folder_;
 };
 
