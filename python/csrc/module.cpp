@@ -11,6 +11,7 @@
 #include <set>
 
 #include "c10d_comm.h"
+#include "dist/shm_comm.h"
 #include "core/error.h"
 #include "engine/engine_config.h"
 #include "engine/forward_step.h"
@@ -104,15 +105,17 @@ class PyEngine {
     guarded([&] {
       const nlohmann::json j = nlohmann::json::parse(config_json);
       const EngineConfig cfg = engine_config_from_json(j);
-      comm_ = make_c10d_comm(group_name, timeout_s);
-      UlyssesGroups groups;
       if (sp_group_name.empty() != dp_group_name.empty())
         fail("sequence parallelism needs both the sp and the dp group name (got only one)");
-      if (!sp_group_name.empty()) {
-        groups.sp = make_c10d_comm(sp_group_name, timeout_s);
-        groups.dp = make_c10d_comm(dp_group_name, timeout_s);
-      }
       py::gil_scoped_release nogil;
+      // Ranks on one host exchange through shared memory: gloo reduce-scatters with a TCP
+      // all-reduce, ~250 ms for one 28 MB unit gradient over 2 ranks (see dist/shm_comm.h).
+      comm_ = make_shm_comm(make_c10d_comm(group_name, timeout_s), timeout_s);
+      UlyssesGroups groups;
+      if (!sp_group_name.empty()) {
+        groups.sp = make_shm_comm(make_c10d_comm(sp_group_name, timeout_s), timeout_s);
+        groups.dp = make_shm_comm(make_c10d_comm(dp_group_name, timeout_s), timeout_s);
+      }
       engine_ = std::make_unique<FsdpEngine>(cfg, *comm_, std::move(groups));
       return 0;
     });

@@ -1,7 +1,7 @@
 """c10d_comm_check.py — one rank of the c10d collectives test (run_c10d_comm_tests.sh starts
 it under torchrun): initialises torch.distributed with gloo, as verl does on the CPU, and runs
 the C++ checks on the C++ Comm built over that group.
-    torchrun --nproc_per_node N c10d_comm_check.py MODULE_DIR collectives|stall|die [TIMEOUT_S]
+    torchrun --nproc_per_node N c10d_comm_check.py MODULE_DIR collectives|stall|die|shm_collectives|shm_stall|shm_die [TIMEOUT_S]
 """
 import sys
 
@@ -17,6 +17,10 @@ group = dist.group.WORLD.group_name
 try:
     if mode == "collectives":
         failed = cc.collectives(group, timeout)
+    elif mode == "shm_collectives":
+        failed = cc.shm_collectives(group, timeout)
+    elif mode.startswith("shm_"):
+        failed = cc.shm_stall_or_die(group, timeout, mode == "shm_die")
     else:
         failed = cc.stall_or_die(group, timeout, mode == "die")
 except RuntimeError as e:

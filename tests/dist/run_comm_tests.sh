@@ -15,28 +15,36 @@ say "single process, no MPI"
 
 if ! command -v mpirun >/dev/null; then echo "mpirun not found"; exit 1; fi
 for n in 1 2 3 4; do
-  say "mpirun -np $n"
+  say "mpirun -np $n (shared-memory comm over MPI)"
   timeout 120 "${MPIRUN[@]}" -np "$n" "$BIN" collectives || { echo "FAILED at np=$n"; fail=1; }
+  say "mpirun -np $n, 256-byte slots (every collective in many rounds)"
+  timeout 120 "${MPIRUN[@]}" -np "$n" -x VERLCPP_SHM_SLOT_BYTES=256 "$BIN" collectives || { echo "FAILED at np=$n, small slots"; fail=1; }
+  say "mpirun -np $n, MPI alone (VERLCPP_SHM=0)"
+  timeout 120 "${MPIRUN[@]}" -np "$n" -x VERLCPP_SHM=0 "$BIN" collectives || { echo "FAILED at np=$n, MPI alone"; fail=1; }
 done
 
-say "a stalled rank: the others must abort within the 3 s watchdog"
-start=$(date +%s)
-out=$(timeout 60 "${MPIRUN[@]}" -np 2 "$BIN" stall --timeout 3 2>&1); rc=$?
-el=$(( $(date +%s) - start ))
-echo "$out" | grep -v "^\s*$" | head -5
-if [[ $rc -eq 0 || $rc -eq 124 ]]; then echo "FAILED: rc=$rc (0 = no error, 124 = hung)"; fail=1; fi
-if ! grep -q "did not complete within 3 s" <<<"$out"; then echo "FAILED: no watchdog message"; fail=1; fi
-if (( el > 30 )); then echo "FAILED: took ${el}s"; fail=1; fi
-# A stopped rank may outlive mpirun: clean it up.
-pkill -9 -f "$BIN stall" 2>/dev/null || true
+for label in shm mpi; do
+  MODE=(-x VERLCPP_SHM=1)
+  [[ $label == mpi ]] && MODE=(-x VERLCPP_SHM=0)
+  say "a stalled rank ($label): the others must abort within the 3 s watchdog"
+  start=$(date +%s)
+  out=$(timeout 60 "${MPIRUN[@]}" "${MODE[@]}" -np 2 "$BIN" stall --timeout 3 2>&1); rc=$?
+  el=$(( $(date +%s) - start ))
+  echo "$out" | grep -v "^\s*$" | head -5
+  if [[ $rc -eq 0 || $rc -eq 124 ]]; then echo "FAILED: rc=$rc (0 = no error, 124 = hung)"; fail=1; fi
+  if ! grep -q "did not complete within 3 s" <<<"$out"; then echo "FAILED: no watchdog message"; fail=1; fi
+  if (( el > 30 )); then echo "FAILED: took ${el}s"; fail=1; fi
+  # A stopped rank may outlive mpirun: clean it up.
+  pkill -9 -f "$BIN stall" 2>/dev/null || true
 
-say "a killed rank: the job must end non-zero"
-start=$(date +%s)
-out=$(timeout 60 "${MPIRUN[@]}" -np 2 "$BIN" die --timeout 5 2>&1); rc=$?
-el=$(( $(date +%s) - start ))
-echo "$out" | grep -v "^\s*$" | head -5
-if [[ $rc -eq 0 || $rc -eq 124 ]]; then echo "FAILED: rc=$rc"; fail=1; fi
-if (( el > 30 )); then echo "FAILED: took ${el}s"; fail=1; fi
+  say "a killed rank ($label): the job must end non-zero"
+  start=$(date +%s)
+  out=$(timeout 60 "${MPIRUN[@]}" "${MODE[@]}" -np 2 "$BIN" die --timeout 5 2>&1); rc=$?
+  el=$(( $(date +%s) - start ))
+  echo "$out" | grep -v "^\s*$" | head -5
+  if [[ $rc -eq 0 || $rc -eq 124 ]]; then echo "FAILED: rc=$rc"; fail=1; fi
+  if (( el > 30 )); then echo "FAILED: took ${el}s"; fail=1; fi
+done
 
 [[ $fail -eq 0 ]] && echo "ALL OK"
 exit $fail
