@@ -175,9 +175,6 @@ class VerlcppEngine(BaseEngine):
                 f"verlcpp engine: device '{device}': this build computes on the CPU only; "
                 "run verl with VERL_PLATFORM=cpu (the CUDA path is not built yet)")
         ec = self.engine_config
-        if int(ec.fsdp_size) not in (-1, dist.get_world_size()):
-            raise ValueError(f"verlcpp engine: fsdp_size={ec.fsdp_size} (hybrid sharding) is not supported under "
-                             "torch.distributed yet; use fsdp_size=-1")
         settings = {
             "param_dtype": vconfig.compute_dtype(ec),
             "reshard_after_forward": bool(ec.reshard_after_forward),

@@ -6,6 +6,7 @@
 #   tests/verl/run_all.sh A B OUTDIR        e.g.  tests/verl/run_all.sh fsdp2 verlcpp /tmp/verl_cmp
 #
 # Cases: sft (fixed micro-batches), sft_dyn (dynamic), sft_resume (save at step 2, resume to 3),
+# sft_hsdp (engine.fsdp_size=1 over 2 ranks: hybrid sharding, one replica per rank),
 # worker (fixed), worker_dyn (dynamic). Each strategy's resumed SFT run is also checked against its
 # own uninterrupted run. VERL_CASES="sft worker" runs a subset. Exits non-zero on the first failure.
 set -euo pipefail
@@ -31,6 +32,7 @@ run_case() {  # $1 case, $2 strategy, $3 outdir
     sft)        "$HERE/run_sft.sh" "$2" "$3" ;;
     sft_dyn)    "$HERE/run_sft.sh" "$2" "$3" data.use_dynamic_bsz=True data.max_token_len_per_gpu=512 ;;
     sft_resume) SFT_RESUME_AT=2 "$HERE/run_sft.sh" "$2" "$3" ;;
+    sft_hsdp)   "$HERE/run_sft.sh" "$2" "$3" engine.fsdp_size=1 ;;
     worker)     "$HERE/run_worker.sh" "$2" "$3" > /dev/null ;;
     worker_dyn) "$HERE/run_worker.sh" "$2" "$3" --dynamic > /dev/null ;;
     *) echo "unknown case $1" >&2; return 2 ;;
