@@ -32,7 +32,7 @@ EngineConfig engine_config_from_json(const nlohmann::json& j) {
       "forward_prefetch", "fsdp_size", "forward_only", "micro_batch_size_per_gpu", "use_dynamic_bsz",
       "max_token_len_per_gpu", "lr", "betas", "eps", "weight_decay", "grad_clip", "lr_scheduler_type",
       "total_training_steps", "lr_warmup_steps", "lr_warmup_steps_ratio", "min_lr_ratio", "num_cycles",
-      "zero_indexed_step", "temperature", "ulysses_sequence_parallel_size"};
+      "zero_indexed_step", "temperature", "ulysses_sequence_parallel_size", "device"};
   for (const auto& [k, v] : j.items())
     if (!known.count(k)) fail("verlcpp engine config: unknown key '", k, "'");
   EngineConfig c;
@@ -47,6 +47,7 @@ EngineConfig engine_config_from_json(const nlohmann::json& j) {
   get("model_path", c.model_path);
   get("hf_config_path", c.hf_config_path);
   get("param_dtype", c.param_dtype);
+  get("device", c.device);
   get("reshard_after_forward", c.fsdp.reshard_after_forward);
   get("gradient_checkpointing", c.fsdp.gradient_checkpointing);
   get("forward_prefetch", c.fsdp.forward_prefetch);
@@ -91,8 +92,9 @@ auto guarded(F&& f) -> decltype(f()) {
 at::Tensor check_1d(const at::Tensor& t, const char* name, at::ScalarType want) {
   if (!t.defined()) fail(name, ": missing");
   if (t.dim() != 1) fail(name, ": expected a 1-D tensor, got ", t.dim(), " dimensions");
-  if (t.device().type() != at::kCPU) fail(name, ": on ", t.device().str(), "; this build computes on the CPU");
-  return t.to(want).contiguous();
+  // The packed row's index data is read on the host (offsets, padding); the model moves what it
+  // computes with to its own device.
+  return t.to(want).cpu().contiguous();
 }
 
 class PyEngine {
@@ -110,11 +112,17 @@ class PyEngine {
       py::gil_scoped_release nogil;
       // Ranks on one host exchange through shared memory: gloo reduce-scatters with a TCP
       // all-reduce, ~250 ms for one 28 MB unit gradient over 2 ranks (see dist/shm_comm.h).
-      comm_ = make_shm_comm(make_c10d_comm(group_name, timeout_s), timeout_s);
+      // A CUDA engine's tensors go over the group's NCCL backend as they are.
+      const bool host = cfg.device == "cpu";
+      auto comm = [&](const std::string& name) {
+        std::unique_ptr<Comm> c = make_c10d_comm(name, timeout_s);
+        return host ? make_shm_comm(std::move(c), timeout_s) : std::move(c);
+      };
+      comm_ = comm(group_name);
       UlyssesGroups groups;
       if (!sp_group_name.empty()) {
-        groups.sp = make_shm_comm(make_c10d_comm(sp_group_name, timeout_s), timeout_s);
-        groups.dp = make_shm_comm(make_c10d_comm(dp_group_name, timeout_s), timeout_s);
+        groups.sp = comm(sp_group_name);
+        groups.dp = comm(dp_group_name);
       }
       engine_ = std::make_unique<FsdpEngine>(cfg, *comm_, std::move(groups));
       return 0;
@@ -176,6 +184,13 @@ class PyEngine {
   }
 
   void zero_grad() { guarded([&] { engine_->zero_grad(); return 0; }); }
+  void to(const std::string& device, bool model, bool optimizer) {
+    guarded([&] {
+      py::gil_scoped_release nogil;
+      engine_->to(device, model, optimizer);
+      return 0;
+    });
+  }
   // (grad norm before clipping, whether the update was applied: skipped when not finite).
   std::pair<double, bool> optimizer_step() {
     return guarded([&] {
@@ -245,6 +260,7 @@ PYBIND11_MODULE(_C, m) {
       .def("forward_micro", &PyEngine::forward_micro, py::arg("input_ids"), py::arg("cu_seqlens"),
            py::arg("position_ids"), py::arg("temperature"), py::arg("calculate_entropy") = false)
       .def("zero_grad", &PyEngine::zero_grad)
+      .def("to", &PyEngine::to, py::arg("device"), py::arg("model") = true, py::arg("optimizer") = true)
       .def("optimizer_step", &PyEngine::optimizer_step)
       .def("lr_scheduler_step", &PyEngine::lr_scheduler_step)
       .def("lr", &PyEngine::lr)

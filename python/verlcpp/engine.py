@@ -170,12 +170,15 @@ class VerlcppEngine(BaseEngine):
         from verl.utils.device import get_device_name
 
         device = get_device_name()
-        if device != "cpu":
-            raise NotImplementedError(
-                f"verlcpp engine: device '{device}': this build computes on the CPU only; "
-                "run verl with VERL_PLATFORM=cpu (the CUDA path is not built yet)")
+        if device == "cuda":
+            # This worker's GPU (verl sets it to the local rank's before building engines).
+            device = f"cuda:{torch.cuda.current_device()}"
+        elif device != "cpu":
+            raise NotImplementedError(f"verlcpp engine: device '{device}': the engine computes on cpu or cuda")
+        self._device = torch.device(device)
         ec = self.engine_config
         settings = {
+            "device": device,
             "param_dtype": vconfig.compute_dtype(ec),
             "reshard_after_forward": bool(ec.reshard_after_forward),
             "forward_prefetch": bool(ec.forward_prefetch),
@@ -236,7 +239,8 @@ class VerlcppEngine(BaseEngine):
     def forward_backward_batch(self, data: TensorDict, loss_function: Callable, forward_only=False):
         tu.assign_non_tensor(data, sp_size=self.ulysses_sequence_parallel_size)
         return_model_output = tu.get_non_tensor_data(data=data, key="return_model_output", default=False)
-        batch_num_tokens = data["loss_mask"].sum().to(torch.int64).cpu()
+        # On the data's device (the worker's: an NCCL group reduces device tensors only).
+        batch_num_tokens = data["loss_mask"].sum().to(torch.int64)
         dist.all_reduce(batch_num_tokens, op=dist.ReduceOp.SUM, group=self.get_data_parallel_group())
         tu.assign_non_tensor(data, batch_num_tokens=batch_num_tokens.item())
         tu.assign_non_tensor(data, dp_size=self.get_data_parallel_size())
@@ -267,8 +271,6 @@ class VerlcppEngine(BaseEngine):
         calculate_entropy = bool(tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False))
         input_ids = micro_batch["input_ids"]
         position_ids = micro_batch["position_ids"]
-        if input_ids.device.type != "cpu":
-            raise NotImplementedError(f"verlcpp engine: data on {input_ids.device}; this build computes on the CPU")
         if position_ids.dim() == 3:
             raise NotImplementedError("verlcpp engine: 3-D (multi-modal rope) position_ids are not supported yet")
         cu_seqlens = input_ids.offsets().to(torch.int64)
@@ -311,8 +313,12 @@ class VerlcppEngine(BaseEngine):
 
     def to(self, device: str, model: bool = True, optimizer: bool = True, grad: bool = True):
         super().to(device=device, model=model, optimizer=optimizer, grad=grad)
-        if not device.startswith("cpu"):
-            raise NotImplementedError(f"verlcpp engine: to({device!r}): this build computes on the CPU")
+        if not (model or optimizer):
+            return
+        # FSDPEngine.to: the model's shards (and gradients) and the optimizer state between the
+        # host and this worker's device ("cuda" is this engine's own GPU).
+        target = "cpu" if torch.device(device).type == "cpu" else str(self._device)
+        self._cpp.to(target, model=model, optimizer=optimizer)
 
     # ---- weights out ----------------------------------------------------------------------
     def get_per_tensor_param(self, **kwargs):

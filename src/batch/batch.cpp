@@ -66,6 +66,13 @@ int64_t Batch::size() const {
   return n < 0 ? 0 : n;
 }
 
+Batch Batch::to(const c10::Device& device) const {
+  Batch out = *this;
+  for (auto& [k, t] : out.tensors) t = t.to(device);
+  for (auto& [k, j] : out.sequences) j.values = j.values.to(device);
+  return out;
+}
+
 Batch Batch::select(const std::vector<int>& idx) const {
   Batch out;
   const int64_t n = size();

@@ -38,6 +38,8 @@ struct Batch {
   // Samples idx (in that order) with a deep copy of meta.
   Batch select(const std::vector<int>& idx) const;
   std::vector<Batch> split(const Partitions& parts) const;
+  // The same batch with every tensor on `device` (no copy for those already there).
+  Batch to(const c10::Device& device) const;
   // Concatenate along samples; meta is taken from the first piece.
   static Batch concat(const std::vector<Batch>& parts);
 };

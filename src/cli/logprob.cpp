@@ -70,7 +70,7 @@ void write_outputs(OutputClaim& claim, const std::vector<std::pair<std::string, 
   for (const auto& [name, t] : outs) specs.push_back({name, DType::F32, {t.size(0)}});
   SafetensorsWriter w(claim.temp(), specs);
   for (const auto& [name, t] : outs) {
-    at::Tensor c = t.contiguous();
+    at::Tensor c = t.contiguous().cpu();
     w.write(c.data_ptr(), c.numel() * sizeof(float));
   }
   w.finish(false);
@@ -107,8 +107,12 @@ int run_logprob(const LogprobOptions& o) {
   // Under mpirun (or with sequence parallelism) the ranks share the work: the FSDP engine,
   // forward only, data-parallel groups of --ulysses-sequence-parallel-size ranks each.
   std::unique_ptr<Comm> world;
+  // Checked before any work: the device's name, and that it is there (CUDA loaded on demand).
+  (void)parse_engine_device(o.device);
   if (o.sp > 1 || launched_by_mpi()) {
-    world = make_comm({});
+    CommOptions co;
+    if (o.device != "cpu" && launched_by_mpi()) co.backend = "nccl";  // device tensors over NCCL
+    world = make_comm(co);
     if (world->size() % o.sp != 0)
       fail("--ulysses-sequence-parallel-size ", o.sp, " must divide the number of ranks (", world->size(),
            o.sp > 1 && world->size() == 1 ? "; start the ranks with mpirun -np N)" : ")");
@@ -130,7 +134,7 @@ int run_logprob(const LogprobOptions& o) {
   size_t micro_batches = 0;
   std::chrono::steady_clock::time_point t1;
   if (!world) {
-    auto model = Transformer::load(paths.local_hf_config_path, paths.local_path, dtype);
+    auto model = Transformer::load(paths.local_hf_config_path, paths.local_path, dtype, o.device);
     t1 = std::chrono::steady_clock::now();
     InferOptions io;
     io.calculate_entropy = o.entropy;
@@ -154,6 +158,7 @@ int run_logprob(const LogprobOptions& o) {
     ec.model_path = paths.local_path;
     ec.hf_config_path = paths.local_hf_config_path;
     ec.param_dtype = o.dtype;
+    ec.device = o.device;
     ec.forward_only = true;
     ec.temperature = o.temperature;
     ec.ulysses_sequence_parallel_size = o.sp;
@@ -219,6 +224,8 @@ CLI::App* add_logprob_subcommand(CLI::App& app, LogprobOptions& o) {
   mbs->excludes(mtl);
   mtl->excludes(mbs);
   c->add_option("--dtype", o.dtype, "Engine dtype: fp32 or bf16")->check(CLI::IsMember({"fp32", "bf16", "float32", "bfloat16"}))->capture_default_str();
+  c->add_option("--device", o.device, "Where the model computes: cpu, cuda (the current GPU; under mpirun each rank's "
+                "local-rank GPU, collectives over NCCL) or cuda:N")->capture_default_str();
   c->add_option("--ulysses-sequence-parallel-size,--sp", o.sp,
                 "Ulysses sequence parallelism under mpirun: groups of N ranks share each micro-batch, a slice of "
                 "the row each; the batch splits over ranks / N data-parallel groups (a multiple of N ranks)")

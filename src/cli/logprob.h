@@ -18,6 +18,7 @@ struct LogprobOptions {
   int micro_batch_size = 0;    // fixed micro-batches
   int64_t max_token_len = 0;   // dynamic batching by token budget
   std::string dtype = "fp32";
+  std::string device = "cpu";  // cpu | cuda | cuda:N
   int threads = 0;             // 0: libtorch default
   int sp = 1;                  // ulysses_sequence_parallel_size (under mpirun)
   bool quiet = false;

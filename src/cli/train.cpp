@@ -149,7 +149,10 @@ void train_loop(const TrainSettings& s, const Dataset& data, FsdpEngine& engine,
 int run_train(const TrainArgs& a) {
   keep_freed_memory();
   const TrainSettings s = load_train_settings(a);
-  auto world = make_comm(s.comm);
+  CommOptions co = s.comm;
+  // A CUDA engine under mpirun exchanges its device tensors over NCCL (host values are staged).
+  if (co.backend == "auto" && s.engine.device != "cpu" && launched_by_mpi()) co.backend = "nccl";
+  auto world = make_comm(co);
   set_threads(s.num_threads);
   const bool lead = world->rank() == 0;
   Prepared p = prepare(s, world->size());

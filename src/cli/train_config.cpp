@@ -47,6 +47,12 @@ struct KeySpec {
 
 void check_task(const std::string& s) { (void)find_task(s); }
 void check_agg(const std::string& s) { (void)parse_loss_agg_mode(s); }
+// The device's spelling only; whether such a device is there is checked when the engine is built.
+void check_device_name(const std::string& s) {
+  const bool index = s.size() > 5 && s.compare(0, 5, "cuda:") == 0 &&
+                     s.find_first_not_of("0123456789", 5) == std::string::npos && s.size() <= 8;
+  if (s != "cpu" && s != "cuda" && !index) fail("unknown device '", s, "' (expected cpu, cuda or cuda:N)");
+}
 
 // clang-format off
 const KeySpec kKeys[] = {
@@ -64,7 +70,7 @@ const KeySpec kKeys[] = {
   {"trainer.resume_from_path", Sec::Job, Kind::Str, "", "", "a global_step_N folder (resume_mode resume_path)", "", kBoth, nullptr},
   {"trainer.metrics_file", Sec::Job, Kind::Str, "", "", "JSON-lines metrics (default: <default_local_dir>/metrics.jsonl)", "", kBoth, nullptr},
   {"trainer.collective_timeout", Sec::Job, Kind::Num, "600", "(0,inf)", "seconds before a stalled collective aborts the job", "=actor_rollout_ref.nccl_timeout", kBoth, nullptr},
-  {"trainer.comm_backend", Sec::Job, Kind::Str, "auto", "auto|mpi|local", "auto: MPI under mpirun / srun, else one process", "", kBoth, nullptr},
+  {"trainer.comm_backend", Sec::Job, Kind::Str, "auto", "auto|mpi|nccl|local", "auto: MPI under mpirun / srun (NCCL when the engine's device is cuda), else one process", "", kBoth, nullptr},
   {"trainer.num_threads", Sec::Job, Kind::Int, "0", "[0,4096]", "CPU threads per rank (0: cores / ranks on this node)", "", kBoth, nullptr},
   {"trainer.stop_after_steps", Sec::Job, Kind::Int, "-1", "-1|[1,inf)", "stop (after saving) once this many steps ran in this process (for tests)", "", kBoth, nullptr},
   {"actor_rollout_ref.rollout.temperature", Sec::Job, Kind::Num, "1.0", "(0,inf)", "temperature of the log-probs (as the rollout sampled)", "", kBoth, nullptr},
@@ -99,6 +105,7 @@ const KeySpec kKeys[] = {
   {"cliprange_value", Sec::Role, Kind::Num, "0.5", "[0,inf)", "value clip", "", kCritic, nullptr},
   // The trained model's engine (FSDP).
   {"dtype", Sec::Engine, Kind::Str, "fp32", "", "compute dtype: fp32, or bf16 (mixed precision: fp32 master weights and gradients); fp16 is not implemented", "param_dtype mixed_precision.param_dtype", kBoth, check_param_dtype},
+  {"device", Sec::Engine, Kind::Str, "cpu", "", "where the engine computes: cpu, cuda (this rank's current GPU; under mpirun the local rank's) or cuda:N; with cuda and mpirun the collectives run over NCCL", "=trainer.device", kBoth, check_device_name},
   {"fsdp_size", Sec::Engine, Kind::Int, "-1", "-1|[1,inf)", "ranks per shard group: -1 all, else a divisor of the world (hybrid sharding)", "", kBoth, nullptr},
   {"expert_parallel_size", Sec::Engine, Kind::Int, "1", "[1,inf)", "MoE: experts split over groups of this many consecutive ranks (a divisor of the world and of num_experts; not with hybrid sharding)", "", kBoth, nullptr},
   // VeOmni's engine fields (verl's VeOmniEngineConfig), as far as they apply on the CPU.
@@ -426,6 +433,7 @@ void read_job(const Values& v, TrainSettings& s) {
 
 void read_engine(const Values& v, const TrainSettings& s, EngineConfig& e) {
   e.param_dtype = v.str("dtype");
+  e.device = v.str("device");
   e.fsdp.fsdp_size = static_cast<int>(v.integer("fsdp_size"));
   if (!v.flag("enable_full_shard")) {
     if (e.fsdp.fsdp_size != -1 && e.fsdp.fsdp_size != 1)

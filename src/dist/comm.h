@@ -24,6 +24,11 @@ class Comm {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual std::string name() const = 0;  // "mpi", "nccl", "local"
+  // True when the collectives take CUDA device buffers (NCCL; torch.distributed over NCCL);
+  // such a comm also accepts host buffers (small ones: counts, statistics), staged through
+  // the device. False: host buffers only (MPI, shared memory, gloo, the single-process comm);
+  // the engine stages device tensors through the host for them (fsdp/tensor_comm.h).
+  virtual bool device_buffers() const { return false; }
 
   // recv holds size() * count elements; rank r's `send` lands at recv[r * count].
   virtual void all_gather(const void* send, void* recv, size_t count, DType dt) = 0;

@@ -3,12 +3,15 @@
 // collective is enqueued on this comm's stream and then polled under a watchdog: past the
 // timeout (or on an asynchronous NCCL error) the communicator is aborted and the rank stops
 // with one clear line. Built only when the CUDA toolkit and nccl.h are found.
+// Buffers may be device or host memory: a host buffer (the engine's counts and statistics) is
+// staged through a device copy, since NCCL itself only moves device memory.
 #include <cuda_runtime.h>
 #include <nccl.h>
 #ifdef VERLCPP_WITH_MPI
 #include <mpi.h>
 #endif
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -43,6 +46,50 @@ ncclDataType_t nccl_type(DType dt) {
   }
 }
 
+// True for memory the device can hand to NCCL (device or managed allocations).
+bool on_device(const void* p) {
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "invalid value" of an unknown host pointer
+    return false;
+  }
+  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+
+// A host buffer seen through a temporary device copy: `in` bytes copied in on construction,
+// `out` bytes copied back by finish(); a device buffer is used as it is.
+class Staged {
+ public:
+  Staged(const void* p, size_t in_bytes, size_t out_bytes, cudaStream_t s)
+      : host_(const_cast<void*>(p)), out_(out_bytes), stream_(s) {
+    if (!p || on_device(p)) {
+      dev_ = host_;
+      host_ = nullptr;
+      return;
+    }
+    cuda_check(cudaMalloc(&dev_, std::max<size_t>(std::max(in_bytes, out_bytes), 1)), "malloc (staging)");
+    if (in_bytes) cuda_check(cudaMemcpyAsync(dev_, p, in_bytes, cudaMemcpyHostToDevice, stream_), "copy to device");
+  }
+  ~Staged() {
+    if (host_) cudaFree(dev_);
+  }
+  Staged(const Staged&) = delete;
+  Staged& operator=(const Staged&) = delete;
+  void* get() const { return dev_; }
+  void finish() {
+    if (host_ && out_) {
+      cuda_check(cudaMemcpyAsync(host_, dev_, out_, cudaMemcpyDeviceToHost, stream_), "copy to host");
+      cuda_check(cudaStreamSynchronize(stream_), "copy to host");
+    }
+  }
+
+ private:
+  void* host_;
+  void* dev_ = nullptr;
+  size_t out_;
+  cudaStream_t stream_;
+};
+
 ncclRedOp_t nccl_op(ReduceOp op) {
   switch (op) {
     case ReduceOp::Sum: return ncclSum;
@@ -65,32 +112,47 @@ class NcclComm final : public Comm {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string name() const override { return "nccl"; }
+  bool device_buffers() const override { return true; }
 
   void all_gather(const void* send, void* recv, size_t count, DType dt) override {
-    nccl_check(ncclAllGather(send, recv, count, nccl_type(dt), comm_, stream_), "all_gather");
+    const size_t b = count * dtype_size(dt);
+    Staged s(send, b, 0, stream_), r(recv, 0, b * size_, stream_);
+    nccl_check(ncclAllGather(s.get(), r.get(), count, nccl_type(dt), comm_, stream_), "all_gather");
     wait("all_gather");
+    r.finish();
   }
   void reduce_scatter(const void* send, void* recv, size_t count, DType dt, ReduceOp op) override {
-    nccl_check(ncclReduceScatter(send, recv, count, nccl_type(dt), nccl_op(op), comm_, stream_), "reduce_scatter");
+    const size_t b = count * dtype_size(dt);
+    Staged s(send, b * size_, 0, stream_), r(recv, 0, b, stream_);
+    nccl_check(ncclReduceScatter(s.get(), r.get(), count, nccl_type(dt), nccl_op(op), comm_, stream_), "reduce_scatter");
     wait("reduce_scatter");
+    r.finish();
   }
   void all_reduce(void* buf, size_t count, DType dt, ReduceOp op) override {
-    nccl_check(ncclAllReduce(buf, buf, count, nccl_type(dt), nccl_op(op), comm_, stream_), "all_reduce");
+    const size_t b = count * dtype_size(dt);
+    Staged s(buf, b, b, stream_);
+    nccl_check(ncclAllReduce(s.get(), s.get(), count, nccl_type(dt), nccl_op(op), comm_, stream_), "all_reduce");
     wait("all_reduce");
+    s.finish();
   }
   void broadcast(void* buf, size_t count, DType dt, int root) override {
-    nccl_check(ncclBroadcast(buf, buf, count, nccl_type(dt), root, comm_, stream_), "broadcast");
+    const size_t b = count * dtype_size(dt);
+    Staged s(buf, b, b, stream_);
+    nccl_check(ncclBroadcast(s.get(), s.get(), count, nccl_type(dt), root, comm_, stream_), "broadcast");
     wait("broadcast");
+    s.finish();
   }
   void all_to_all(const void* send, void* recv, size_t count, DType dt) override {
     const size_t bytes = count * dtype_size(dt);
+    Staged s(send, bytes * size_, 0, stream_), r(recv, 0, bytes * size_, stream_);
     nccl_check(ncclGroupStart(), "group start");
     for (int p = 0; p < size_; ++p) {
-      nccl_check(ncclSend(static_cast<const char*>(send) + p * bytes, count, nccl_type(dt), p, comm_, stream_), "send");
-      nccl_check(ncclRecv(static_cast<char*>(recv) + p * bytes, count, nccl_type(dt), p, comm_, stream_), "recv");
+      nccl_check(ncclSend(static_cast<const char*>(s.get()) + p * bytes, count, nccl_type(dt), p, comm_, stream_), "send");
+      nccl_check(ncclRecv(static_cast<char*>(r.get()) + p * bytes, count, nccl_type(dt), p, comm_, stream_), "recv");
     }
     nccl_check(ncclGroupEnd(), "group end");
     wait("all_to_all");
+    r.finish();
   }
   void barrier() override {
     // An all-reduce of one int on the device is NCCL's barrier.

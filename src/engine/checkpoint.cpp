@@ -223,12 +223,13 @@ void write_rank_files(const fs::path& tmp, int world, int rank, int64_t step, Fs
                       const LrScheduler* sched, const nlohmann::json& extra) {
   const at::Tensor rec = rank_record(rank, world, step);
   Dict m = new_dict();
-  for (FlatUnit* u : model.units()) m.insert(u->name() + ".flat", u->shard());
+  // Saved from host memory whatever the engine's device (files load anywhere, as verl's do).
+  for (FlatUnit* u : model.units()) m.insert(u->name() + ".flat", u->shard().cpu());
   m.insert(kRankWorldStepKey, rec);
   save_torch_dict(tmp / rank_file_name("model", world, rank), m);
   if (opt) {
     Dict o = new_dict();
-    for (const auto& [k, v] : opt->state_dict()) o.insert(k, v);
+    for (const auto& [k, v] : opt->state_dict()) o.insert(k, v.cpu());
     o.insert(kRankWorldStepKey, rec);
     save_torch_dict(tmp / rank_file_name("optim", world, rank), o);
   }

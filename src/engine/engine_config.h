@@ -16,6 +16,7 @@ struct EngineConfig {
   std::string model_path;        // local HF folder (config, weights, tokenizer)
   std::string hf_config_path;    // default: model_path
   std::string param_dtype = "fp32";  // compute dtype: fp32 | bf16 (mixed precision, fp32 master)
+  std::string device = "cpu";        // cpu | cuda | cuda:N (model/transformer.h parse_engine_device)
   FsdpOptions fsdp;
   bool forward_only = false;
   // micro-batching

@@ -107,7 +107,7 @@ TokenOutputs model_forward(const Transformer& model, ParamProvider& params, cons
   TokenOutputs out = model.forward(params, row, calculate_entropy);
   // A sequence's last position has no next token to score: its log-prob is 0. Its entropy (of
   // the next-token distribution) is kept, as verl's prepare_model_outputs keeps it.
-  if (!model.is_value_model()) out.log_probs = out.log_probs * next_token_mask(in);
+  if (!model.is_value_model()) out.log_probs = out.log_probs * next_token_mask(in).to(out.log_probs.device());
   if (sp)
     for (at::Tensor* t : {&out.log_probs, &out.entropy, &out.values})
       if (t->defined()) *t = sp->gather_and_unpad(*t, in.pad_size);

@@ -55,6 +55,7 @@ FsdpEngine::FsdpEngine(const EngineConfig& cfg, Comm& world, UlyssesGroups group
   bound_onednn_caches();
   FsdpOptions fo = cfg.fsdp;
   fo.compute_dtype = parse_engine_dtype(cfg.param_dtype);
+  fo.device = parse_engine_device(cfg.device);
   const std::string cfg_dir = cfg.hf_config_path.empty() ? cfg.model_path : cfg.hf_config_path;
   if (cfg.ulysses_sequence_parallel_size > 1) {
     check_ulysses(load_model_config(cfg_dir), cfg.ulysses_sequence_parallel_size);
@@ -134,7 +135,7 @@ StepMetrics FsdpEngine::forward_backward_batch(const Batch& batch, const LossFn&
     fail("output_router_logits (the MoE load-balancing loss) is not supported with ulysses_sequence_parallel_size > 1");
   const double batch_tokens = stats[2];
   for (const auto& idx : parts) {
-    Batch micro = batch.select(idx);
+    const Batch micro = model_->device().is_cpu() ? batch.select(idx) : batch.select(idx).to(model_->device());
     ModelInputs in = prepare_model_inputs(micro, cfg_.temperature, ulysses_.get());
     MoeAux aux;
     double aux_weight = 0;
@@ -191,8 +192,13 @@ SampleOutputs FsdpEngine::infer_batch(const Batch& batch, bool calculate_entropy
   return verl::infer_batch([&](const ModelInputs& in) { return forward(in, calculate_entropy); }, batch, o);
 }
 
-void FsdpEngine::to(const std::string& device) {
-  if (device != "cpu") fail("engine.to('", device, "'): this build computes on the CPU only");
+void FsdpEngine::to(const std::string& device, bool model, bool optimizer) {
+  const c10::Device d = parse_engine_device(device);
+  const c10::Device home = parse_engine_device(cfg_.device);
+  if (d != home && !d.is_cpu())
+    fail("engine.to('", device, "'): this engine was built on ", home.str(), "; it moves between there and cpu only");
+  if (model) model_->to(d);
+  if (optimizer && opt_) opt_->to(d);
 }
 
 OptimizerStepResult FsdpEngine::optimizer_step() {

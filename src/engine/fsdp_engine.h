@@ -85,8 +85,10 @@ class FsdpEngine {
   // Forward only: per-sample log-probs (+ entropy) or values, in the batch's sample order
   // (micro-batched as configured, fixed or token-balanced).
   SampleOutputs infer_batch(const Batch& batch, bool calculate_entropy);
-  // Moves the engine to a device: "cpu" (a no-op; this build computes on the CPU).
-  void to(const std::string& device);
+  // verl's engine.to(device, model, optimizer): moves the model's shards and gradients and / or
+  // the optimizer state between the host ("cpu") and the engine's device (offload and reload
+  // around rollouts); the forward computes wherever the model is.
+  void to(const std::string& device, bool model = true, bool optimizer = true);
   OptimizerStepResult optimizer_step();
   double lr_scheduler_step();
   double lr() const;

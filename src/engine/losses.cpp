@@ -274,7 +274,7 @@ at::Tensor compute_grpo_outcome_advantage(const at::Tensor& token_level_rewards,
       m = at::scalar_tensor(0.0, scores.options());
       s = at::scalar_tensor(1.0, scores.options());
     } else {
-      at::Tensor idx = at::tensor(members, at::TensorOptions().dtype(at::kLong));
+      at::Tensor idx = at::tensor(members, at::TensorOptions().dtype(at::kLong)).to(scores.device());
       at::Tensor group = scores.index_select(0, idx);
       m = at::mean(group);
       s = at::std(group);

@@ -2,6 +2,7 @@
 // the same host-double scalars), clip_grad_norm_ with a cross-rank sum of squared norms, verl's
 // optimizer_step, and the LambdaLR schedules of verl.utils.torch_functional.
 #include "engine/optim.h"
+#include "fsdp/buffer_pool.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
@@ -57,6 +58,12 @@ void AdamW::step() {
     at::Tensor denom = (st.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps);
     param.addcdiv_(st.exp_avg, denom, -step_size);
   }
+}
+
+void AdamW::to(c10::Device d) {
+  for (ParamState& st : state_)
+    for (at::Tensor* t : {&st.exp_avg, &st.exp_avg_sq})
+      if (t->defined()) *t = offload_copy(*t, d);
 }
 
 void AdamW::zero_grad(bool set_to_none) {

@@ -40,6 +40,9 @@ class AdamW {
   void step();
   // torch.optim.Optimizer.zero_grad(set_to_none): drop (or zero) every parameter's gradient.
   void zero_grad(bool set_to_none = true);
+  // Moves exp_avg / exp_avg_sq to `d` (verl's offload_fsdp_optimizer / load_fsdp_optimizer);
+  // the step counters stay on the host.
+  void to(c10::Device d);
 
   double lr() const { return o_.lr; }
   void set_lr(double lr) { o_.lr = lr; }

@@ -49,7 +49,8 @@ void pool_give(c10::DataPtr d, size_t nbytes) {
   if (v.size() < kPerSize) v.push_back(std::move(d));
 }
 
-at::Tensor pool_tensor(int64_t numel, at::ScalarType dtype) {
+at::Tensor pool_tensor(int64_t numel, at::ScalarType dtype, c10::Device device) {
+  if (!device.is_cpu()) return at::empty({numel}, at::TensorOptions().dtype(dtype).device(device));
   const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
   c10::Storage st(c10::Storage::use_byte_size_t(), nbytes, pool_take(nbytes), c10::GetCPUAllocator(), /*resizable=*/false);
   return at::empty({0}, at::TensorOptions().dtype(dtype)).set_(st, 0, {numel}, {1});
@@ -63,6 +64,14 @@ void pool_give_tensor(at::Tensor t) {
   const size_t nbytes = st.nbytes();
   pool_give(st.set_data_ptr(c10::GetCPUAllocator()->allocate(0)), nbytes);
   st.set_nbytes(0);
+}
+
+at::Tensor offload_copy(const at::Tensor& t, c10::Device device) {
+  if (t.device() == device) return t;
+  if (!device.is_cpu() || t.is_cpu()) return t.to(device);
+  at::Tensor host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
+  host.copy_(t);
+  return host;
 }
 
 }  // namespace verl

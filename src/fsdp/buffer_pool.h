@@ -22,7 +22,12 @@ void pool_give(c10::DataPtr p, size_t nbytes);
 
 // An uninitialised contiguous 1-D tensor over a pooled buffer; pool_give_tensor returns its
 // memory (the tensor must be the only owner of its storage; otherwise it is simply dropped).
-at::Tensor pool_tensor(int64_t numel, at::ScalarType dtype);
+// On a device other than the CPU: a plain at::empty (the device's caching allocator pools).
+at::Tensor pool_tensor(int64_t numel, at::ScalarType dtype, c10::Device device = c10::Device(c10::kCPU));
 void pool_give_tensor(at::Tensor t);
+
+// `t` on `device`; a device tensor coming to the host lands in pinned (page-locked) memory, so
+// that moving it back (offload / reload around a rollout) is one fast DMA copy.
+at::Tensor offload_copy(const at::Tensor& t, c10::Device device);
 
 }  // namespace verl

@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "dist/comm.h"
+#include "fsdp/tensor_comm.h"
 #include "model/torch_dtype.h"
 
 namespace verl {
@@ -20,7 +21,7 @@ at::Tensor raw_all_to_all(Comm& c, const at::Tensor& x) {
   if (x.dim() < 1 || x.size(0) % P) fail("internal: expert all-to-all of ", x.size(0), " rows over ", P, " ranks");
   const at::Tensor send = x.contiguous();
   at::Tensor recv = at::empty_like(send);
-  c.all_to_all(send.data_ptr(), recv.data_ptr(), static_cast<size_t>(send.numel() / P), to_dtype(x.scalar_type()));
+  all_to_all_into(c, send, recv);
   return recv;
 }
 

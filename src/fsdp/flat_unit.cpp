@@ -3,11 +3,13 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
 
 #include "dist/comm.h"
 #include "fsdp/buffer_pool.h"
+#include "fsdp/tensor_comm.h"
 #include "core/error.h"
 #include "model/torch_dtype.h"
 
@@ -15,15 +17,16 @@ namespace verl {
 
 
 FlatUnit::FlatUnit(std::string name, const std::vector<WeightSpec>& specs, Comm* shard, Comm* replicate,
-                   at::ScalarType compute_dtype)
-    : name_(std::move(name)), comm_(shard), replicate_(replicate), dtype_(compute_dtype) {
+                   at::ScalarType compute_dtype, c10::Device device)
+    : name_(std::move(name)), comm_(shard), replicate_(replicate), dtype_(compute_dtype), device_(device) {
   params_ = flat_layout(specs, &numel_);
   const int64_t n = comm_->size();
   shard_ = (numel_ + n - 1) / n;
   padded_ = shard_ * n;
-  shard_t_ = at::zeros({shard_}, at::kFloat);
-  grad_t_ = at::zeros({shard_}, at::kFloat);
-  full_ = at::empty({padded_}, at::TensorOptions().dtype(dtype_));
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device_);
+  shard_t_ = at::zeros({shard_}, f32);
+  grad_t_ = at::zeros({shard_}, f32);
+  full_ = at::empty({padded_}, f32.dtype(dtype_));
   reshard();
 }
 
@@ -39,14 +42,17 @@ void FlatUnit::unshard() {
   if (unsharded_) return;
   c10::Storage st = full_.storage();
   const size_t nbytes = static_cast<size_t>(padded_) * full_.element_size();
-  st.set_data_ptr_noswap(pool_take(nbytes));
+  // Host buffers come from the pool; device ones from the device's (caching) allocator, which
+  // allocates on the current device: this unit's, under the guard.
+  const c10::DeviceGuard on(device_);
+  st.set_data_ptr_noswap(device_.is_cpu() ? pool_take(nbytes) : st.allocator()->allocate(nbytes));
   st.set_nbytes(nbytes);
   if (dtype_ == at::kFloat) {
-    comm_->all_gather(shard_t_.data_ptr(), full_.data_ptr(), static_cast<size_t>(shard_), DType::F32);
+    all_gather_into(*comm_, shard_t_, full_);
   } else {
-    at::Tensor local = pool_tensor(shard_, dtype_);
+    at::Tensor local = pool_tensor(shard_, dtype_, device_);
     local.copy_(shard_t_);
-    comm_->all_gather(local.data_ptr(), full_.data_ptr(), static_cast<size_t>(shard_), to_dtype(dtype_));
+    all_gather_into(*comm_, local, full_);
     pool_give_tensor(std::move(local));
   }
   unsharded_ = true;
@@ -56,9 +62,20 @@ void FlatUnit::reshard() {
   c10::Storage st = full_.storage();
   const size_t nbytes = st.nbytes();
   at::Allocator* alloc = st.allocator() ? st.allocator() : c10::GetCPUAllocator();
-  pool_give(st.set_data_ptr(alloc->allocate(0)), nbytes);
+  c10::DataPtr old = st.set_data_ptr(alloc->allocate(0));
+  if (device_.is_cpu()) pool_give(std::move(old), nbytes);  // a device buffer goes back to its allocator
   st.set_nbytes(0);
   unsharded_ = false;
+}
+
+void FlatUnit::to(c10::Device d) {
+  if (d == device_) return;
+  if (unsharded_) fail("fsdp unit ", name_, ": moved to ", d.str(), " while its parameters are gathered");
+  shard_t_.set_data(offload_copy(shard_t_, d));
+  grad_t_.set_data(offload_copy(grad_t_, d));
+  full_ = at::empty({padded_}, at::TensorOptions().dtype(dtype_).device(d));
+  device_ = d;
+  reshard();
 }
 
 void FlatUnit::reduce_grad(const at::Tensor& full_grad) {
@@ -68,11 +85,10 @@ void FlatUnit::reduce_grad(const at::Tensor& full_grad) {
     if (g.numel() != numel_) fail("fsdp unit ", name_, ": gradient of ", g.numel(), " elements, expected ", numel_);
     g = at::constant_pad_nd(g, {0, padded_ - numel_});
   }
-  g = g.contiguous();
-  at::Tensor out = pool_tensor(shard_, at::kFloat);
-  comm_->reduce_scatter(g.data_ptr(), out.data_ptr(), static_cast<size_t>(shard_), DType::F32, ReduceOp::Avg);
-  if (replicate_ && replicate_->size() > 1)
-    replicate_->all_reduce(out.data_ptr(), static_cast<size_t>(shard_), DType::F32, ReduceOp::Avg);
+  g = g.to(device_).contiguous();
+  at::Tensor out = pool_tensor(shard_, at::kFloat, device_);
+  reduce_scatter_into(*comm_, g, out, ReduceOp::Avg);
+  if (replicate_) all_reduce_(*replicate_, out, ReduceOp::Avg);
   if (grad_scale_ != 1.0) out.mul_(grad_scale_);
   grad_t_.add_(out);
   pool_give_tensor(std::move(out));
@@ -93,8 +109,8 @@ at::Tensor FlatUnit::gather(const at::Tensor& shard) const {
   if (shard.numel() != shard_ || shard.scalar_type() != at::kFloat)
     fail("fsdp unit ", name_, ": gather of a tensor that is not an fp32 shard of ", shard_, " elements");
   at::Tensor src = shard.contiguous();
-  at::Tensor full = at::empty({padded_}, at::kFloat);
-  comm_->all_gather(src.data_ptr(), full.data_ptr(), static_cast<size_t>(shard_), DType::F32);
+  at::Tensor full = at::empty({padded_}, src.options());
+  all_gather_into(*comm_, src, full);
   return full;
 }
 

@@ -8,8 +8,11 @@
 // that autograd saved during forward see the data again once backward re-gathers it.
 // reduce_grad() reduce-scatters a full fp32 gradient (mean over the shard group, then over
 // replica groups for hybrid sharding) and accumulates this rank's slice.
+// Every buffer lives on the unit's device (the CPU, or a CUDA device: shards, gradients and
+// the gathered parameters on the GPU, collectives through fsdp/tensor_comm.h).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <string>
@@ -25,9 +28,15 @@ class FlatUnit {
  public:
   // `specs`: the unit's parameters in flat order. `shard` groups ranks that split the unit; `replicate` (may be null) groups ranks that
   // hold the same shard (hybrid sharding: gradients are averaged across it).
-  FlatUnit(std::string name, const std::vector<WeightSpec>& specs, Comm* shard, Comm* replicate, at::ScalarType compute_dtype);
+  FlatUnit(std::string name, const std::vector<WeightSpec>& specs, Comm* shard, Comm* replicate, at::ScalarType compute_dtype,
+           c10::Device device = c10::Device(c10::kCPU));
 
   const std::string& name() const { return name_; }
+  c10::Device device() const { return device_; }
+  // Moves the master shard and its gradient to `d` in place (the tensors keep their identity,
+  // so the optimizer's handles follow: verl's offload_fsdp_model_to_cpu / load_fsdp_model_to_gpu).
+  // The unit must be resharded.
+  void to(c10::Device d);
   const std::vector<FlatParam>& params() const { return params_; }
   const FlatParam* find(const std::string& name) const;
   int64_t numel() const { return numel_; }        // unpadded
@@ -68,6 +77,7 @@ class FlatUnit {
   Comm* comm_;
   Comm* replicate_;
   at::ScalarType dtype_;
+  c10::Device device_;
   int64_t numel_ = 0, padded_ = 0, shard_ = 0;
   at::Tensor shard_t_, grad_t_, full_;
   bool unsharded_ = false;

@@ -20,6 +20,7 @@
 #include "dist/comm.h"
 #include "fsdp/buffer_pool.h"
 #include "fsdp/expert_parallel.h"
+#include "fsdp/tensor_comm.h"
 #include "core/error.h"
 #include "model/transformer.h"
 #include "model/weights.h"
@@ -123,7 +124,7 @@ struct CheckpointFn : public torch::autograd::Function<CheckpointFn> {
 
 // The constant input of every UnshardFn: requires grad, so autograd records the functions.
 const at::Tensor& anchor() {
-  static const at::Tensor a = at::empty({0}, at::kFloat).requires_grad_(true);
+  static const at::Tensor a = at::empty({0}, at::kFloat).requires_grad_(true);  // never read: any device
   return a;
 }
 
@@ -165,20 +166,20 @@ FsdpModel::FsdpModel(const std::string& config_dir, const std::string& weights_d
       w.load_slice(p.name, p.shape, first, part);
     }
   };
-  root_ = std::make_unique<FlatUnit>("root", specs[0], shard_.get(), replicate_.get(), opt.compute_dtype);
+  root_ = std::make_unique<FlatUnit>("root", specs[0], shard_.get(), replicate_.get(), opt.compute_dtype, opt.device);
   load(*root_);
   for (int i = 0; i < c.num_layers; ++i) {
     const std::string name = "layer" + std::to_string(i);
     const bool split = ep_ && c.is_moe_layer(i);
     layers_.push_back(std::make_unique<FlatUnit>(name, split ? layer_dense_weight_specs(c, i) : specs[i + 1], shard_.get(),
-                                                 replicate_.get(), opt.compute_dtype));
+                                                 replicate_.get(), opt.compute_dtype, opt.device));
     load(*layers_.back());
     experts_.emplace_back();
     if (!split) continue;
     // This rank's experts, sharded over its expert-data group (see fsdp/expert_parallel.h).
     const int el = c.num_experts / ep, j = ep_->rank();
     auto u = std::make_unique<FlatUnit>(expert_unit_name(i, j), expert_weight_specs(c, i, j * el, el), edp_comm_.get(),
-                                        nullptr, opt.compute_dtype);
+                                        nullptr, opt.compute_dtype, opt.device);
     u->set_grad_scale(1.0 / ep);
     load(*u);
     experts_.back() = std::move(u);
@@ -258,6 +259,11 @@ int64_t FsdpModel::num_parameters() const {
   return n;
 }
 
+void FsdpModel::to(c10::Device d) {
+  for (FlatUnit* u : units()) u->to(d);
+  opt_.device = d;
+}
+
 void FsdpModel::zero_grad() {
   for (FlatUnit* u : units()) u->zero_grad();
 }
@@ -308,8 +314,8 @@ void FsdpModel::for_each_param(const std::function<void(const std::string&, cons
     if (!e) continue;
     const at::Tensor mine = e->gather_full_fp32();
     const int ep = ep_->size();
-    at::Tensor all = at::empty({ep * mine.numel()}, at::kFloat);
-    ep_comm_->all_gather(mine.data_ptr(), all.data_ptr(), static_cast<size_t>(mine.numel()), DType::F32);
+    at::Tensor all = at::empty({ep * mine.numel()}, mine.options());
+    all_gather_into(*ep_comm_, mine, all);
     for (int j = 0; j < ep; ++j)
       for (const auto& p : expert_layout(static_cast<int>(i), j))
         fn(p.name, param_view(all.narrow(0, j * mine.numel(), mine.numel()), p));

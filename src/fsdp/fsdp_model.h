@@ -24,6 +24,8 @@ class Comm;
 
 struct FsdpOptions {
   at::ScalarType compute_dtype = at::kFloat;  // bf16: mixed precision (fp32 master + fp32 grad reduction)
+  // Where shards, gradients, optimizer state and activations live: the CPU or one CUDA device.
+  c10::Device device = c10::Device(c10::kCPU);
   bool reshard_after_forward = true;
   bool gradient_checkpointing = false;
   bool forward_prefetch = false;  // accepted: collectives are blocking here, so it changes nothing yet
@@ -44,6 +46,9 @@ class FsdpModel : public ParamProvider {
   const Transformer& arch() const { return arch_; }
   const FsdpOptions& options() const { return opt_; }
   Comm& shard_comm() { return *shard_; }
+  c10::Device device() const { return opt_.device; }
+  // Every unit's shard and gradient to `d` (the forward then computes there).
+  void to(c10::Device d);
   std::vector<FlatUnit*> units();
 
   // The model's forward over one packed row with this rank's sharded parameters. With grad

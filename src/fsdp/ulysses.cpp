@@ -1,4 +1,4 @@
-// ulysses.cpp — see ulysses.h. The all-to-all moves raw buffers through Comm::all_to_all
+// ulysses.cpp — see ulysses.h. The all-to-all moves tensors through fsdp/tensor_comm.h
 // (block j of the send buffer goes to rank j): the layouts below put each destination's block
 // contiguous, as verl's all_to_all_tensor does with tensor_split + cat.
 #include "fsdp/ulysses.h"
@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "dist/comm.h"
+#include "fsdp/tensor_comm.h"
 #include "model/torch_dtype.h"
 
 namespace verl {
@@ -32,7 +33,7 @@ at::Tensor seq_to_heads(Comm& c, const at::Tensor& x) {
   if (h % sp) fail("ulysses: ", h, " heads cannot be split over ", sp, " sequence-parallel ranks");
   at::Tensor send = x.reshape({s, sp, h / sp, d}).permute({1, 0, 2, 3}).contiguous();
   at::Tensor recv = at::empty_like(send);
-  c.all_to_all(send.data_ptr(), recv.data_ptr(), static_cast<size_t>(send.numel() / sp), to_dtype(x.scalar_type()));
+  all_to_all_into(c, send, recv);
   return recv.view({sp * s, h / sp, d});
 }
 
@@ -43,7 +44,7 @@ at::Tensor heads_to_seq(Comm& c, const at::Tensor& x) {
   if (s % sp) fail("ulysses: a row of ", s, " tokens cannot be split over ", sp, " sequence-parallel ranks");
   at::Tensor send = x.contiguous();
   at::Tensor recv = at::empty_like(send);
-  c.all_to_all(send.data_ptr(), recv.data_ptr(), static_cast<size_t>(send.numel() / sp), to_dtype(x.scalar_type()));
+  all_to_all_into(c, send, recv);
   return recv.view({sp, s / sp, hl, d}).permute({1, 0, 2, 3}).reshape({s / sp, sp * hl, d});
 }
 
@@ -74,7 +75,7 @@ at::Tensor gather_seq(Comm& c, const at::Tensor& x) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape[0] *= c.size();
   at::Tensor recv = at::empty(shape, send.options());
-  c.all_gather(send.data_ptr(), recv.data_ptr(), static_cast<size_t>(send.numel()), to_dtype(x.scalar_type()));
+  all_gather_into(c, send, recv);
   return recv;
 }
 

@@ -67,7 +67,7 @@ at::Tensor experts_parallel(const DecoderLayer& l, const at::Tensor& xs, const s
   for (int64_t e = 0; e < E; ++e) send[e / El] += sizes[e];
   const int64_t m = std::max<int64_t>(1, ep.max(*std::max_element(send.begin(), send.end())));
   // The per-expert counts first: block j = the counts of rank j's experts.
-  const at::Tensor cnt_send = at::tensor(sizes, at::kLong).view({P, El});
+  const at::Tensor cnt_send = at::tensor(sizes, at::kLong).view({P, El});  // host: read back below
   const at::Tensor cnt_recv = ep.all_to_all(cnt_send).contiguous();  // [P, El]: from rank i, per local expert
   const int64_t* rc = cnt_recv.data_ptr<int64_t>();
   // Rows padded to m per destination.
@@ -84,7 +84,7 @@ at::Tensor experts_parallel(const DecoderLayer& l, const at::Tensor& xs, const s
       for (int64_t r = 0; r < rc[i * El + e]; ++r) idx.push_back(start + r);
       esize[e] += rc[i * El + e];
     }
-  const at::Tensor index = at::tensor(idx, at::kLong);
+  const at::Tensor index = at::tensor(idx, at::kLong).to(recv.device());
   const at::Tensor ys = experts_local(l, recv.index_select(0, index), esize, true);
   // Back into the received layout (zeros in the pad), home, and the pad dropped.
   const at::Tensor back = at::zeros({P * m, H}, ys.options()).index_add(0, index, ys);

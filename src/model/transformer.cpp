@@ -5,10 +5,15 @@
 #include "model/transformer.h"
 
 #include <ATen/ATen.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/core/InferenceMode.h>
 
+#include <dlfcn.h>
+
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <map>
 
 #include "core/error.h"
@@ -48,6 +53,46 @@ at::ScalarType parse_engine_dtype(const std::string& s) {
   if (s == "bf16" || s == "bfloat16") return at::kBFloat16;
   if (s == "fp16" || s == "float16") return at::kHalf;
   fail("unknown dtype '", s, "' (expected fp32, bf16 or fp16)");
+}
+
+// libtorch's CUDA half (kernels, allocator, CUDA hooks) is a library of its own that a program
+// linked against libtorch_cpu alone does not load; Python's torch loads it at import. The CLI
+// loads it here, from the directory of the libtorch in use, the first time a CUDA device is
+// asked for — before anything asks libtorch whether CUDA is there (that answer is cached for
+// the life of the process). CPU runs never map it (~1 GB of code, measurable start-up time).
+static void load_torch_cuda() {
+#ifdef VERLCPP_WITH_CUDA
+  Dl_info info{};
+  if (!dladdr(reinterpret_cast<void*>(&at::globalContext), &info) || !info.dli_fname) return;
+  const std::string lib = std::filesystem::path(info.dli_fname).parent_path() / "libtorch_cuda.so";
+  if (dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL | RTLD_NOLOAD)) return;  // already loaded (Python's torch)
+  if (!std::filesystem::exists(lib)) fail("device cuda: this libtorch has no CUDA part (", lib, " is missing)");
+  if (!dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL)) fail("device cuda: cannot load ", lib, ": ", dlerror());
+#endif
+}
+
+at::Device parse_engine_device(const std::string& s) {
+  at::Device d(at::kCPU);
+  try {
+    d = at::Device(s);
+  } catch (const std::exception&) {
+    fail("unknown device '", s, "' (expected cpu, cuda or cuda:N)");
+  }
+  if (d.is_cpu()) return at::Device(at::kCPU);
+  if (!d.is_cuda()) fail("device '", s, "': the engine computes on cpu or cuda");
+#ifndef VERLCPP_WITH_CUDA
+  fail("device '", s, "': this verlcpp was built without CUDA (VERLCPP_WITH_CUDA=OFF)");
+#endif
+  load_torch_cuda();
+  if (!at::hasCUDA())
+    fail("device '", s, "': no CUDA device is available (none visible to this process, or this verlcpp was built "
+         "without CUDA: VERLCPP_WITH_CUDA)");
+  const int n = static_cast<int>(at::detail::getCUDAHooks().deviceCount());
+  // "cuda" alone: this process's current device (mpirun's NCCL comm and verl's workers set it
+  // to the local rank's GPU).
+  const int i = d.has_index() ? d.index() : std::max<int>(0, at::detail::getCUDAHooks().current_device());
+  if (i < 0 || i >= n) fail("device '", s, "': only ", n, " CUDA device(s) are visible");
+  return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(i));
 }
 
 at::Tensor rope_inv_freq(const ModelConfig& c) {
@@ -137,12 +182,13 @@ RootParams root_views(const ModelConfig& c, const std::vector<FlatParam>& layout
   return root_params(c, slot_views(layout, flat));
 }
 
-DenseParams::DenseParams(const ModelConfig& c, const WeightSet& w, at::ScalarType dtype, bool requires_grad) {
+DenseParams::DenseParams(const ModelConfig& c, const WeightSet& w, at::ScalarType dtype, bool requires_grad,
+                         at::Device device) {
   const auto units = w.unit_specs(c);
   for (size_t u = 0; u < units.size(); ++u) {
     int64_t n = 0;
     const std::vector<FlatParam> layout = flat_layout(units[u], &n);
-    at::Tensor flat = at::empty({n}, at::TensorOptions().dtype(dtype));
+    at::Tensor flat = at::empty({n}, at::TensorOptions().dtype(dtype).device(device));
     for (const auto& p : layout) param_view(flat, p).copy_(w.load(p.name, p.shape, dtype));
     if (requires_grad) flat.requires_grad_(true);
     if (u == 0) root_ = root_views(c, layout, flat);
@@ -163,9 +209,9 @@ Transformer::~Transformer() = default;
 
 std::unique_ptr<Transformer> Transformer::load(const std::string& config_dir, const std::string& weights_dir,
                                                at::ScalarType dtype, const std::string& device) {
-  if (device != "cpu") fail("device '", device, "': this build runs the engine on the CPU only");
+  const at::Device d = parse_engine_device(device);
   auto m = std::make_unique<Transformer>(load_model_config(config_dir), dtype);
-  m->dense_ = std::make_unique<DenseParams>(m->cfg_, WeightSet(weights_dir), dtype);
+  m->dense_ = std::make_unique<DenseParams>(m->cfg_, WeightSet(weights_dir), dtype, false, d);
   return m;
 }
 
@@ -180,6 +226,17 @@ int64_t Transformer::num_parameters() const {
 }
 
 namespace {
+
+// Varlen flash attention applies: a CUDA tensor in bf16 / fp16 with a head size flash takes,
+// unless VERLCPP_ATTENTION=sdpa asks for the per-sequence SDPA path (the reference, and fp32).
+bool varlen_flash(const at::Tensor& q, int64_t head_dim) {
+  static const bool sdpa_only = [] {
+    const char* e = std::getenv("VERLCPP_ATTENTION");
+    return e && std::string(e) == "sdpa";
+  }();
+  const auto t = q.scalar_type();
+  return !sdpa_only && q.is_cuda() && (t == at::kBFloat16 || t == at::kHalf) && head_dim % 8 == 0 && head_dim <= 256;
+}
 
 at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::Tensor& x, const at::Tensor& cos,
                      const at::Tensor& sin, const std::vector<int64_t>& cu, const SeqParallelAttention* sp) {
@@ -201,6 +258,19 @@ at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::T
   n = q.size(0);
   nh = q.size(1);
   const int64_t kvh = k.size(1);
+  const double scale = 1.0 / std::sqrt(double(hd));
+  if (varlen_flash(q, hd)) {
+    // CUDA, 16-bit: libtorch's flash attention over the packed row at once (cu_seqlens; GQA
+    // without repeating kv heads), what verl runs through flash_attn_varlen_func.
+    int64_t max_len = 0;
+    for (size_t i = 0; i + 1 < cu.size(); ++i) max_len = std::max(max_len, cu[i + 1] - cu[i]);
+    const at::Tensor cu_t = at::tensor(cu, at::kLong).to(at::kInt).to(q.device());
+    at::Tensor out = std::get<0>(at::_flash_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), cu_t, cu_t,
+                                                              max_len, max_len, 0.0, /*is_causal=*/true,
+                                                              /*return_debug_mask=*/false, scale));
+    if (sp) out = sp->to_sequence(out);
+    return at::linear(out.reshape({n_local, nh_all * hd}), l.o_w, l.o_b);
+  }
   // [n, h, d] → [h, n, d] so each sequence is a contiguous slice along dim 1.
   q = q.transpose(0, 1);
   k = k.transpose(0, 1);
@@ -216,7 +286,6 @@ at::Tensor attention(const ModelConfig& cfg_, const DecoderLayer& l, const at::T
   const std::vector<at::Tensor> qs = q.split_with_sizes(lens, 1), ks = k.split_with_sizes(lens, 1),
                                 vs = v.split_with_sizes(lens, 1);
   std::vector<at::Tensor> outs;
-  const double scale = 1.0 / std::sqrt(double(hd));
   for (size_t i = 0; i < lens.size(); ++i) {
     if (lens[i] == 0) continue;
     at::Tensor o = at::scaled_dot_product_attention(qs[i].unsqueeze(0), ks[i].unsqueeze(0), vs[i].unsqueeze(0),
@@ -254,15 +323,24 @@ at::Tensor Transformer::embed_and_layers(ParamProvider& p, const RootParams& r, 
   ctx.cu_seqlens = cu;
   ctx.sp = row.sp;
   ctx.moe = row.moe;
-  rope_cos_sin(inv_freq_, row.position_ids, dtype_, &ctx.cos, &ctx.sin);
+  rope_cos_sin(inv_freq_.to(r.embed.device()), row.position_ids.to(r.embed.device()), dtype_, &ctx.cos, &ctx.sin);
   // padding_idx: that row's gradient stays zero, as in transformers' nn.Embedding(padding_idx=pad_token_id).
   at::Tensor h = at::embedding(r.embed, row.input_ids, cfg_.pad_token_id);
   for (int i = 0; i < cfg_.num_layers; ++i) h = p.run_layer(*this, i, h, ctx);
   return rms_norm(h, r.final_norm, cfg_.rms_norm_eps);
 }
 
-TokenOutputs Transformer::forward(ParamProvider& p, const PackedRow& row, bool with_entropy) const {
+// The row's tensors on the parameters' device (the batch arrives in host memory).
+static PackedRow on_device(const PackedRow& in, const at::Device& d) {
+  PackedRow row = in;
+  for (at::Tensor* t : {&row.input_ids, &row.position_ids, &row.labels, &row.temperature})
+    if (t->defined() && t->device() != d) *t = t->to(d);
+  return row;
+}
+
+TokenOutputs Transformer::forward(ParamProvider& p, const PackedRow& in, bool with_entropy) const {
   const RootParams r = p.root();
+  const PackedRow row = on_device(in, r.embed.device());
   const at::Tensor h = embed_and_layers(p, r, row);
   TokenOutputs out;
   if (is_value_model()) {
@@ -291,7 +369,7 @@ at::Tensor Transformer::hidden_states(const at::Tensor& input_ids, const at::Ten
   row.input_ids = input_ids;
   row.position_ids = position_ids;
   row.cu_seqlens = cu;
-  return embed_and_layers(*dense_, root_params(), row);
+  return embed_and_layers(*dense_, root_params(), on_device(row, root_params().embed.device()));
 }
 
 }  // namespace verl

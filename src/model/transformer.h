@@ -125,7 +125,8 @@ class DenseParams : public ParamProvider {
  public:
   // Loads every weight of the folder (checked against the config) converted to `dtype`;
   // `requires_grad`: the flat buffers are autograd leaves (the reference for gradients).
-  DenseParams(const ModelConfig& c, const WeightSet& w, at::ScalarType dtype, bool requires_grad = false);
+  DenseParams(const ModelConfig& c, const WeightSet& w, at::ScalarType dtype, bool requires_grad = false,
+              at::Device device = at::Device(at::kCPU));
   RootParams root() override { return root_; }
   at::Tensor run_layer(const Transformer& model, int i, const at::Tensor& h, const LayerContext& ctx) override;
   const RootParams& root_params() const { return root_; }
@@ -146,7 +147,8 @@ class Transformer {
   Transformer(ModelConfig cfg, at::ScalarType compute_dtype);
   ~Transformer();
   // The single-device reference: config from `config_dir`, weights (model.safetensors or
-  // model.safetensors.index.json) from `weights_dir`, converted to `dtype`.
+  // model.safetensors.index.json) from `weights_dir`, converted to `dtype`, on `device`
+  // (parse_engine_device).
   static std::unique_ptr<Transformer> load(const std::string& config_dir, const std::string& weights_dir,
                                            at::ScalarType dtype, const std::string& device = "cpu");
 
@@ -186,5 +188,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor rope_inv_freq(const ModelConfig& c);
 // "fp32" / "float32" / "bf16" / "bfloat16" / "fp16" / "float16" → a torch scalar type.
 at::ScalarType parse_engine_dtype(const std::string& s);
+// "cpu", "cuda" (the current CUDA device) or "cuda:N" → a device the engine can compute on (checked: a CUDA
+// device must be visible to this process; errors name what was found).
+at::Device parse_engine_device(const std::string& s);
 
 }  // namespace verl

@@ -3,6 +3,7 @@
 // under mpirun with Ulysses sequence parallelism, and one-line errors on bad input without leaving an output file behind.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <filesystem>
 
 #include "engine_test_util.h"
@@ -134,6 +135,21 @@ TEST(LogprobCli, BadInputIsOneLineErrorAndNoOutput) {
   std::string out;
   EXPECT_NE(run(logprob_cmd(fx + "/qwen2", fx + "/batch.safetensors", tmp / "o.safetensors", "--max-token-len 10"), &out), 0);
   EXPECT_NE(out.find("more than max_token_len 10"), std::string::npos) << out;
+  // A device that is not there (this machine has no GPU; skipped where one is) or is misspelt:
+  // one line before anything is read or written.
+  const char* cuda_env = std::getenv("CUDA_VISIBLE_DEVICES");
+  const bool no_gpu = !fs::exists("/dev/nvidia0") || (cuda_env && std::string(cuda_env).empty());
+  std::vector<std::pair<std::string, std::string>> devices = {{"--device tpu", "unknown device 'tpu'"},
+                                                              {"--device cuda:x", "unknown device 'cuda:x'"}};
+  if (no_gpu) devices.push_back({"--device cuda", "device 'cuda': no CUDA device is available"});
+  for (const auto& [flag, expect] : devices) {
+    std::string o;
+    EXPECT_NE(run(logprob_cmd(fx + "/qwen2", fx + "/batch.safetensors", tmp / "o.safetensors", flag), &o), 0) << flag;
+    EXPECT_EQ(o.rfind("verlcpp: error: ", 0), 0u) << o;
+    EXPECT_NE(o.find(expect), std::string::npos) << o;
+    EXPECT_EQ(std::count(o.begin(), o.end(), '\n'), 1) << o;
+    EXPECT_FALSE(fs::exists(tmp / "o.safetensors"));
+  }
   // Leftover temporary files: none.
   for (const auto& e : fs::directory_iterator(tmp.path))
     EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << e.path();

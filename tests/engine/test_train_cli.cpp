@@ -11,6 +11,7 @@
 #include <sys/mount.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -193,6 +194,15 @@ TEST_F(TrainCli, VeOmniEngineFields) {
   expect_refused("full_shard", "enable_full_shard=false fsdp_size=2", {"enable_full_shard", "fsdp_size 2"}, 2);
   expect_refused("ep_dense", "expert_parallel_size=2", {"expert_parallel_size = 2", "has no experts"}, 2);
   expect_refused("ep3", "expert_parallel_size=3", {"expert_parallel_size = 3", "divide the world size"}, 2);
+}
+
+TEST_F(TrainCli, DeviceIsCheckedBeforeAnyWork) {
+  expect_refused("dev_tpu", "device=tpu", {"device", "tpu", "cpu, cuda or cuda:N"});
+  expect_refused("dev_alias", "trainer.device=cuda:x", {"trainer.device", "cuda:x"});
+  // No GPU on this machine (skipped where one is visible): the engine's device is not there.
+  const char* cuda_env = std::getenv("CUDA_VISIBLE_DEVICES");
+  if (!fs::exists("/dev/nvidia0") || (cuda_env && std::string(cuda_env).empty()))
+    expect_refused("dev_cuda", "device=cuda", {"device 'cuda'", "no CUDA device is available"});
 }
 
 TEST_F(TrainCli, EnableFullShardFalseIsDdpAndMatchesTorch) {
