@@ -27,8 +27,6 @@ from verl.workers.config.engine import EngineConfig, FSDPEngineConfig
 
 # field -> (the value we support, why the others are refused)
 _UNSUPPORTED = {
-    "param_offload": (False, "parameter offload is not implemented in verl.cpp yet"),
-    "optimizer_offload": (False, "optimizer offload is not implemented in verl.cpp yet"),
     "offload_policy": (False, "FSDP2 CPU offload policy is not implemented in verl.cpp yet"),
     "use_fused_kernels": (False, "fused kernels are not implemented in verl.cpp (its LM head is chunked already)"),
     "pad_to_length": (False, "pad_to_length is not implemented in verl.cpp"),

@@ -120,8 +120,8 @@ def _per_token(value, lengths: torch.Tensor, what: str) -> torch.Tensor:
 
 
 class VerlcppEngineCtx(BaseEngineCtx):
-    """train_mode / eval_mode: BaseEngineCtx (no offload here), and in training the gradients
-    are zeroed on exit as EngineTrainModeCtx does."""
+    """train_mode / eval_mode: BaseEngineCtx (its offload and reload through engine.to), and in
+    training the gradients are zeroed on exit as EngineTrainModeCtx does."""
 
     def __exit__(self, exc_type, exc_val, exc_tb):
         if self.mode == "train" and (self.zero_grad_on_exit or exc_type is not None):
@@ -202,13 +202,16 @@ class VerlcppEngine(BaseEngine):
             kind = "a value model (...ForTokenClassification, num_labels=1)" if self.value_model else "a causal LM"
             raise ValueError(f"verlcpp engine: {settings['model_path']} is not {kind}")
 
+    # verl's BaseEngineCtx moves the engine with these around each train / eval phase
+    # (engine.to: shards and gradients / AdamW state to pinned host memory and back); on the CPU
+    # platform the engine already lives in host memory and the moves are no-ops.
     @property
     def is_param_offload_enabled(self) -> bool:
-        return False
+        return bool(self.engine_config.param_offload)
 
     @property
     def is_optimizer_offload_enabled(self) -> bool:
-        return False
+        return bool(self.engine_config.optimizer_offload)
 
     def train_mode(self, **kwargs):
         return VerlcppEngineCtx(self, "train", **kwargs)

@@ -45,8 +45,6 @@ class ConfigTest(unittest.TestCase):
 
     def test_unsupported_settings_are_refused_by_name(self):
         cases = {
-            "param_offload": True,
-            "optimizer_offload": True,
             "offload_policy": True,
             "ulysses_sequence_parallel_size": 0,
             "use_fused_kernels": True,
@@ -65,7 +63,8 @@ class ConfigTest(unittest.TestCase):
         self.assertIn("reduce_dtype", str(cm.exception))
         with self.assertRaises(ValueError):
             VerlcppEngineConfig(strategy="fsdp2")
-        # What is supported stays accepted.
+        # What is supported stays accepted (offload: BaseEngineCtx moves the engine with engine.to).
+        VerlcppEngineConfig(param_offload=True, optimizer_offload=True)
         VerlcppEngineConfig(mixed_precision={"param_dtype": "bf16", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
                             fsdp_size=2, reshard_after_forward=False, model_dtype="float32",
                             ulysses_sequence_parallel_size=2)
