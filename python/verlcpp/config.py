@@ -11,7 +11,8 @@ actor hands an FSDPEngineConfig whose strategy it set to "verlcpp").
 Used: mixed_precision.param_dtype (the compute dtype), fsdp_size, reshard_after_forward,
 forward_only, ulysses_sequence_parallel_size (a ("dp", "sp") device mesh as verl's FSDP engine
 builds it; it must divide the world size and the model's attention heads, checked when the engine
-is built), and verl's micro-batching keys (through verl's own prepare_micro_batches).
+is built), param_offload / optimizer_offload (verl's BaseEngineCtx moves the engine through
+engine.to around each phase), and verl's micro-batching keys (through verl's own prepare_micro_batches).
 Accepted with no effect, because they change nothing in what verl.cpp computes: wrap_policy
 (the units are always one per decoder layer + the root), use_orig_params, use_torch_compile,
 entropy_from_logits_with_chunking / entropy_from_logits_chunk_size / entropy_checkpointing (the
