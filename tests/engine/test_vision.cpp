@@ -1,0 +1,210 @@
+// test_vision.cpp — vision-language models (Qwen2-VL, Qwen2.5-VL) in the engine against
+// transformers, computed at test time by tests/oracle/vlm_fixtures.py on tiny random models:
+// mRoPE position ids equal get_rope_index's; log-probs and entropy of image+text and text-only
+// sequences packed together (fp32, <= 1e-4) through `verlcpp logprob` in one process (the dense
+// model), under mpirun (the FSDP engine forward only, vision blocks and merger as units) and
+// with Ulysses sequence parallelism (vision features computed on the rank that holds the
+// tokens); one-line errors for images that do not fit the data.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <filesystem>
+
+#include "engine_test_util.h"
+#include "hf/config.h"
+#include "model/vision.h"
+
+namespace verl::test {
+namespace {
+namespace fs = std::filesystem;
+
+const char* kModels[] = {"qwen2_vl", "qwen2_5_vl"};
+
+std::string vlm_fixtures() { return oracle_fixture("vlm_fixtures.py"); }
+
+std::string logprob_cmd(const std::string& model, const std::string& batch, const std::string& out, const std::string& extra) {
+  return verlcpp_bin() + " logprob --model " + model + " --batch " + batch + " --out " + out + " --temperature 0.7 " + extra;
+}
+
+// The batch file's sequences with their per-sample multi_modal_inputs, as verl hands them over.
+struct FileBatch {
+  at::Tensor ids;
+  std::vector<int64_t> cu;
+  std::vector<TensorDict> mm;
+};
+FileBatch read_file_batch(const std::string& fx) {
+  auto m = load_st(fx + "/batch.safetensors");
+  FileBatch b;
+  b.ids = m.at("input_ids");
+  const at::Tensor cu = m.at("cu_seqlens");
+  b.cu.assign(cu.data_ptr<int64_t>(), cu.data_ptr<int64_t>() + cu.numel());
+  // Images in order, one per run of image tokens.
+  const at::Tensor grid = m.at("image_grid_thw"), px = m.at("pixel_values");
+  int64_t image = 0, row = 0;
+  const int64_t* p = b.ids.data_ptr<int64_t>();
+  for (size_t s = 0; s + 1 < b.cu.size(); ++s) {
+    TensorDict d;
+    const int64_t first = image, first_row = row;
+    for (int64_t t = b.cu[s]; t < b.cu[s + 1]; ++t)
+      if (p[t] == 250 && (t == b.cu[s] || p[t - 1] != 250)) row += grid[image++].prod().item<int64_t>();
+    if (image > first) {
+      d["pixel_values"] = px.narrow(0, first_row, row - first_row);
+      d["image_grid_thw"] = grid.narrow(0, first, image - first);
+    }
+    b.mm.push_back(d);
+  }
+  return b;
+}
+
+TEST(VisionLanguage, MropePositionsMatchTransformers) {
+  const std::string fx = vlm_fixtures();
+  const FileBatch b = read_file_batch(fx);
+  for (const char* name : kModels) {
+    SCOPED_TRACE(name);
+    const ModelConfig c = load_model_config(fx + "/" + name);
+    ASSERT_TRUE(c.vision.has_value());
+    const at::Tensor ref = load_st(fx + "/ref_" + std::string(name) + "_fp32.safetensors").at("position_ids");
+    const int64_t nnz = b.cu.back();
+    const VisionRow r = prepare_vision_row(c, b.ids, b.cu, b.mm, 0, nnz, nnz);
+    ASSERT_EQ(r.position_ids.sizes(), ref.sizes());
+    EXPECT_TRUE(at::equal(r.position_ids, ref.to(at::kLong)));
+    // Every image token takes a feature; sp-style slices of the padded row cover the same tokens.
+    EXPECT_EQ(r.inputs.token_index.numel(), (b.ids == 250).sum().item<int64_t>());
+    const int64_t padded = (nnz + 2) / 3 * 3, part = padded / 3;
+    int64_t tokens = 0;
+    for (int k = 0; k < 3; ++k) {
+      const VisionRow s = prepare_vision_row(c, b.ids, b.cu, b.mm, k * part, part, padded);
+      EXPECT_EQ(s.position_ids.size(1), part);
+      if (s.inputs.token_index.defined()) tokens += s.inputs.token_index.numel();
+    }
+    EXPECT_EQ(tokens, (b.ids == 250).sum().item<int64_t>());
+  }
+}
+
+void expect_matches(const std::string& got_path, const std::string& ref_path, double tol, const std::string& what) {
+  auto got = load_st(got_path);
+  auto ref = load_st(ref_path);
+  for (const char* k : {"log_probs", "entropy"}) {
+    ASSERT_EQ(got.at(k).sizes(), ref.at(k).sizes()) << what << " " << k;
+    const double d = max_abs_diff(got.at(k), ref.at(k));
+    EXPECT_LE(d, tol) << what << " " << k;
+    std::printf("[ max |diff| %s %s: %.3g ]\n", what.c_str(), k, d);
+  }
+}
+
+TEST(VisionLanguage, LogprobMatchesTransformers) {
+  // One process (the dense model), packed three ways: the whole batch in one row, fixed
+  // micro-batches of 2 and token-balanced micro-batches.
+  const std::string fx = vlm_fixtures();
+  TempDir tmp;
+  for (const char* name : kModels) {
+    for (std::string extra : {"", "--micro-batch-size 2", "--max-token-len 60"}) {
+      std::string out;
+      ASSERT_EQ(run(logprob_cmd(fx + "/" + name, fx + "/batch.safetensors", tmp / "o.safetensors", "--entropy -q " + extra),
+                    &out),
+                0)
+          << out;
+      expect_matches(tmp / "o.safetensors", fx + "/ref_" + std::string(name) + "_fp32.safetensors", 1e-4,
+                     std::string(name) + " " + extra);
+    }
+  }
+}
+
+TEST(VisionLanguage, FsdpEngineLogprobMatchesTransformers) {
+  // Under mpirun: the FSDP engine forward only (the vision tower's units sharded over the ranks;
+  // a rank whose micro-batch has no image still runs the tower's collectives), and Ulysses
+  // sequence parallelism (sp = 2: each rank runs the images whose tokens it holds).
+  const std::string fx = vlm_fixtures();
+  TempDir tmp;
+  for (const char* name : kModels) {
+    // (--sp 2 alone: the whole batch in one row, whose halves split an image between the ranks.)
+    for (std::string extra : {"--micro-batch-size 1", "--sp 2", "--sp 2 --micro-batch-size 2", "--sp 2 --max-token-len 50"}) {
+      std::string out;
+      ASSERT_EQ(run(mpirun(2) + logprob_cmd(fx + "/" + name, fx + "/batch.safetensors", tmp / "o.safetensors", "--entropy " + extra),
+                    &out),
+                0)
+          << out;
+      expect_matches(tmp / "o.safetensors", fx + "/ref_" + std::string(name) + "_fp32.safetensors", 1e-4,
+                     std::string(name) + " np 2 " + extra);
+    }
+  }
+}
+
+TEST(VisionLanguage, ImagesThatDoNotFitAreOneLineErrors) {
+  const std::string fx = vlm_fixtures();
+  TempDir tmp;
+  auto m = load_st(fx + "/batch.safetensors");
+  struct Case {
+    std::string model;
+    std::map<std::string, at::Tensor> in;
+    std::string expect;
+  };
+  auto with = [&](const std::string& k, const at::Tensor& t) {
+    auto c = m;
+    c[k] = t;
+    return c;
+  };
+  const at::Tensor grid = m.at("image_grid_thw");
+  std::vector<Case> cases = {
+      {"qwen2_vl", with("image_grid_thw", grid.narrow(0, 0, grid.size(0) - 1)), "rows for image_grid_thw"},
+      {"qwen2_vl", with("pixel_values", m.at("pixel_values").narrow(1, 0, 10)), "must be [patches, 96]"},
+      {"qwen2_vl", with("image_grid_thw", grid * at::tensor(std::vector<int64_t>{1, 2, 1}).view({1, 3})), "rows for image_grid_thw"},
+  };
+  {
+    auto c = m;
+    c.erase("image_grid_thw");
+    cases.push_back({"qwen2_vl", c, "need both"});
+  }
+  for (const auto& c : cases) {
+    save_st(tmp / "in.safetensors", c.in);
+    std::string out;
+    EXPECT_NE(run(logprob_cmd(fx + "/" + c.model, tmp / "in.safetensors", tmp / "o.safetensors", ""), &out), 0) << c.expect;
+    EXPECT_EQ(out.rfind("verlcpp: error: ", 0), 0u) << out;
+    EXPECT_NE(out.find(c.expect), std::string::npos) << out;
+    EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
+    EXPECT_FALSE(fs::exists(tmp / "o.safetensors"));
+  }
+  // Images for a text-only model.
+  const std::string text = engine_fixtures() + "/qwen2";
+  std::string out;
+  EXPECT_NE(run(logprob_cmd(text, fx + "/batch.safetensors", tmp / "o.safetensors", ""), &out), 0);
+  EXPECT_NE(out.find("is a text-only model"), std::string::npos) << out;
+}
+
+// `verlcpp train` (SFT, 3 steps of 4 sequences, micro-batches of 1) of a vision-language model
+// over 2 ranks and in one process: the merged checkpoint loads in transformers and equals
+// transformers + torch AdamW trained on the same batches (tests/oracle/vlm_train_ref.py).
+void sft_matches_torch(const std::string& family, const std::string& extra, const std::string& ref_args) {
+  TempDir tmp;
+  const fs::path dir = tmp.path;
+  const std::string oracle = python() + " " + source_dir() + "/tests/oracle/vlm_train_ref.py";
+  std::string log;
+  ASSERT_EQ(run(oracle + " make --out " + q(dir) + " --family " + family, &log), 0) << log;
+  ASSERT_EQ(run(oracle + " ref --out " + q(dir) + " --steps 3 --bs 4 --lr 1e-3 " + ref_args, &log), 0) << log;
+  for (int np : {2, 0}) {
+    SCOPED_TRACE(family + " np " + std::to_string(np) + " " + extra);
+    const fs::path ck = dir / ("ck" + std::to_string(np)), merged = dir / ("merged" + std::to_string(np));
+    ASSERT_EQ(run("(cd " + q(dir) + " && " + (np ? mpirun(np) : std::string()) + verlcpp_bin() +
+                      " train path=model train_files=data.safetensors train_batch_size=4 total_training_steps=3 "
+                      "shuffle=false lr=1e-3 micro_batch_size_per_gpu=1 default_local_dir=" + q(ck) + " " + extra + ")",
+                  &log),
+              0)
+        << log;
+    ASSERT_EQ(run(verlcpp_bin() + " merge -q --backend fsdp --dtype fp32 --overwrite --local_dir " +
+                      q(ck / "global_step_3" / "actor") + " --target_dir " + q(merged),
+                  &log),
+              0)
+        << log;
+    EXPECT_EQ(run(oracle + " check --merged " + q(merged) + " --ref " + q(dir / "ref_3") + " --rtol 3e-5", &log), 0) << log;
+    std::printf("[ %s np %d %s: %s ]\n", family.c_str(), np, extra.c_str(), log.c_str());
+  }
+}
+
+TEST(VisionLanguage, SftOverTwoRanksMatchesOneProcessAndTorch) { sft_matches_torch("qwen2_5_vl", "", ""); }
+
+TEST(VisionLanguage, SftWithFrozenVisionTowerMatchesTorch) {
+  sft_matches_torch("qwen2_vl", "freeze_vision_tower=true", "--freeze-vision");
+}
+
+}  // namespace
+}  // namespace verl::test
