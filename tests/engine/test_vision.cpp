@@ -1,7 +1,7 @@
 // test_vision.cpp — vision-language models (Qwen2-VL, Qwen2.5-VL) in the engine against
 // transformers, computed at test time by tests/oracle/vlm_fixtures.py on tiny random models:
 // mRoPE position ids equal get_rope_index's; log-probs and entropy of image+text and text-only
-// sequences packed together (fp32, <= 1e-4) through `verlcpp logprob` in one process (the dense
+// sequences packed together (fp32, <= 1e-4; bf16 near transformers' bf16) through `verlcpp logprob` in one process (the dense
 // model), under mpirun (the FSDP engine forward only, vision blocks and merger as units) and
 // with Ulysses sequence parallelism (vision features computed on the rank that holds the
 // tokens); one-line errors for images that do not fit the data.
@@ -110,6 +110,30 @@ TEST(VisionLanguage, LogprobMatchesTransformers) {
   }
 }
 
+TEST(VisionLanguage, Bf16LogprobIsCloseToTransformersBf16) {
+  const std::string fx = vlm_fixtures();
+  TempDir tmp;
+  for (const char* name : kModels) {
+    std::string out;
+    ASSERT_EQ(run(logprob_cmd(fx + "/" + name, fx + "/batch.safetensors", tmp / "o.safetensors", "--entropy -q --dtype bf16"),
+                  &out),
+              0)
+        << out;
+    auto got = load_st(tmp / "o.safetensors");
+    auto ref = load_st(fx + "/ref_" + std::string(name) + "_bf16.safetensors");
+    auto truth = load_st(fx + "/ref_" + std::string(name) + "_fp32.safetensors");
+    for (const char* k : {"log_probs", "entropy"}) {
+      // Near transformers' bf16, and no further from the fp32 truth than transformers' bf16 is.
+      const double d = mean_abs_diff(got.at(k), ref.at(k)), ours = mean_abs_diff(got.at(k), truth.at(k)),
+                   theirs = mean_abs_diff(ref.at(k), truth.at(k));
+      EXPECT_LE(d, 2e-2) << name << " " << k;
+      EXPECT_LE(ours, 1.25 * theirs) << name << " " << k;
+      std::printf("[ mean |diff| %s bf16 %s: %.3g vs transformers bf16; vs fp32 %.3g (transformers bf16: %.3g) ]\n", name,
+                  k, d, ours, theirs);
+    }
+  }
+}
+
 TEST(VisionLanguage, FsdpEngineLogprobMatchesTransformers) {
   // Under mpirun: the FSDP engine forward only (the vision tower's units sharded over the ranks;
   // a rank whose micro-batch has no image still runs the tower's collectives), and Ulysses
@@ -172,7 +196,7 @@ TEST(VisionLanguage, ImagesThatDoNotFitAreOneLineErrors) {
 }
 
 // `verlcpp train` (SFT, 3 steps of 4 sequences, micro-batches of 1) of a vision-language model
-// over 2 ranks and in one process: the merged checkpoint loads in transformers and equals
+// over 2 data-parallel ranks, over 2 sequence-parallel ranks and in one process: the merged checkpoint loads in transformers and equals
 // transformers + torch AdamW trained on the same batches (tests/oracle/vlm_train_ref.py).
 void sft_matches_torch(const std::string& family, const std::string& extra, const std::string& ref_args) {
   TempDir tmp;
@@ -181,12 +205,17 @@ void sft_matches_torch(const std::string& family, const std::string& extra, cons
   std::string log;
   ASSERT_EQ(run(oracle + " make --out " + q(dir) + " --family " + family, &log), 0) << log;
   ASSERT_EQ(run(oracle + " ref --out " + q(dir) + " --steps 3 --bs 4 --lr 1e-3 " + ref_args, &log), 0) << log;
-  for (int np : {2, 0}) {
-    SCOPED_TRACE(family + " np " + std::to_string(np) + " " + extra);
-    const fs::path ck = dir / ("ck" + std::to_string(np)), merged = dir / ("merged" + std::to_string(np));
+  // 2 data-parallel ranks; 2 ranks of one Ulysses group (sp = 2); one process.
+  const std::pair<int, std::string> runs[] = {{2, ""}, {2, "ulysses_sequence_parallel_size=2"}, {0, ""}};
+  int k = 0;
+  for (const auto& [np, sp] : runs) {
+    SCOPED_TRACE(family + " np " + std::to_string(np) + " " + sp + " " + extra);
+    const fs::path ck = dir / ("ck" + std::to_string(k)), merged = dir / ("merged" + std::to_string(k));
+    ++k;
     ASSERT_EQ(run("(cd " + q(dir) + " && " + (np ? mpirun(np) : std::string()) + verlcpp_bin() +
                       " train path=model train_files=data.safetensors train_batch_size=4 total_training_steps=3 "
-                      "shuffle=false lr=1e-3 micro_batch_size_per_gpu=1 default_local_dir=" + q(ck) + " " + extra + ")",
+                      "shuffle=false lr=1e-3 micro_batch_size_per_gpu=1 default_local_dir=" + q(ck) + " " + sp + " " +
+                      extra + ")",
                   &log),
               0)
         << log;
@@ -196,7 +225,7 @@ void sft_matches_torch(const std::string& family, const std::string& extra, cons
               0)
         << log;
     EXPECT_EQ(run(oracle + " check --merged " + q(merged) + " --ref " + q(dir / "ref_3") + " --rtol 3e-5", &log), 0) << log;
-    std::printf("[ %s np %d %s: %s ]\n", family.c_str(), np, extra.c_str(), log.c_str());
+    std::printf("[ %s np %d %s %s: %s ]\n", family.c_str(), np, sp.c_str(), extra.c_str(), log.c_str());
   }
 }
 

@@ -1,7 +1,8 @@
 """vlm_fixtures.py — tiny random vision-language models (Qwen2-VL, Qwen2.5-VL made with
 from_config), a packed batch of image+text and text-only sequences in `verlcpp logprob`'s
 format (input_ids, cu_seqlens, pixel_values, image_grid_thw), and transformers' own log-probs,
-entropy and mRoPE position ids for it (each sequence run alone, computed from the full softmax).
+entropy and mRoPE position ids for it (each sequence run alone, computed from the full softmax),
+in fp32 and in bf16.
 Used by tests/engine/test_vision.cpp at test time.
 
     python vlm_fixtures.py OUT_DIR
@@ -98,27 +99,30 @@ def main(out):
         model = cls(cfg).eval()
         randomize(model, 200 + i)
         model.save_pretrained(f"{out}/{name}", safe_serialization=True)
-        lps, ents, poss = [], [], []
-        k = 0
-        for s, grids in zip(seqs, grids_per_seq):
-            kw = {}
-            if grids:
-                kw = dict(pixel_values=torch.cat(pixels[k:k + len(grids)]), image_grid_thw=torch.tensor(grids),
-                          mm_token_type_ids=(s == IMAGE).int()[None] + 2 * (s == VIDEO).int()[None])
-                k += len(grids)
-                pos, _ = model.model.get_rope_index(s[None], kw["mm_token_type_ids"], image_grid_thw=kw["image_grid_thw"])
-                poss.append(pos[:, 0])
-            else:
-                poss.append(torch.arange(len(s)).expand(3, -1))
-            with torch.no_grad():
-                logits = model(input_ids=s[None], **kw).logits[0].float() / T_SCALAR
-            logp = torch.log_softmax(logits, -1)
-            lp = torch.zeros(len(s))
-            lp[:-1] = logp[:-1].gather(1, s[1:, None]).squeeze(1)
-            lps.append(lp)
-            ents.append(-(torch.softmax(logits, -1) * logp).sum(-1))
-        save_file({"log_probs": torch.cat(lps), "entropy": torch.cat(ents),
-                   "position_ids": torch.cat(poss, 1).contiguous()}, f"{out}/ref_{name}_fp32.safetensors")
+        for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            model = model.to(dtype)
+            lps, ents, poss = [], [], []
+            k = 0
+            for s, grids in zip(seqs, grids_per_seq):
+                kw = {}
+                if grids:
+                    kw = dict(pixel_values=torch.cat(pixels[k:k + len(grids)]), image_grid_thw=torch.tensor(grids),
+                              mm_token_type_ids=(s == IMAGE).int()[None] + 2 * (s == VIDEO).int()[None])
+                    k += len(grids)
+                    pos, _ = model.model.get_rope_index(s[None], kw["mm_token_type_ids"],
+                                                        image_grid_thw=kw["image_grid_thw"])
+                    poss.append(pos[:, 0])
+                else:
+                    poss.append(torch.arange(len(s)).expand(3, -1))
+                with torch.no_grad():
+                    logits = model(input_ids=s[None], **kw).logits[0].float() / T_SCALAR
+                logp = torch.log_softmax(logits, -1)
+                lp = torch.zeros(len(s))
+                lp[:-1] = logp[:-1].gather(1, s[1:, None]).squeeze(1)
+                lps.append(lp)
+                ents.append(-(torch.softmax(logits, -1) * logp).sum(-1))
+            save_file({"log_probs": torch.cat(lps), "entropy": torch.cat(ents),
+                       "position_ids": torch.cat(poss, 1).contiguous()}, f"{out}/ref_{name}_{tag}.safetensors")
         info[name] = {"num_params": sum(p.numel() for p in model.parameters())}
     with open(f"{out}/info.json", "w") as f:
         json.dump(info, f, indent=1)
