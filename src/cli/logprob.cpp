@@ -34,9 +34,11 @@ Batch read_batch(const std::string& path) {
   SafetensorsReader r(path);
   for (const auto& t : r.tensors())
     if (t.name != "input_ids" && t.name != "cu_seqlens" && t.name != "temperature" && t.name != "pixel_values" &&
-        t.name != "image_grid_thw")
+        t.name != "image_grid_thw" && t.name != "pixel_values_videos" && t.name != "video_grid_thw" &&
+        t.name != "second_per_grid_ts")
       fail(path, ": unexpected tensor '", t.name,
-           "' (expected input_ids, cu_seqlens and optionally temperature, pixel_values and image_grid_thw)");
+           "' (expected input_ids, cu_seqlens and optionally temperature, pixel_values, image_grid_thw, "
+           "pixel_values_videos, video_grid_thw, second_per_grid_ts)");
   const StTensor* ids = r.find("input_ids");
   const StTensor* cu = r.find("cu_seqlens");
   if (!ids) fail(path, ": missing tensor 'input_ids' (int64, 1-D, all sequences concatenated)");
@@ -215,7 +217,8 @@ CLI::App* add_logprob_subcommand(CLI::App& app, LogprobOptions& o) {
       "Per-token log-probs (and entropy), or values for a value model, of packed sequences.\n"
       "  verlcpp logprob --model PATH --batch IN.safetensors --out OUT.safetensors [--entropy]\n"
       "IN: input_ids (I64, 1-D, sequences concatenated), cu_seqlens (I64, B+1), optional temperature (F32, B);\n"
-      "    vision-language models: pixel_values (float, [patches, C*T*P*P]) and image_grid_thw (I64, [images, 3]).\n"
+      "    vision-language models: pixel_values (float, [patches, C*T*P*P]) and image_grid_thw (I64, [images, 3]);\n"
+      "    videos: pixel_values_videos, video_grid_thw and optionally second_per_grid_ts (F32, [videos]).\n"
       "OUT: log_probs (F32, like input_ids; position t = log p(token t+1 | <= t), 0 at each sequence's end),\n"
       "     entropy with --entropy; values (F32) for a value model.");
   c->add_option("--model", o.model, "HF model: local folder, file://, hdfs:// (copied to the cache) or an HF id in the offline cache")->required();

@@ -3,10 +3,12 @@
 //   pixel_values     float [patches, C·T·P·P]  every image's patch rows (as the HF image
 //                                              processor writes them), images back to back
 //   image_grid_thw   int64 [images, 3]         each image's (t, h, w) in patches
-// in the order the images appear in the file's sequences. A sequence's images are its runs of
-// image tokens (config.json's image_token_id), one run per image of t·h·w / merge² tokens, as
-// transformers consumes image_grid_thw across a batch. The result is verl's per-sample
-// multi_modal_inputs (pixel_values, image_grid_thw; empty for a text-only sequence).
+// in the order the images appear in the file's sequences; videos the same way with
+// pixel_values_videos, video_grid_thw and (Qwen2.5-VL, optional) second_per_grid_ts float
+// [videos]. A sequence's images are its runs of image tokens (config.json's image_token_id),
+// one run per image of t·h·w / merge² tokens, as transformers consumes image_grid_thw across a
+// batch (videos: runs of video_token_id). The result is verl's per-sample multi_modal_inputs
+// (pixel_values, image_grid_thw, pixel_values_videos, ...; empty for a text-only sequence).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -20,7 +22,7 @@ namespace verl {
 
 class SafetensorsReader;
 
-// Whether the file has pixel_values or image_grid_thw.
+// Whether the file has any of those tensors.
 bool has_multi_modal(const SafetensorsReader& r);
 // Per sequence of `ids` (at offsets `cu`): its images' tensors; errors name the file and what is wrong.
 std::vector<TensorDict> read_multi_modal(const SafetensorsReader& r, const at::Tensor& ids, const std::vector<int64_t>& cu,

@@ -275,45 +275,72 @@ void mrope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids, c
   *sin = emb.sin().to(dtype).unsqueeze(1);
 }
 
-at::Tensor mrope_position_ids(const VisionConfig& vc, const at::Tensor& ids, const at::Tensor& image_grid_thw) {
+namespace {
+
+// A sequence's vision items (images and videos), each a run of its kind's tokens.
+struct Media {
+  at::Tensor grid;     // [items, 3] int64 (undefined: none)
+  at::Tensor pixels;   // [patches, C·T·P·P]
+  at::Tensor seconds;  // videos: second_per_grid_ts [items] (undefined: 1 each)
+};
+
+const char* kKindName[2] = {"image", "video"};
+
+}  // namespace
+
+at::Tensor mrope_position_ids(const VisionConfig& vc, const at::Tensor& ids, const at::Tensor& image_grid_thw,
+                              const at::Tensor& video_grid_thw, const at::Tensor& second_per_grid_ts) {
   const int64_t len = ids.size(0), m = vc.spatial_merge_size;
   const at::Tensor c = ids.to(at::kLong).contiguous();
   const int64_t* p = c.data_ptr<int64_t>();
-  const int64_t images = image_grid_thw.defined() ? image_grid_thw.size(0) : 0;
+  const at::Tensor grids[2] = {image_grid_thw, video_grid_thw};
+  const int64_t totals[2] = {image_grid_thw.defined() ? image_grid_thw.size(0) : 0,
+                             video_grid_thw.defined() ? video_grid_thw.size(0) : 0};
+  int64_t counts[2] = {0, 0};
   at::Tensor out = at::empty({3, len}, at::kLong);
   int64_t* t_ = out[0].data_ptr<int64_t>();
   int64_t* h_ = t_ + len;
   int64_t* w_ = h_ + len;
-  int64_t pos = 0, image = 0;
+  int64_t pos = 0;
   for (int64_t i = 0; i < len;) {
-    if (p[i] == vc.video_token_id) fail("video tokens (id ", vc.video_token_id, ") are not supported yet (images only)");
-    if (p[i] != vc.image_token_id) {
+    const int kind = p[i] == vc.image_token_id ? 0 : p[i] == vc.video_token_id ? 1 : -1;
+    if (kind < 0) {
       t_[i] = h_[i] = w_[i] = pos++;
       ++i;
       continue;
     }
     int64_t j = i;
-    while (j < len && p[j] == vc.image_token_id) ++j;
-    if (image >= images)
-      fail("image tokens at position ", i, " but only ", images, " image(s) in image_grid_thw");
-    const int64_t gt = image_grid_thw[image][0].item<int64_t>(), gh = image_grid_thw[image][1].item<int64_t>() / m,
-                  gw = image_grid_thw[image][2].item<int64_t>() / m;
+    while (j < len && p[j] == p[i]) ++j;
+    const int64_t item = counts[kind]++;
+    if (item >= totals[kind])
+      fail(kKindName[kind], " tokens at position ", i, " but only ", totals[kind], " ", kKindName[kind], "(s) in ",
+           kind ? "video_grid_thw" : "image_grid_thw");
+    const at::Tensor& g = grids[kind];
+    const int64_t gt = g[item][0].item<int64_t>(), gh = g[item][1].item<int64_t>() / m, gw = g[item][2].item<int64_t>() / m;
     if (j - i != gt * gh * gw)
-      fail("image ", image, ": a run of ", j - i, " image tokens at position ", i, " for a grid of ", gt * gh * gw,
+      fail(kKindName[kind], " ", item, ": a run of ", j - i, " tokens at position ", i, " for a grid of ", gt * gh * gw,
            " merged patches (t ", gt, " × h ", gh, " × w ", gw, ")");
+    // Frames are time_interval apart: Qwen2.5-VL's videos tokens_per_second × whole seconds per
+    // temporal patch (second_per_grid_ts, 1 when absent); 1 otherwise.
+    int64_t interval = 1;
+    if (kind == 1 && vc.qwen2_5)
+      interval = vc.tokens_per_second *
+                 (second_per_grid_ts.defined() ? static_cast<int64_t>(second_per_grid_ts[item].item<double>()) : 1);
     int64_t k = i;
     for (int64_t a = 0; a < gt; ++a)
       for (int64_t b = 0; b < gh; ++b)
         for (int64_t d = 0; d < gw; ++d, ++k) {
-          t_[k] = pos + a;
+          t_[k] = pos + a * interval;
           h_[k] = pos + b;
           w_[k] = pos + d;
         }
     pos += std::max(gh, gw);
-    ++image;
     i = j;
   }
-  if (image != images) fail(images, " image(s) in image_grid_thw but ", image, " run(s) of image tokens");
+  for (int kind : {0, 1})
+    if (counts[kind] != totals[kind])
+      fail(totals[kind], " ", kKindName[kind], "(s) in ", kind ? "video_grid_thw" : "image_grid_thw", " but ", counts[kind],
+           " run(s) of ", kKindName[kind], " tokens");
   return out;
 }
 
@@ -327,52 +354,71 @@ VisionRow prepare_vision_row(const ModelConfig& c, const at::Tensor& ids, const 
   std::vector<at::Tensor> pixels, grids;
   std::vector<int64_t> token_index, feature_index;
   int64_t features = 0;  // rows of the tower's output so far
+  static const char* kPixels[2] = {"pixel_values", "pixel_values_videos"};
+  static const char* kGrid[2] = {"image_grid_thw", "video_grid_thw"};
   for (int64_t s = 0; s < B; ++s) {
     const at::Tensor seq = ids.narrow(0, cu[s], cu[s + 1] - cu[s]);
-    at::Tensor pv, grid;
+    Media media[2];
     if (!mm.empty()) {
       for (const auto& [k, t] : mm[s]) {
-        if (k == "pixel_values") pv = t;
-        else if (k == "image_grid_thw") grid = t;
-        else fail("sequence ", s, ": multi_modal_inputs key '", k, "' is not supported (pixel_values, image_grid_thw)");
+        if (k == kPixels[0]) media[0].pixels = t;
+        else if (k == kGrid[0]) media[0].grid = t;
+        else if (k == kPixels[1]) media[1].pixels = t;
+        else if (k == kGrid[1]) media[1].grid = t;
+        else if (k == "second_per_grid_ts") media[1].seconds = t.to(at::kDouble).reshape({-1});
+        else
+          fail("sequence ", s, ": multi_modal_inputs key '", k, "' is not supported (pixel_values, image_grid_thw, ",
+               "pixel_values_videos, video_grid_thw, second_per_grid_ts)");
       }
-      if (pv.defined() != grid.defined()) fail("sequence ", s, ": multi_modal_inputs needs both pixel_values and image_grid_thw");
     }
-    if (grid.defined()) {
-      if (grid.dim() != 2 || grid.size(1) != 3) fail("sequence ", s, ": image_grid_thw must be [images, 3]");
-      grid = grid.to(at::kLong);
-      if (!(grid > 0).all().item<bool>() || !(grid.narrow(1, 1, 2).remainder(m) == 0).all().item<bool>())
-        fail("sequence ", s, ": image_grid_thw needs positive t, h, w with h and w multiples of spatial_merge_size ", m);
-      const int64_t patches = grid.prod(1).sum().item<int64_t>();
-      if (pv.dim() != 2 || pv.size(0) != patches || pv.size(1) != vc.patch_dim())
-        fail("sequence ", s, ": pixel_values must be [", patches, ", ", vc.patch_dim(), "] for its image_grid_thw, found ",
-             pv.sizes());
+    for (int kind : {0, 1}) {
+      Media& md = media[kind];
+      if (md.pixels.defined() != md.grid.defined())
+        fail("sequence ", s, ": multi_modal_inputs needs both ", kPixels[kind], " and ", kGrid[kind]);
+      if (!md.grid.defined()) continue;
+      if (md.grid.dim() != 2 || md.grid.size(1) != 3) fail("sequence ", s, ": ", kGrid[kind], " must be [items, 3]");
+      md.grid = md.grid.to(at::kLong);
+      if (!(md.grid > 0).all().item<bool>() || !(md.grid.narrow(1, 1, 2).remainder(m) == 0).all().item<bool>())
+        fail("sequence ", s, ": ", kGrid[kind], " needs positive t, h, w with h and w multiples of spatial_merge_size ", m);
+      const int64_t patches = md.grid.prod(1).sum().item<int64_t>();
+      if (md.pixels.dim() != 2 || md.pixels.size(0) != patches || md.pixels.size(1) != vc.patch_dim())
+        fail("sequence ", s, ": ", kPixels[kind], " must be [", patches, ", ", vc.patch_dim(), "] for its ", kGrid[kind],
+             ", found ", md.pixels.sizes());
     }
+    if (media[1].seconds.defined() && (!media[1].grid.defined() || media[1].seconds.numel() != media[1].grid.size(0)))
+      fail("sequence ", s, ": second_per_grid_ts needs one value per video of video_grid_thw");
     at::Tensor sp;
     try {
-      sp = mrope_position_ids(vc, seq, grid);
+      sp = mrope_position_ids(vc, seq, media[0].grid, media[1].grid, media[1].seconds);
     } catch (const Error& e) {
       fail("sequence ", s, ": ", e.what());
     }
     pos.narrow(1, cu[s], seq.size(0)).copy_(sp);
-    if (!grid.defined()) continue;
-    // Each image: its token run [a, a + len) in the row; run it when a token is in the slice.
+    if (!media[0].grid.defined() && !media[1].grid.defined()) continue;
+    // Each image or video: its token run [a, a + len) in the row; the tower runs it when a token
+    // is in the slice. Items go to the tower in row order (images and videos mixed).
     const at::Tensor seq_c = seq.to(at::kLong).contiguous();
     const int64_t* p = seq_c.data_ptr<int64_t>();
-    int64_t patch = 0, t = 0;
-    for (int64_t i = 0; i < grid.size(0); ++i) {
-      while (p[t] != vc.image_token_id) ++t;
-      const int64_t a = cu[s] + t, tokens = grid[i].prod().item<int64_t>(), len = tokens / (m * m);
+    int64_t item[2] = {0, 0}, patch[2] = {0, 0};
+    for (int64_t t = 0; t < seq.size(0);) {
+      const int kind = p[t] == vc.image_token_id ? 0 : p[t] == vc.video_token_id ? 1 : -1;
+      if (kind < 0) {
+        ++t;
+        continue;
+      }
+      const Media& md = media[kind];
+      const int64_t a = cu[s] + t, tokens = md.grid[item[kind]].prod().item<int64_t>(), len = tokens / (m * m);
       if (a < begin + n && a + len > begin) {
-        pixels.push_back(pv.narrow(0, patch, tokens));
-        grids.push_back(grid[i].unsqueeze(0));
+        pixels.push_back(md.pixels.narrow(0, patch[kind], tokens));
+        grids.push_back(md.grid[item[kind]].unsqueeze(0));
         for (int64_t q = std::max(a, begin); q < std::min(a + len, begin + n); ++q) {
           token_index.push_back(q - begin);
           feature_index.push_back(features + q - a);
         }
         features += len;
       }
-      patch += tokens;
+      patch[kind] += tokens;
+      ++item[kind];
       t += len;
     }
   }
@@ -381,6 +427,7 @@ VisionRow prepare_vision_row(const ModelConfig& c, const at::Tensor& ids, const 
   VisionRow r;
   r.position_ids = pos.narrow(1, begin, n).contiguous();
   if (!pixels.empty()) {
+    for (auto& px : pixels) px = px.to(pixels[0].scalar_type());
     r.inputs.pixel_values = at::cat(pixels, 0);
     r.inputs.grid_thw = at::cat(grids, 0);
     r.inputs.token_index = at::tensor(token_index, at::kLong);

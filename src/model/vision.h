@@ -7,7 +7,8 @@
 //     Qwen2.5-VL: RMSNorm, SwiGLU, attention within windows of window_size pixels except the
 //     fullatt_block_indexes blocks), and the patch merger (norm, spatial_merge_size² patches
 //     concatenated, Linear–GELU–Linear to the text model's width);
-//   - the image tokens of the packed row replaced by the tower's features (masked_scatter);
+//   - the image and video tokens of the packed row replaced by the tower's features
+//     (masked_scatter; one tower forward for both: each image / video frame attends alone);
 //   - the multimodal rotary position ids (mRoPE: temporal, height, width; get_rope_index of
 //     transformers, per sequence of the packed row) and their cos / sin (mrope_section).
 // Parameters come from a ParamProvider (model/transformer.h), one unit for the patch embedding
@@ -85,10 +86,13 @@ void mrope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids, c
                    at::ScalarType dtype, at::Tensor* cos, at::Tensor* sin);
 
 // transformers' get_rope_index for one sequence: position ids [3, len]. Text runs count on by
-// one on all three axes; each run of image tokens is the next image of image_grid_thw
-// ([images, 3]; undefined: none) and takes positions start + (t, h / merge, w / merge) of its
-// merged grid; the text after it starts at start + max(h, w) / merge.
-at::Tensor mrope_position_ids(const VisionConfig& vc, const at::Tensor& ids, const at::Tensor& image_grid_thw);
+// one on all three axes; each run of image (video) tokens is the next image (video) of
+// image_grid_thw (video_grid_thw) ([items, 3]; undefined: none) and takes positions
+// start + (t · time_interval, h / merge, w / merge) of its merged grid (time_interval: 1, or for
+// Qwen2.5-VL's videos tokens_per_second × int(second_per_grid_ts[video]), 1 second when
+// undefined); the text after it starts at start + max(h, w) / merge.
+at::Tensor mrope_position_ids(const VisionConfig& vc, const at::Tensor& ids, const at::Tensor& image_grid_thw,
+                              const at::Tensor& video_grid_thw = at::Tensor(), const at::Tensor& second_per_grid_ts = at::Tensor());
 
 // One packed row of a vision-language model: its vision inputs and mRoPE positions.
 struct VisionRow {
@@ -96,10 +100,11 @@ struct VisionRow {
   at::Tensor position_ids;  // [3, n]
 };
 // `ids`: the whole row (sequences at `cu`, unpadded); `mm`: each sequence's multi_modal_inputs
-// (pixel_values [patches, C·T·P·P], image_grid_thw [images, 3]; empty: text only; an empty
-// vector: none at all); the row padded to `padded` tokens (the pad continues 0, 1, 2, ...), of
+// (pixel_values [patches, C·T·P·P], image_grid_thw [images, 3]; pixel_values_videos,
+// video_grid_thw [videos, 3], second_per_grid_ts [videos]; empty: text only; an empty vector:
+// none at all); the row padded to `padded` tokens (the pad continues 0, 1, 2, ...), of
 // which this rank holds [begin, begin + n) (sequence parallelism; the whole row otherwise).
-// The tower runs on the images with a token in the slice. Errors name the sequence.
+// The tower runs on the images and videos with a token in the slice. Errors name the sequence.
 using TensorDict = std::map<std::string, at::Tensor>;
 VisionRow prepare_vision_row(const ModelConfig& c, const at::Tensor& ids, const std::vector<int64_t>& cu,
                              const std::vector<TensorDict>& mm, int64_t begin, int64_t n, int64_t padded);

@@ -1,7 +1,7 @@
 // test_vision.cpp — vision-language models (Qwen2-VL, Qwen2.5-VL) in the engine against
 // transformers, computed at test time by tests/oracle/vlm_fixtures.py on tiny random models:
-// mRoPE position ids equal get_rope_index's; log-probs and entropy of image+text and text-only
-// sequences packed together (fp32, <= 1e-4; bf16 near transformers' bf16) through `verlcpp logprob` in one process (the dense
+// mRoPE position ids equal get_rope_index's; log-probs and entropy of image+text, video+image+text
+// and text-only sequences packed together (fp32, <= 1e-4; bf16 near transformers' bf16) through `verlcpp logprob` in one process (the dense
 // model), under mpirun (the FSDP engine forward only, vision blocks and merger as units) and
 // with Ulysses sequence parallelism (vision features computed on the rank that holds the
 // tokens); one-line errors for images that do not fit the data.
@@ -38,20 +38,25 @@ FileBatch read_file_batch(const std::string& fx) {
   b.ids = m.at("input_ids");
   const at::Tensor cu = m.at("cu_seqlens");
   b.cu.assign(cu.data_ptr<int64_t>(), cu.data_ptr<int64_t>() + cu.numel());
-  // Images in order, one per run of image tokens.
-  const at::Tensor grid = m.at("image_grid_thw"), px = m.at("pixel_values");
-  int64_t image = 0, row = 0;
-  const int64_t* p = b.ids.data_ptr<int64_t>();
-  for (size_t s = 0; s + 1 < b.cu.size(); ++s) {
-    TensorDict d;
-    const int64_t first = image, first_row = row;
-    for (int64_t t = b.cu[s]; t < b.cu[s + 1]; ++t)
-      if (p[t] == 250 && (t == b.cu[s] || p[t - 1] != 250)) row += grid[image++].prod().item<int64_t>();
-    if (image > first) {
-      d["pixel_values"] = px.narrow(0, first_row, row - first_row);
-      d["image_grid_thw"] = grid.narrow(0, first, image - first);
+  b.mm.resize(b.cu.size() - 1);
+  // Images (videos) in order, one per run of image (video) tokens.
+  struct Kind {
+    const char *pixels, *grid;
+    int64_t token;
+  };
+  for (const Kind& k : {Kind{"pixel_values", "image_grid_thw", 250}, Kind{"pixel_values_videos", "video_grid_thw", 251}}) {
+    const at::Tensor grid = m.at(k.grid), px = m.at(k.pixels);
+    int64_t item = 0, row = 0;
+    const int64_t* p = b.ids.data_ptr<int64_t>();
+    for (size_t s = 0; s + 1 < b.cu.size(); ++s) {
+      const int64_t first = item, first_row = row;
+      for (int64_t t = b.cu[s]; t < b.cu[s + 1]; ++t)
+        if (p[t] == k.token && (t == b.cu[s] || p[t - 1] != k.token)) row += grid[item++].prod().item<int64_t>();
+      if (item == first) continue;
+      b.mm[s][k.pixels] = px.narrow(0, first_row, row - first_row);
+      b.mm[s][k.grid] = grid.narrow(0, first, item - first);
+      if (k.token == 251) b.mm[s]["second_per_grid_ts"] = m.at("second_per_grid_ts").narrow(0, first, item - first);
     }
-    b.mm.push_back(d);
   }
   return b;
 }
@@ -68,8 +73,9 @@ TEST(VisionLanguage, MropePositionsMatchTransformers) {
     const VisionRow r = prepare_vision_row(c, b.ids, b.cu, b.mm, 0, nnz, nnz);
     ASSERT_EQ(r.position_ids.sizes(), ref.sizes());
     EXPECT_TRUE(at::equal(r.position_ids, ref.to(at::kLong)));
-    // Every image token takes a feature; sp-style slices of the padded row cover the same tokens.
-    EXPECT_EQ(r.inputs.token_index.numel(), (b.ids == 250).sum().item<int64_t>());
+    // Every image and video token takes a feature; sp-style slices of the padded row cover the same tokens.
+    const int64_t vision_tokens = ((b.ids == 250) | (b.ids == 251)).sum().item<int64_t>();
+    EXPECT_EQ(r.inputs.token_index.numel(), vision_tokens);
     const int64_t padded = (nnz + 2) / 3 * 3, part = padded / 3;
     int64_t tokens = 0;
     for (int k = 0; k < 3; ++k) {
@@ -77,7 +83,7 @@ TEST(VisionLanguage, MropePositionsMatchTransformers) {
       EXPECT_EQ(s.position_ids.size(1), part);
       if (s.inputs.token_index.defined()) tokens += s.inputs.token_index.numel();
     }
-    EXPECT_EQ(tokens, (b.ids == 250).sum().item<int64_t>());
+    EXPECT_EQ(tokens, vision_tokens);
   }
 }
 
@@ -177,7 +183,7 @@ TEST(VisionLanguage, ImagesThatDoNotFitAreOneLineErrors) {
   {
     auto c = m;
     c.erase("image_grid_thw");
-    cases.push_back({"qwen2_vl", c, "need both"});
+    cases.push_back({"qwen2_vl", c, "needs both"});
   }
   for (const auto& c : cases) {
     save_st(tmp / "in.safetensors", c.in);

@@ -1,6 +1,7 @@
 """vlm_fixtures.py — tiny random vision-language models (Qwen2-VL, Qwen2.5-VL made with
-from_config), a packed batch of image+text and text-only sequences in `verlcpp logprob`'s
-format (input_ids, cu_seqlens, pixel_values, image_grid_thw), and transformers' own log-probs,
+from_config), a packed batch of image+text, video+image+text and text-only sequences in
+`verlcpp logprob`'s format (input_ids, cu_seqlens, pixel_values, image_grid_thw,
+pixel_values_videos, video_grid_thw, second_per_grid_ts), and transformers' own log-probs,
 entropy and mRoPE position ids for it (each sequence run alone, computed from the full softmax),
 in fp32 and in bf16.
 Used by tests/engine/test_vision.cpp at test time.
@@ -53,7 +54,8 @@ def randomize(model, seed):
                 p.copy_(0.15 * torch.randn(p.shape, generator=g))
 
 
-# Each sequence: text lengths and image grids (t, h, w in patches), in order; "" = text only.
+# Each sequence: text lengths, image grids (t, h, w in patches) and videos ("v", t, h, w,
+# seconds per temporal patch), in order.
 LAYOUT = [
     [7, (1, 4, 4), 5],
     [13],
@@ -61,38 +63,50 @@ LAYOUT = [
     [2],
     [(1, 6, 10), 9],
     [20],
+    [5, ("v", 3, 4, 6, 2.5), 3, (1, 4, 4), 4],
+    [4, ("v", 2, 8, 4, 1.0), 6],
 ]
 MERGE = 2
 PATCH_DIM = 3 * 2 * 4 * 4
 
 
 def make_batch(g):
-    seqs, grids_per_seq = [], []
+    seqs, grids_per_seq, videos_per_seq = [], [], []
     for parts in LAYOUT:
-        ids, grids = [], []
+        ids, grids, videos = [], [], []
         for p in parts:
             if isinstance(p, int):
                 ids += torch.randint(0, IMAGE, (p,), generator=g).tolist()
+            elif p[0] == "v":
+                _, t, h, w, sec = p
+                ids += [START] + [VIDEO] * (t * h * w // MERGE**2) + [END]
+                videos.append(p[1:])
             else:
                 t, h, w = p
                 ids += [START] + [IMAGE] * (t * h * w // MERGE**2) + [END]
                 grids.append(p)
         seqs.append(torch.tensor(ids, dtype=torch.long))
         grids_per_seq.append(grids)
+        videos_per_seq.append(videos)
     pixels = [torch.randn(t * h * w, PATCH_DIM, generator=g) for grids in grids_per_seq for (t, h, w) in grids]
-    return seqs, grids_per_seq, pixels
+    vpixels = [torch.randn(t * h * w, PATCH_DIM, generator=g) for vs in videos_per_seq for (t, h, w, _) in vs]
+    return seqs, grids_per_seq, pixels, videos_per_seq, vpixels
 
 
 def main(out):
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(3)
-    seqs, grids_per_seq, pixels = make_batch(g)
+    seqs, grids_per_seq, pixels, videos_per_seq, vpixels = make_batch(g)
     lens = [len(s) for s in seqs]
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.long)
     all_grids = torch.tensor([gr for grids in grids_per_seq for gr in grids], dtype=torch.long)
+    all_videos = [v for vs in videos_per_seq for v in vs]
     save_file({"input_ids": torch.cat(seqs), "cu_seqlens": cu, "pixel_values": torch.cat(pixels).contiguous(),
-               "image_grid_thw": all_grids}, f"{out}/batch.safetensors")
+               "image_grid_thw": all_grids, "pixel_values_videos": torch.cat(vpixels).contiguous(),
+               "video_grid_thw": torch.tensor([v[:3] for v in all_videos], dtype=torch.long),
+               "second_per_grid_ts": torch.tensor([v[3] for v in all_videos], dtype=torch.float32)},
+              f"{out}/batch.safetensors")
     info = {"temperature": T_SCALAR, "lens": lens}
     for i, (name, (cls, cfg)) in enumerate(models().items()):
         cfg.architectures = [cls.__name__]
@@ -102,15 +116,24 @@ def main(out):
         for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             model = model.to(dtype)
             lps, ents, poss = [], [], []
-            k = 0
-            for s, grids in zip(seqs, grids_per_seq):
+            k = kv = 0
+            for s, grids, videos in zip(seqs, grids_per_seq, videos_per_seq):
                 kw = {}
                 if grids:
-                    kw = dict(pixel_values=torch.cat(pixels[k:k + len(grids)]), image_grid_thw=torch.tensor(grids),
-                              mm_token_type_ids=(s == IMAGE).int()[None] + 2 * (s == VIDEO).int()[None])
+                    kw.update(pixel_values=torch.cat(pixels[k:k + len(grids)]), image_grid_thw=torch.tensor(grids))
                     k += len(grids)
+                if videos:
+                    kw.update(pixel_values_videos=torch.cat(vpixels[kv:kv + len(videos)]),
+                              video_grid_thw=torch.tensor([v[:3] for v in videos]))
+                    if name == "qwen2_5_vl":
+                        kw["second_per_grid_ts"] = torch.tensor([v[3] for v in videos])
+                    kv += len(videos)
+                if kw:
+                    kw["mm_token_type_ids"] = (s == IMAGE).int()[None] + 2 * (s == VIDEO).int()[None]
+                    extra = {"second_per_grid_ts": kw["second_per_grid_ts"]} if "second_per_grid_ts" in kw else {}
                     pos, _ = model.model.get_rope_index(s[None], kw["mm_token_type_ids"],
-                                                        image_grid_thw=kw["image_grid_thw"])
+                                                        image_grid_thw=kw.get("image_grid_thw"),
+                                                        video_grid_thw=kw.get("video_grid_thw"), **extra)
                     poss.append(pos[:, 0])
                 else:
                     poss.append(torch.arange(len(s)).expand(3, -1))
