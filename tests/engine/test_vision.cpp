@@ -61,6 +61,46 @@ FileBatch read_file_batch(const std::string& fx) {
   return b;
 }
 
+TEST(VisionLanguage, ConfigAsTransformersReadsIt) {
+  // transformers 5's layout (text_config, vision_config) of the fixture's models.
+  const std::string fx = vlm_fixtures();
+  const ModelConfig q2 = load_model_config(fx + "/qwen2_vl"), q25 = load_model_config(fx + "/qwen2_5_vl");
+  EXPECT_EQ(q2.family, Family::Qwen2);
+  EXPECT_EQ(q2.hidden_size, 64);
+  EXPECT_TRUE(q2.attention_bias);
+  EXPECT_FALSE(q2.vision->qwen2_5);
+  EXPECT_EQ(q2.vision->width, 32);
+  EXPECT_EQ(q2.vision->mlp_hidden, 64);
+  EXPECT_EQ(q2.vision->hidden_act, "quick_gelu");
+  EXPECT_EQ(q2.vision->mrope_section, (std::vector<int>{2, 3, 3}));
+  EXPECT_EQ(q2.vision->image_token_id, 250);
+  EXPECT_TRUE(q25.vision->qwen2_5);
+  EXPECT_EQ(q25.vision->fullatt_block_indexes, (std::vector<int>{1}));
+  EXPECT_EQ(q25.vision->window_size, 16);
+  EXPECT_EQ(q25.vision->out_hidden, 64);
+  // Errors name the file and the field; the Megatron merger refuses vision-language models.
+  std::string text = read_text_file(fx + "/qwen2_vl/config.json");
+  auto j = nlohmann::json::parse(text);
+  auto expect_error = [](const nlohmann::json& c, const std::string& want, ConfigUse use = ConfigUse::Engine) {
+    try {
+      parse_model_config(c.dump(), "cfg.json", use);
+      ADD_FAILURE() << "no error, expected " << want;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+    }
+  };
+  auto no_section = j;
+  no_section["text_config"]["rope_parameters"].erase("mrope_section");
+  expect_error(no_section, "needs rope_parameters.mrope_section");
+  auto no_vision = j;
+  no_vision.erase("vision_config");
+  expect_error(no_vision, "needs a vision_config");
+  auto bad_act = j;
+  bad_act["vision_config"]["hidden_act"] = "relu6";
+  expect_error(bad_act, "vision_config.hidden_act 'relu6' is not supported");
+  expect_error(j, "not supported by the Megatron backend", ConfigUse::Megatron);
+}
+
 TEST(VisionLanguage, MropePositionsMatchTransformers) {
   const std::string fx = vlm_fixtures();
   const FileBatch b = read_file_batch(fx);
