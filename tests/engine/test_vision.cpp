@@ -251,8 +251,10 @@ void sft_matches_torch(const std::string& family, const std::string& extra, cons
   std::string log;
   ASSERT_EQ(run(oracle + " make --out " + q(dir) + " --family " + family, &log), 0) << log;
   ASSERT_EQ(run(oracle + " ref --out " + q(dir) + " --steps 3 --bs 4 --lr 1e-3 " + ref_args, &log), 0) << log;
-  // 2 data-parallel ranks; 2 ranks of one Ulysses group (sp = 2); one process.
-  const std::pair<int, std::string> runs[] = {{2, ""}, {2, "ulysses_sequence_parallel_size=2"}, {0, ""}};
+  // 2 data-parallel ranks (and with the decoder layers recomputed in backward); 2 ranks of one
+  // Ulysses group (sp = 2); one process.
+  const std::pair<int, std::string> runs[] = {
+      {2, ""}, {2, "enable_gradient_checkpointing=true"}, {2, "ulysses_sequence_parallel_size=2"}, {0, ""}};
   int k = 0;
   for (const auto& [np, sp] : runs) {
     SCOPED_TRACE(family + " np " + std::to_string(np) + " " + sp + " " + extra);
