@@ -63,6 +63,7 @@ int64_t Batch::size() const {
   for (const auto& [k, t] : tensors) check(k, t.dim() == 0 ? 1 : t.size(0));
   for (const auto& [k, j] : sequences) check(k, j.size());
   for (const auto& [k, v] : non_tensors) check(k, int64_t(v.size()));
+  for (const auto& [k, v] : tensor_dicts) check(k, int64_t(v.size()));
   return n < 0 ? 0 : n;
 }
 
@@ -86,6 +87,10 @@ Batch Batch::select(const std::vector<int>& idx) const {
   for (const auto& [k, j] : sequences) out.sequences[k] = j.select(idx);
   for (const auto& [k, v] : non_tensors) {
     auto& dst = out.non_tensors[k];
+    for (int i : idx) dst.push_back(v[i]);
+  }
+  for (const auto& [k, v] : tensor_dicts) {
+    auto& dst = out.tensor_dicts[k];
     for (int i : idx) dst.push_back(v[i]);
   }
   out.meta = meta;  // nlohmann::json copies deeply: each piece owns its meta
@@ -123,6 +128,13 @@ Batch Batch::concat(const std::vector<Batch>& parts) {
     for (const auto& p : parts) {
       if (!p.non_tensors.count(k)) fail("batch concat: a piece lacks non-tensor '", k, "'");
       dst.insert(dst.end(), p.non_tensors.at(k).begin(), p.non_tensors.at(k).end());
+    }
+  }
+  for (const auto& [k, v] : parts[0].tensor_dicts) {
+    auto& dst = out.tensor_dicts[k];
+    for (const auto& p : parts) {
+      if (!p.tensor_dicts.count(k)) fail("batch concat: a piece lacks tensor dicts '", k, "'");
+      dst.insert(dst.end(), p.tensor_dicts.at(k).begin(), p.tensor_dicts.at(k).end());
     }
   }
   return out;

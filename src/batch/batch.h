@@ -1,7 +1,8 @@
 // batch.h — a batch of samples as the engine sees it: named tensors sharing dim 0,
 // variable-length per-sample token sequences (values + offsets, no padding), per-sample
-// non-tensor values (strings, numbers, dicts such as multi_modal_inputs) and a batch-wide
-// `meta` dictionary. select()/split() give every piece its own copy of meta.
+// non-tensor values (strings, numbers, dicts) and per-sample dicts of tensors (verl's non-tensor
+// `multi_modal_inputs` of a vision-language model: pixel_values, image_grid_thw) and a
+// batch-wide `meta` dictionary. select()/split() give every piece its own copy of meta.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -27,10 +28,14 @@ struct Jagged {
   static Jagged concat(const std::vector<Jagged>& parts);
 };
 
+// One sample's named tensors (a vision-language sample's multi_modal_inputs).
+using TensorDict = std::map<std::string, at::Tensor>;
+
 struct Batch {
   std::map<std::string, at::Tensor> tensors;  // dim 0 = batch size
   std::map<std::string, Jagged> sequences;    // per-sample variable length
   std::map<std::string, std::vector<nlohmann::json>> non_tensors;  // per sample
+  std::map<std::string, std::vector<TensorDict>> tensor_dicts;      // per sample (tensors shared, not copied)
   nlohmann::json meta = nlohmann::json::object();
 
   // Number of samples; throws if the members disagree.

@@ -127,6 +127,8 @@ Batch make_batch(const Dataset& d, const std::vector<int64_t>& idx) {
   Batch b;
   b.sequences["input_ids"] = Jagged::from_lengths(at::cat(ids), lens);
   for (auto& [k, v] : f) b.sequences[k] = Jagged::from_lengths(at::cat(v), lens);
+  if (!d.multi_modal.empty())
+    for (int64_t i : idx) b.tensor_dicts["multi_modal_inputs"].push_back(d.multi_modal[i]);
   return b;
 }
 

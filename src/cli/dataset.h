@@ -5,6 +5,7 @@
 //   input_ids   int64 [nnz]     all sequences back to back
 //   cu_seqlens  int64 [N + 1]   offsets
 //   loss_mask   any    [nnz]    1 where the prediction of the NEXT token is trained
+// and, for a vision-language model, pixel_values and image_grid_thw (cli/multi_modal.h);
 // and, per task, fields aligned the same way (position t describes token t+1, as `verlcpp
 // logprob` writes log_probs): ppo: advantages, old_log_probs (+ ref_log_probs with
 // use_kl_loss); value: returns, values.
@@ -33,13 +34,15 @@ struct Dataset {
   std::map<std::string, at::Tensor> fields;   // float32 [nnz]: loss_mask and the task's fields
   std::vector<double> loss_tokens;            // per sequence: sum of loss_mask
   std::vector<std::string> warnings;          // for the lead rank to print
+  std::vector<TensorDict> multi_modal;        // vision-language: per sequence (cli/multi_modal.h); empty: none
   int64_t size() const { return static_cast<int64_t>(cu.size()) - 1; }
 };
 
 // Reads and checks the file; `fields`: the task's per-token fields besides loss_mask.
 Dataset load_dataset(const std::string& path, const std::vector<std::string>& fields, int64_t vocab_size);
 
-// The samples `idx` as a Batch: "input_ids" and every field as sequences.
+// The samples `idx` as a Batch: "input_ids" and every field as sequences (and their
+// multi_modal_inputs, as per-sample tensor dicts).
 Batch make_batch(const Dataset& d, const std::vector<int64_t>& idx);
 
 // verl's sampler order: a seeded permutation per epoch (or the file order without shuffle).

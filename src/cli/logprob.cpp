@@ -19,6 +19,7 @@
 #include "dist/comm.h"
 #include "engine/forward_step.h"
 #include "engine/fsdp_engine.h"
+#include "cli/multi_modal.h"
 #include "hf/config.h"
 #include "io/safetensors.h"
 #include "hf/paths.h"
@@ -32,8 +33,12 @@ namespace {
 Batch read_batch(const std::string& path) {
   SafetensorsReader r(path);
   for (const auto& t : r.tensors())
-    if (t.name != "input_ids" && t.name != "cu_seqlens" && t.name != "temperature")
-      fail(path, ": unexpected tensor '", t.name, "' (expected input_ids, cu_seqlens and optionally temperature)");
+    if (t.name != "input_ids" && t.name != "cu_seqlens" && t.name != "temperature" && t.name != "pixel_values" &&
+        t.name != "image_grid_thw" && t.name != "pixel_values_videos" && t.name != "video_grid_thw" &&
+        t.name != "second_per_grid_ts")
+      fail(path, ": unexpected tensor '", t.name,
+           "' (expected input_ids, cu_seqlens and optionally temperature, pixel_values, image_grid_thw, "
+           "pixel_values_videos, video_grid_thw, second_per_grid_ts)");
   const StTensor* ids = r.find("input_ids");
   const StTensor* cu = r.find("cu_seqlens");
   if (!ids) fail(path, ": missing tensor 'input_ids' (int64, 1-D, all sequences concatenated)");
@@ -128,6 +133,13 @@ int run_logprob(const LogprobOptions& o) {
     claim = std::make_unique<OutputClaim>(o.out, OutputClaim::Options{OutputClaim::Kind::File, /*overwrite=*/true,
                                                                       {o.batch, paths.local_path, paths.local_hf_config_path}, "--out"});
   const ModelConfig mc = load_model_config(paths.local_hf_config_path);
+  {  // a vision-language model's images (cli/multi_modal.h): verl's per-sample multi_modal_inputs
+    SafetensorsReader r(o.batch);
+    if (has_multi_modal(r)) {
+      const Jagged& ids = batch.sequences.at("input_ids");
+      batch.tensor_dicts["multi_modal_inputs"] = read_multi_modal(r, ids.values, ids.offsets, mc);
+    }
+  }
   const bool value_model = mc.head == Head::TokenClassification;
   if (o.entropy && value_model) fail("--entropy: ", mc.architecture, " is a value model (no vocabulary)");
   SampleOutputs so;
@@ -209,7 +221,9 @@ CLI::App* add_logprob_subcommand(CLI::App& app, LogprobOptions& o) {
       "logprob",
       "Per-token log-probs (and entropy), or values for a value model, of packed sequences.\n"
       "  verlcpp logprob --model PATH --batch IN.safetensors --out OUT.safetensors [--entropy]\n"
-      "IN: input_ids (I64, 1-D, sequences concatenated), cu_seqlens (I64, B+1), optional temperature (F32, B).\n"
+      "IN: input_ids (I64, 1-D, sequences concatenated), cu_seqlens (I64, B+1), optional temperature (F32, B);\n"
+      "    vision-language models: pixel_values (float, [patches, C*T*P*P]) and image_grid_thw (I64, [images, 3]);\n"
+      "    videos: pixel_values_videos, video_grid_thw and optionally second_per_grid_ts (F32, [videos]).\n"
       "OUT: log_probs (F32, like input_ids; position t = log p(token t+1 | <= t), 0 at each sequence's end),\n"
       "     entropy with --entropy; values (F32) for a value model.");
   c->add_option("--model", o.model, "HF model: local folder, file://, hdfs:// (copied to the cache) or an HF id in the offline cache")->required();

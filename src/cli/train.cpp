@@ -18,6 +18,7 @@
 
 #include "cli/dataset.h"
 #include "cli/metrics.h"
+#include "cli/multi_modal.h"
 #include "cli/train_config.h"
 #include "dist/comm.h"
 #include "engine/checkpoint.h"
@@ -25,6 +26,7 @@
 #include "core/error.h"
 #include "hf/config.h"
 #include "hf/paths.h"
+#include "io/safetensors.h"
 
 namespace verl {
 
@@ -110,6 +112,10 @@ Prepared prepare(const TrainSettings& s, int world) {
     fail("config: ", e.what());
   }
   p.data = load_dataset(s.train_files, s.task->fields(s.loss), mc.vocab_size);
+  {  // a vision-language model's images (cli/multi_modal.h): verl's per-sample multi_modal_inputs
+    SafetensorsReader r(s.train_files);
+    if (has_multi_modal(r)) p.data.multi_modal = read_multi_modal(r, p.data.input_ids, p.data.cu, mc);
+  }
   if (s.train_batch_size > p.data.size())
     fail("config key data.train_batch_size: ", s.train_batch_size, " exceeds the ", p.data.size(), " sequences in ", s.train_files);
   check_step_batches(p.data, DataOrder(p.data.size(), s.shuffle, s.seed), s.total_training_steps, s.train_batch_size);

@@ -102,6 +102,7 @@ const KeySpec kKeys[] = {
   {"use_kl_loss", Sec::Role, Kind::Bool, "false", "", "add kl_loss_coef x KL(policy || ref) (needs ref_log_probs in the data)", "", kActor, nullptr},
   {"kl_loss_coef", Sec::Role, Kind::Num, "0.001", "[0,inf)", "KL loss coefficient", "", kActor, nullptr},
   {"kl_loss_type", Sec::Role, Kind::Str, "low_var_kl", "", "kl (k1) | abs | mse (k2) | low_var_kl (k3), each optionally with + (straight-through)", "", kActor, check_kl_penalty_type},
+  {"freeze_vision_tower", Sec::Role, Kind::Bool, "false", "", "vision-language models: the vision tower (patch embedding, blocks, merger) gets no gradient and no optimizer state", "", kBoth, nullptr},
   {"cliprange_value", Sec::Role, Kind::Num, "0.5", "[0,inf)", "value clip", "", kCritic, nullptr},
   // The trained model's engine (FSDP).
   {"dtype", Sec::Engine, Kind::Str, "fp32", "", "compute dtype: fp32, or bf16 (mixed precision: fp32 master weights and gradients); fp16 is not implemented", "param_dtype mixed_precision.param_dtype", kBoth, check_param_dtype},
@@ -444,6 +445,7 @@ void read_engine(const Values& v, const TrainSettings& s, EngineConfig& e) {
   e.fsdp.reshard_after_forward = v.flag("reshard_after_forward");
   e.fsdp.gradient_checkpointing = v.flag("enable_gradient_checkpointing");
   e.fsdp.forward_prefetch = v.flag("forward_prefetch");
+  e.fsdp.freeze_vision = v.flag("freeze_vision_tower");
   e.micro_batch_size_per_gpu = static_cast<int>(v.integer("ppo_micro_batch_size_per_gpu"));
   e.use_dynamic_bsz = v.flag("use_dynamic_bsz");
   e.max_token_len_per_gpu = v.integer("ppo_max_token_len_per_gpu");

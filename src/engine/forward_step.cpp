@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "fsdp/ulysses.h"
+#include "model/vision.h"
 
 namespace verl {
 
@@ -52,6 +53,8 @@ ModelInputs prepare_model_inputs(const Batch& mb, double temperature, int sp_siz
   at::Tensor temp = per_sample.repeat_interleave(at::tensor(lens, at::kLong), 0, nnz);
   // Multi-modal inputs travel in the non-tensor part of the batch.
   if (auto m = mb.non_tensors.find("multi_modal_inputs"); m != mb.non_tensors.end()) in.multi_modal_inputs = m->second;
+  if (auto m = mb.tensor_dicts.find("multi_modal_inputs"); m != mb.tensor_dicts.end()) in.multi_modal_tensors = m->second;
+  in.row_input_ids = row;
   // Sequence parallelism: pad (ids 0, positions 0,1,2,…, temperature 1, labels like ids), slice.
   if (sp_size > 1) {
     const int64_t pad = (nnz + sp_size - 1) / sp_size * sp_size - nnz;
@@ -93,9 +96,14 @@ at::Tensor next_token_mask(const ModelInputs& in) {
 
 TokenOutputs model_forward(const Transformer& model, ParamProvider& params, const ModelInputs& in,
                            bool calculate_entropy) {
+  const ModelConfig& mc = model.config();
   for (const auto& m : in.multi_modal_inputs)
     if (!m.is_null() && !(m.is_object() && m.empty()))
-      fail(model.config().architecture, " is a text-only model, but the batch carries multi_modal_inputs");
+      fail(mc.architecture, mc.vision ? ": multi_modal_inputs must hold tensors (pixel_values, image_grid_thw)"
+                                      : " is a text-only model, but the batch carries multi_modal_inputs");
+  if (!mc.vision)
+    for (const auto& m : in.multi_modal_tensors)
+      if (!m.empty()) fail(mc.architecture, " is a text-only model, but the batch carries multi_modal_inputs");
   const Ulysses* sp = in.sp_size > 1 ? in.ulysses : nullptr;
   if (in.sp_size > 1 && (!sp || sp->size() != in.sp_size || sp->rank() != in.sp_rank))
     fail("internal: a sequence-parallel micro-batch (sp=", in.sp_size, ") without its group's exchange");
@@ -104,6 +112,15 @@ TokenOutputs model_forward(const Transformer& model, ParamProvider& params, cons
   PackedRow row = in;
   row.sp = sp;
   if (sp && in.pad_size > 0) row.cu_seqlens.push_back(in.total_nnz + in.pad_size);
+  // Vision-language: mRoPE positions and the images with a token in this rank's part of the row.
+  VisionRow vision;
+  if (mc.vision) {
+    const int64_t n = in.input_ids.size(0);
+    vision = prepare_vision_row(mc, in.row_input_ids, in.cu_seqlens, in.multi_modal_tensors, in.sp_rank * n, n,
+                                in.total_nnz + in.pad_size);
+    row.position_ids = vision.position_ids;
+    row.vision = &vision.inputs;
+  }
   TokenOutputs out = model.forward(params, row, calculate_entropy);
   // A sequence's last position has no next token to score: its log-prob is 0. Its entropy (of
   // the next-token distribution) is kept, as verl's prepare_model_outputs keeps it.

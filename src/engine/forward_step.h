@@ -28,6 +28,10 @@ struct ModelInputs : PackedRow {
   int sp_size = 1, sp_rank = 0;                             // the row is this rank's slice when sp > 1
   const Ulysses* ulysses = nullptr;                         // the sp group's exchange (sp > 1)
   std::vector<nlohmann::json> multi_modal_inputs;           // per sample, from the non-tensor part
+  // Vision-language models: per sample multi_modal_inputs' tensors (pixel_values,
+  // image_grid_thw; the batch's tensor_dicts) and the whole row before any padding or slicing.
+  std::vector<TensorDict> multi_modal_tensors;
+  at::Tensor row_input_ids;
 };
 
 // `temperature`: used when the micro-batch has no per-sample "temperature" tensor.

@@ -73,7 +73,7 @@ FsdpEngine::FsdpEngine(const EngineConfig& cfg, Comm& world, UlyssesGroups group
   if (!cfg.forward_only) {
     std::vector<at::Tensor> params;
     std::vector<std::string> names;
-    for (FlatUnit* u : model_->units()) {
+    for (FlatUnit* u : model_->trainable_units()) {  // a frozen vision tower has no optimizer state
       params.push_back(u->shard());
       names.push_back(u->name());
     }

@@ -15,6 +15,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "dist/comm.h"
@@ -23,6 +24,7 @@
 #include "fsdp/tensor_comm.h"
 #include "core/error.h"
 #include "model/transformer.h"
+#include "model/vision.h"
 #include "model/weights.h"
 
 namespace verl {
@@ -184,6 +186,13 @@ FsdpModel::FsdpModel(const std::string& config_dir, const std::string& weights_d
     load(*u);
     experts_.back() = std::move(u);
   }
+  // Vision-language: the tower's units follow the layers in the specs (model/vision.h).
+  for (size_t k = c.num_layers + 1; k < specs.size(); ++k) {
+    const size_t b = k - c.num_layers - 1;
+    vision_.push_back(std::make_unique<FlatUnit>(b == 0 ? std::string("vision") : "vision_block" + std::to_string(b - 1),
+                                                 specs[k], shard_.get(), replicate_.get(), opt.compute_dtype));
+    load(*vision_.back());
+  }
 }
 
 std::string FsdpModel::expert_unit_name(int layer, int ep_rank) {
@@ -195,6 +204,7 @@ std::vector<FsdpModel::UnitInfo> FsdpModel::unit_table() const {
   auto add = [&](const FlatUnit& u) { t.push_back({u.name(), u.numel(), u.shard_numel(), u.params(), {}}); };
   add(*root_);
   for (const auto& l : layers_) add(*l);
+  for (const auto& v : vision_) add(*v);
   const ModelConfig& c = config();
   for (int i = 0; i < c.num_layers; ++i) {
     if (!experts_[i]) continue;
@@ -246,14 +256,25 @@ FsdpModel::~FsdpModel() = default;
 std::vector<FlatUnit*> FsdpModel::units() {
   std::vector<FlatUnit*> r{root_.get()};
   for (auto& l : layers_) r.push_back(l.get());
+  for (auto& v : vision_) r.push_back(v.get());
   for (auto& e : experts_)
     if (e) r.push_back(e.get());
+  return r;
+}
+
+std::vector<FlatUnit*> FsdpModel::trainable_units() {
+  std::vector<FlatUnit*> r;
+  for (FlatUnit* u : units()) {
+    const bool vision = std::find_if(vision_.begin(), vision_.end(), [&](const auto& v) { return v.get() == u; }) != vision_.end();
+    if (!(vision && opt_.freeze_vision)) r.push_back(u);
+  }
   return r;
 }
 
 int64_t FsdpModel::num_parameters() const {
   int64_t n = root_->numel();
   for (const auto& l : layers_) n += l->numel();
+  for (const auto& v : vision_) n += v->numel();
   for (const auto& e : experts_)
     if (e) n += e->numel() * ep_->size();  // every expert group's share
   return n;
@@ -301,9 +322,36 @@ void FsdpModel::end_forward() {
   if (!at::GradMode::is_enabled()) root_->reshard();
 }
 
+bool FsdpModel::vision_grad() const { return at::GradMode::is_enabled() && !opt_.freeze_vision; }
+
+// The tower's root unit stays gathered until the merger has run (end_vision) and, with
+// gradients, until its UnshardFn's backward (the patch embedding's gradient is its last).
+VisionRootParams FsdpModel::vision_root() {
+  if (vision_.empty()) fail("internal: ", config().architecture, " has no vision tower");
+  FlatUnit* u = vision_[0].get();
+  u->unshard();
+  return vision_root_params(vision_grad() ? unshard_slots(u, anchor()) : slot_views(u->params(), u->full()));
+}
+
+at::Tensor FsdpModel::run_vision_block(const VisionTower& tower, int i, const at::Tensor& h, const VisionContext& ctx) {
+  FlatUnit* u = vision_.at(i + 1).get();
+  const bool grad = vision_grad();
+  u->unshard();
+  at::Tensor out = tower.block_forward(vision_block_params(grad ? unshard_slots(u, anchor()) : slot_views(u->params(), u->full())),
+                                       i, h, ctx);
+  if (grad) out = PreBackwardFn::apply(out, reinterpret_cast<int64_t>(u));
+  if (!grad || opt_.reshard_after_forward) u->reshard();
+  return out;
+}
+
+void FsdpModel::end_vision() {
+  if (!vision_grad()) vision_[0]->reshard();
+}
+
 void FsdpModel::for_each_param(const std::function<void(const std::string&, const at::Tensor&)>& fn) {
   std::vector<FlatUnit*> dense{root_.get()};
   for (auto& l : layers_) dense.push_back(l.get());
+  for (auto& v : vision_) dense.push_back(v.get());
   for (FlatUnit* u : dense) {
     at::Tensor full = u->gather_full_fp32();
     for (const auto& p : u->params()) fn(p.name, param_view(full, p));

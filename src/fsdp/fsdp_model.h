@@ -34,6 +34,9 @@ struct FsdpOptions {
   // FSDP-sharded inside their expert-data group (fsdp/expert_parallel.h); a divisor of the
   // world and of num_experts, without hybrid sharding.
   int expert_parallel_size = 1;
+  // Vision-language models: the vision tower's units get no gradient and no optimizer state
+  // (verl's freeze_vision_tower).
+  bool freeze_vision = false;
 };
 
 class FsdpModel : public ParamProvider {
@@ -50,6 +53,8 @@ class FsdpModel : public ParamProvider {
   // Every unit's shard and gradient to `d` (the forward then computes there).
   void to(c10::Device d);
   std::vector<FlatUnit*> units();
+  // The units the optimizer steps (all but a frozen vision tower's).
+  std::vector<FlatUnit*> trainable_units();
 
   // The model's forward over one packed row with this rank's sharded parameters. With grad
   // mode on, calling backward on (a function of) the outputs reduce-scatters every unit's
@@ -61,6 +66,11 @@ class FsdpModel : public ParamProvider {
   RootParams root() override;
   at::Tensor run_layer(const Transformer& model, int i, const at::Tensor& h, const LayerContext& ctx) override;
   void end_forward() override;
+  // Vision-language models: the tower's units (one for the patch embedding and merger, one per
+  // block), gathered and hooked as the layers' (without gradient when frozen).
+  VisionRootParams vision_root() override;
+  at::Tensor run_vision_block(const VisionTower& tower, int i, const at::Tensor& h, const VisionContext& ctx) override;
+  void end_vision() override;
 
   // Every unit of the checkpoint's unit table, this rank's or not: under expert parallelism
   // every expert group's unit of each sparse layer ("layer<i>.experts<j>"), with the world
@@ -97,6 +107,8 @@ class FsdpModel : public ParamProvider {
   std::unique_ptr<Comm> ep_comm_, edp_comm_;
   std::unique_ptr<ExpertParallel> ep_;
   std::vector<std::unique_ptr<FlatUnit>> experts_;
+  std::vector<std::unique_ptr<FlatUnit>> vision_;  // vision-language: the tower's root, then its blocks
+  bool vision_grad() const;
   std::vector<SlotView> gathered(FlatUnit* u);  // the unit's slots, through UnshardFn in grad mode
   // The flat layout of expert group `ep_rank`'s unit of a sparse layer (its own experts).
   std::vector<FlatParam> expert_layout(int layer, int ep_rank) const;

@@ -19,7 +19,8 @@ struct Arch {
   const char* name;
   Family family;
   Head head;
-  bool engine;  // the engine builds it (the Megatron merger maps every one)
+  bool engine;  // the engine builds it
+  bool megatron = true;  // the Megatron merger maps it
 };
 const Arch kArchs[] = {
     {"LlamaForCausalLM", Family::Llama, Head::CausalLM, true},
@@ -34,8 +35,11 @@ const Arch kArchs[] = {
     {"Qwen3MoeForTokenClassification", Family::Qwen3Moe, Head::TokenClassification, true},
     {"MixtralForCausalLM", Family::Mixtral, Head::CausalLM, true},
     {"MixtralForTokenClassification", Family::Mixtral, Head::TokenClassification, true},
+    // Vision-language: a Qwen2 text model (text_config) and a vision tower (vision_config).
+    {"Qwen2VLForConditionalGeneration", Family::Qwen2, Head::CausalLM, true, false},
+    {"Qwen2_5_VLForConditionalGeneration", Family::Qwen2, Head::CausalLM, true, false},
 };
-bool serves(const Arch& a, ConfigUse use) { return a.engine || use == ConfigUse::Megatron; }
+bool serves(const Arch& a, ConfigUse use) { return use == ConfigUse::Engine ? a.engine : a.megatron; }
 
 template <class T>
 T get_or(const json& j, const char* key, T dflt, const std::string& where) {
@@ -124,7 +128,7 @@ void parse_rope(const json& j, const std::string& where, bool strict, ModelConfi
                                                                             : json::object();
   c.rope_theta = get_or<double>(j, "rope_theta", get_or<double>(rope, "rope_theta", 10000.0, where), where);
   std::string rtype = get_or<std::string>(rope, "rope_type", get_or<std::string>(rope, "type", "default", where), where);
-  if (rtype == "default" || rtype.empty()) {
+  if (rtype == "default" || rtype.empty() || (rtype == "mrope" && rope.contains("mrope_section"))) {
     c.rope_scaling.type = "none";
   } else if (rtype == "linear") {
     c.rope_scaling.type = "linear";
@@ -203,6 +207,58 @@ void parse_moe(const json& j, const std::string& where, ConfigUse use, ModelConf
     fail(where, ": router_aux_loss_coef must be a finite number >= 0");
 }
 
+// transformers' Qwen2VLVisionConfig / Qwen2_5_VLVisionConfig (their defaults where a field is
+// absent), the token ids of the top level and the text model's mrope_section.
+VisionConfig parse_vision_config(const json& top, const json& text, const std::string& where, bool qwen2_5) {
+  if (!top.contains("vision_config") || !top["vision_config"].is_object())
+    fail(where, ": a vision-language model needs a vision_config object");
+  const json& v = top["vision_config"];
+  VisionConfig vc;
+  vc.qwen2_5 = qwen2_5;
+  vc.depth = get_or<int>(v, "depth", 32, where);
+  vc.num_heads = get_or<int>(v, "num_heads", 16, where);
+  if (qwen2_5) {
+    vc.width = get_or<int>(v, "hidden_size", 3584, where);
+    vc.out_hidden = get_or<int>(v, "out_hidden_size", 3584, where);
+    vc.mlp_hidden = get_or<int>(v, "intermediate_size", 3420, where);
+    vc.hidden_act = get_or<std::string>(v, "hidden_act", "silu", where);
+    vc.window_size = get_or<int>(v, "window_size", 112, where);
+    vc.fullatt_block_indexes = get_or<std::vector<int>>(v, "fullatt_block_indexes", {7, 15, 23, 31}, where);
+    vc.tokens_per_second = get_or<int>(v, "tokens_per_second", 4, where);
+  } else {
+    vc.width = get_or<int>(v, "embed_dim", 1280, where);
+    vc.out_hidden = get_or<int>(v, "hidden_size", 3584, where);
+    vc.mlp_hidden = vc.width * get_or<int>(v, "mlp_ratio", 4, where);
+    vc.hidden_act = get_or<std::string>(v, "hidden_act", "quick_gelu", where);
+  }
+  vc.in_channels = get_or<int>(v, "in_channels", 3, where);
+  vc.patch_size = get_or<int>(v, "patch_size", 14, where);
+  vc.temporal_patch_size = get_or<int>(v, "temporal_patch_size", 2, where);
+  vc.spatial_merge_size = get_or<int>(v, "spatial_merge_size", 2, where);
+  for (int x : {vc.depth, vc.width, vc.out_hidden, vc.num_heads, vc.mlp_hidden, vc.in_channels, vc.patch_size,
+                vc.temporal_patch_size, vc.spatial_merge_size})
+    if (x <= 0) fail(where, ": vision_config: depth, widths, num_heads, patch and merge sizes must be positive");
+  if (vc.width % vc.num_heads || (vc.width / vc.num_heads) % 4)
+    fail(where, ": vision_config: the width (", vc.width, ") must split into num_heads (", vc.num_heads,
+         ") heads of a multiple of 4 (2-D rotary)");
+  for (int b : vc.fullatt_block_indexes)
+    if (b < 0 || b >= vc.depth) fail(where, ": vision_config.fullatt_block_indexes has block ", b, ", outside [0, depth = ", vc.depth, ")");
+  if (qwen2_5 && vc.window_size / vc.spatial_merge_size / vc.patch_size < 1)
+    fail(where, ": vision_config.window_size ", vc.window_size, " is smaller than one merged patch");
+  static const char* kActs[] = {"quick_gelu", "silu", "gelu", "gelu_pytorch_tanh"};
+  if (std::find_if(std::begin(kActs), std::end(kActs), [&](const char* a) { return vc.hidden_act == a; }) == std::end(kActs))
+    fail(where, ": vision_config.hidden_act '", vc.hidden_act, "' is not supported; supported: quick_gelu, silu, gelu, gelu_pytorch_tanh");
+  // The text model's multimodal rotary sections (rope_parameters / rope_scaling).
+  json rope = text.contains("rope_parameters") && text["rope_parameters"].is_object() ? text["rope_parameters"]
+              : text.contains("rope_scaling") && text["rope_scaling"].is_object() ? text["rope_scaling"]
+                                                                                  : json::object();
+  vc.mrope_section = get_or<std::vector<int>>(rope, "mrope_section", {}, where);
+  vc.image_token_id = get_or<int64_t>(top, "image_token_id", 151655, where);
+  vc.video_token_id = get_or<int64_t>(top, "video_token_id", 151656, where);
+  vc.vision_start_token_id = get_or<int64_t>(top, "vision_start_token_id", 151652, where);
+  return vc;
+}
+
 int parse_num_labels(const json& j, const std::string& where) {
   int n = 2;  // transformers' PretrainedConfig default
   if (j.contains("num_labels") && j["num_labels"].is_number_integer()) n = j["num_labels"].get<int>();
@@ -214,27 +270,39 @@ int parse_num_labels(const json& j, const std::string& where) {
 }  // namespace
 
 ModelConfig parse_model_config(const std::string& text, const std::string& where, ConfigUse use) {
-  json j;
+  json top;
   try {
-    j = json::parse(text);
+    top = json::parse(text);
   } catch (const std::exception& e) {
     fail(where, ": not valid JSON: ", e.what());
   }
-  if (!j.is_object()) fail(where, ": expected a JSON object");
+  if (!top.is_object()) fail(where, ": expected a JSON object");
   ModelConfig c;
-  const Arch& arch = find_arch(j, where, use);
+  const Arch& arch = find_arch(top, where, use);
+  // A vision-language model keeps its text model's fields in text_config (transformers 5) or at
+  // the top level (older configs); tie_word_embeddings is a top-level field.
+  const bool vl = is_vision_language_architecture(arch.name);
+  const json& j = vl && top.contains("text_config") && top["text_config"].is_object() ? top["text_config"] : top;
   c.architecture = arch.name;
   c.family = arch.family;
   c.head = arch.head;
   parse_shape(j, where, use, c);
   c.rms_norm_eps = get_or<double>(j, "rms_norm_eps", 1e-6, where);
   parse_rope(j, where, use == ConfigUse::Engine, c);
-  c.tie_word_embeddings = get_or<bool>(j, "tie_word_embeddings", false, where);
+  c.tie_word_embeddings = get_or<bool>(top, "tie_word_embeddings", get_or<bool>(j, "tie_word_embeddings", false, where), where);
   parse_family_flags(j, where, c);
+  if (vl) c.vision = parse_vision_config(top, j, where, arch.name == std::string("Qwen2_5_VLForConditionalGeneration"));
   parse_moe(j, where, use, c);
   c.hidden_act = get_or<std::string>(j, "hidden_act", "silu", where);
   if (use == ConfigUse::Engine) check_engine_forward(j, where, c);
   if (c.head == Head::TokenClassification) c.num_labels = parse_num_labels(j, where);
+  if (c.vision) {
+    int sum = 0;
+    for (int s : c.vision->mrope_section) sum += s;
+    if (c.vision->mrope_section.size() != 3 || sum * 2 != c.head_dim)
+      fail(where, ": a vision-language model needs rope_parameters.mrope_section: 3 sections summing to head_dim / 2 = ",
+           c.head_dim / 2);
+  }
   c.torch_dtype = get_or<std::string>(j, "torch_dtype", get_or<std::string>(j, "dtype", "", where), where);
   // transformers builds the embedding as nn.Embedding(vocab, hidden, padding_idx=pad_token_id):
   // a negative index counts from the end, one past the vocabulary is refused (as torch does).

@@ -25,6 +25,23 @@ struct RopeScaling {
   int original_max_position_embeddings = 8192;            // llama3
 };
 
+// The vision tower of a vision-language model and what the text model needs of it
+// (transformers' Qwen2VLVisionConfig / Qwen2_5_VLVisionConfig and the top-level token ids).
+struct VisionConfig {
+  bool qwen2_5 = false;            // Qwen2.5-VL: RMSNorm, SwiGLU blocks, window attention
+  int depth = 0, width = 0;        // blocks; their width (Qwen2-VL embed_dim, Qwen2.5-VL hidden_size)
+  int out_hidden = 0;              // the merger's output: the text model's hidden_size
+  int num_heads = 0, mlp_hidden = 0;  // mlp_hidden: embed_dim · mlp_ratio (Qwen2-VL), intermediate_size (2.5)
+  std::string hidden_act;          // the blocks' MLP: quick_gelu (Qwen2-VL), silu (Qwen2.5-VL)
+  int in_channels = 3, patch_size = 14, temporal_patch_size = 2, spatial_merge_size = 2;
+  int window_size = 0;             // Qwen2.5-VL: windows of window_size pixels ...
+  std::vector<int> fullatt_block_indexes;  // ... except these blocks, which attend over whole images
+  int tokens_per_second = 0;
+  std::vector<int> mrope_section;  // the text model's rotary dims per axis (t, h, w): sums to head_dim / 2
+  int64_t image_token_id = -1, video_token_id = -1, vision_start_token_id = -1;
+  int64_t patch_dim() const { return int64_t(in_channels) * temporal_patch_size * patch_size * patch_size; }
+};
+
 struct ModelConfig {
   std::string architecture;  // as written in config.json, e.g. "Qwen2ForCausalLM"
   Family family = Family::Llama;
@@ -61,6 +78,9 @@ struct ModelConfig {
   std::string torch_dtype;      // "bfloat16", "float32", ... (informative)
   // The embedding row that gets no gradient (transformers: nn.Embedding padding_idx); -1: none.
   int64_t pad_token_id = -1;
+  // Vision-language models (Qwen2-VL, Qwen2.5-VL: a Qwen2 text model, model/vision.h): the
+  // vision tower and the multimodal rotary embedding; empty for a text-only model.
+  std::optional<VisionConfig> vision;
 };
 
 // Who reads the config: the engine (dense families, and only what its forward implements) or

@@ -36,6 +36,12 @@ enum class Slot {
   // range of each expert slot (what expert parallelism splits over ranks).
   Router, SharedGateUp, SharedDown, SharedGate,
   ExpertGateUp, ExpertDown,
+  // vision tower (model/vision.h: its own table): the patch embedding and the merger (norm,
+  // two linears), each block's norms, attention and MLP (Qwen2-VL fc1 / fc2; Qwen2.5-VL
+  // [gate;up] / down)
+  VisPatch, MergerNorm, MergerNormBias, MergerFc1, MergerFc1Bias, MergerFc2, MergerFc2Bias,
+  VisNorm1, VisNorm1Bias, VisQkv, VisQkvBias, VisProj, VisProjBias, VisNorm2, VisNorm2Bias,
+  VisFc1, VisFc1Bias, VisFc2, VisFc2Bias,
 };
 
 // A dimension of a tensor's shape, from config.json.

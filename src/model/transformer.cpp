@@ -19,6 +19,7 @@
 #include "core/error.h"
 #include "model/lm_head.h"
 #include "model/moe.h"
+#include "model/vision.h"
 #include "model/weights.h"
 
 namespace verl {
@@ -192,7 +193,8 @@ DenseParams::DenseParams(const ModelConfig& c, const WeightSet& w, at::ScalarTyp
     for (const auto& p : layout) param_view(flat, p).copy_(w.load(p.name, p.shape, dtype));
     if (requires_grad) flat.requires_grad_(true);
     if (u == 0) root_ = root_views(c, layout, flat);
-    else layers_.push_back(layer_views(layout, flat));
+    else if (u <= static_cast<size_t>(c.num_layers)) layers_.push_back(layer_views(layout, flat));
+    else vision_.push_back(slot_views(layout, flat));  // vision-language: the tower's units
     flats_.push_back(flat);
     numel_ += n;
   }
@@ -203,7 +205,9 @@ at::Tensor DenseParams::run_layer(const Transformer& model, int i, const at::Ten
 }
 
 Transformer::Transformer(ModelConfig cfg, at::ScalarType compute_dtype)
-    : cfg_(std::move(cfg)), dtype_(compute_dtype), inv_freq_(rope_inv_freq(cfg_)) {}
+    : cfg_(std::move(cfg)), dtype_(compute_dtype), inv_freq_(rope_inv_freq(cfg_)) {
+  if (cfg_.vision) vision_ = std::make_unique<VisionTower>(cfg_, compute_dtype);
+}
 
 Transformer::~Transformer() = default;
 
@@ -323,9 +327,16 @@ at::Tensor Transformer::embed_and_layers(ParamProvider& p, const RootParams& r, 
   ctx.cu_seqlens = cu;
   ctx.sp = row.sp;
   ctx.moe = row.moe;
-  rope_cos_sin(inv_freq_.to(r.embed.device()), row.position_ids.to(r.embed.device()), dtype_, &ctx.cos, &ctx.sin);
+  const at::Device dev = r.embed.device();
+  if (row.position_ids.dim() == 2) {  // vision-language: mRoPE positions [3, n]
+    if (!cfg_.vision) fail("internal: multimodal position ids for ", cfg_.architecture);
+    mrope_cos_sin(inv_freq_.to(dev), row.position_ids.to(dev), cfg_.vision->mrope_section, dtype_, &ctx.cos, &ctx.sin);
+  } else {
+    rope_cos_sin(inv_freq_.to(dev), row.position_ids.to(dev), dtype_, &ctx.cos, &ctx.sin);
+  }
   // padding_idx: that row's gradient stays zero, as in transformers' nn.Embedding(padding_idx=pad_token_id).
   at::Tensor h = at::embedding(r.embed, row.input_ids, cfg_.pad_token_id);
+  if (vision_) h = vision_->embed(p, h, row.vision);  // image tokens → the vision tower's features
   for (int i = 0; i < cfg_.num_layers; ++i) h = p.run_layer(*this, i, h, ctx);
   return rms_norm(h, r.final_norm, cfg_.rms_norm_eps);
 }

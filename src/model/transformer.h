@@ -24,6 +24,12 @@
 namespace verl {
 
 class ExpertParallel;  // model/moe.h
+// Vision-language models: model/vision.h.
+struct VisionRootParams;
+struct VisionBlock;
+struct VisionContext;
+struct VisionInputs;
+class VisionTower;
 
 // One decoder layer's parameters (views: fused [q;k;v] and [gate;up] along the output dim).
 struct DecoderLayer {
@@ -99,6 +105,8 @@ struct PackedRow {
   std::vector<int64_t> cu_seqlens;
   const SeqParallelAttention* sp = nullptr;
   MoeAux* moe = nullptr;  // set: collect the load-balancing loss (model/moe.h)
+  // Vision-language models: the row's images (null: none) and position_ids [3, n] (mRoPE).
+  const VisionInputs* vision = nullptr;
 };
 
 // Per-token outputs of a packed row, fp32 [n]: log_probs[t] scores labels[t].
@@ -118,6 +126,11 @@ class ParamProvider {
   // wrap the call: backward hooks, recomputation).
   virtual at::Tensor run_layer(const Transformer& model, int i, const at::Tensor& h, const LayerContext& ctx) = 0;
   virtual void end_forward() {}
+  // Vision-language models (model/vision.h), as root / run_layer / end_forward for the vision
+  // tower: its own unit (patch embedding, merger), block i, and the end of the tower's forward.
+  virtual VisionRootParams vision_root();
+  virtual at::Tensor run_vision_block(const VisionTower& tower, int i, const at::Tensor& h, const VisionContext& ctx);
+  virtual void end_vision() {}
 };
 
 // Every parameter as a plain tensor, one flat buffer per unit (root, each layer).
@@ -129,6 +142,8 @@ class DenseParams : public ParamProvider {
               at::Device device = at::Device(at::kCPU));
   RootParams root() override { return root_; }
   at::Tensor run_layer(const Transformer& model, int i, const at::Tensor& h, const LayerContext& ctx) override;
+  VisionRootParams vision_root() override;
+  at::Tensor run_vision_block(const VisionTower& tower, int i, const at::Tensor& h, const VisionContext& ctx) override;
   const RootParams& root_params() const { return root_; }
   int64_t num_parameters() const { return numel_; }
   // One flat buffer per unit (root, then each layer), laid out as flat_layout() of the specs.
@@ -138,6 +153,7 @@ class DenseParams : public ParamProvider {
   std::vector<at::Tensor> flats_;  // root, then one per layer
   RootParams root_;
   std::vector<DecoderLayer> layers_;
+  std::vector<std::vector<SlotView>> vision_;  // vision-language: the tower's units (root, blocks)
   int64_t numel_ = 0;
 };
 
@@ -169,6 +185,7 @@ class Transformer {
   at::Tensor hidden_states(const at::Tensor& input_ids, const at::Tensor& position_ids,
                            const std::vector<int64_t>& cu_seqlens) const;
   const RootParams& root_params() const;
+  const VisionTower* vision_tower() const { return vision_.get(); }
   const at::Tensor& lm_head() const { return root_params().lm_head; }
   int64_t num_parameters() const;
 
@@ -177,6 +194,7 @@ class Transformer {
   at::ScalarType dtype_;
   at::Tensor inv_freq_;
   std::unique_ptr<DenseParams> dense_;
+  std::unique_ptr<VisionTower> vision_;  // vision-language models
   at::Tensor embed_and_layers(ParamProvider& p, const RootParams& r, const PackedRow& row) const;
 };
 

@@ -15,6 +15,7 @@
 #include "io/safetensors.h"
 #include "hf/folder.h"
 #include "model/torch_dtype.h"
+#include "model/vision.h"
 
 namespace verl {
 
@@ -92,6 +93,8 @@ std::vector<std::vector<WeightSpec>> WeightSet::unit_specs(const ModelConfig& c)
   const bool score_bias = c.head == Head::TokenClassification && has("score.bias");
   std::vector<std::vector<WeightSpec>> units{root_weight_specs(c, score_bias)};
   for (int i = 0; i < c.num_layers; ++i) units.push_back(layer_weight_specs(c, i));
+  if (c.vision)  // vision-language: the tower's units after the layers (model/vision.h)
+    for (auto& u : vision_weight_specs(c)) units.push_back(std::move(u));
   std::vector<WeightSpec> all;
   for (const auto& u : units) all.insert(all.end(), u.begin(), u.end());
   check(all, c);
