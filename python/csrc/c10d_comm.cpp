@@ -109,9 +109,9 @@ class C10dComm final : public Comm {
     // Sub-groups through ProcessGroup::splitGroup hung intermittently on gloo (a sub-group's first
     // all_gather never met its peer, 1 run in 3 at 4 ranks), so hybrid sharding is refused here
     // until that is understood; the MPI comm has it.
-    fail("fsdp_size ", ranks.size(), " < ", n, " ranks (hybrid sharding) over torch.distributed needs every rank on one "
-         "host (sub-groups are made in shared memory; VERLCPP_SHM must not be 0); "
-         "use fsdp_size=-1");
+    fail("a sub-group of ", ranks.size(), " of ", n, " ranks (hybrid sharding: fsdp_size; expert parallelism: "
+         "expert_parallel_size) over torch.distributed needs every rank on one host (sub-groups are made in shared "
+         "memory; VERLCPP_SHM must not be 0); use fsdp_size=-1 and expert_parallel_size=1");
 
   }
 

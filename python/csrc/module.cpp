@@ -32,7 +32,7 @@ EngineConfig engine_config_from_json(const nlohmann::json& j) {
       "forward_prefetch", "fsdp_size", "forward_only", "micro_batch_size_per_gpu", "use_dynamic_bsz",
       "max_token_len_per_gpu", "lr", "betas", "eps", "weight_decay", "grad_clip", "lr_scheduler_type",
       "total_training_steps", "lr_warmup_steps", "lr_warmup_steps_ratio", "min_lr_ratio", "num_cycles",
-      "zero_indexed_step", "temperature", "ulysses_sequence_parallel_size", "device"};
+      "zero_indexed_step", "temperature", "ulysses_sequence_parallel_size", "device", "expert_parallel_size"};
   for (const auto& [k, v] : j.items())
     if (!known.count(k)) fail("verlcpp engine config: unknown key '", k, "'");
   EngineConfig c;
@@ -76,6 +76,7 @@ EngineConfig engine_config_from_json(const nlohmann::json& j) {
   get("zero_indexed_step", c.lr_schedule.zero_indexed_step);
   get("temperature", c.temperature);
   get("ulysses_sequence_parallel_size", c.ulysses_sequence_parallel_size);
+  get("expert_parallel_size", c.fsdp.expert_parallel_size);
   return c;
 }
 
@@ -132,6 +133,7 @@ class PyEngine {
   int dp_rank() const { return engine_->dp_rank(); }
   int dp_size() const { return engine_->dp_size(); }
   int sp_size() const { return engine_->sp_size(); }
+  int ep_size() const { return engine_->model().expert_parallel_size(); }
   bool is_value_model() const { return engine_->is_value_model(); }
   std::string comm_name() const { return comm_->name(); }
   int64_t vocab_size() const { return engine_->model_config().vocab_size; }
@@ -202,19 +204,16 @@ class PyEngine {
   double lr_scheduler_step() { return guarded([&] { return engine_->lr_scheduler_step(); }); }
   double lr() const { return engine_->lr(); }
 
-  // Per-tensor export, one FSDP unit at a time (a collective: every rank calls it for every unit).
-  int num_units() { return static_cast<int>(engine_->model().units().size()); }
+  // Per-tensor export, one gathered unit at a time (a collective: every rank calls it for every
+  // group), in HF names; under expert parallelism a layer's expert group holds all its experts.
+  int num_units() { return engine_->model().num_param_groups(); }
   std::vector<std::pair<std::string, at::Tensor>> unit_params(int i) {
     return guarded([&] {
-      auto units = engine_->model().units();
-      if (i < 0 || i >= static_cast<int>(units.size())) fail("unit index ", i, " out of range");
       std::vector<std::pair<std::string, at::Tensor>> r;
-      at::Tensor full;
-      {
-        py::gil_scoped_release nogil;
-        full = units[i]->gather_full_fp32();
-      }
-      for (const auto& p : units[i]->params()) r.emplace_back(p.name, param_view(full, p));
+      py::gil_scoped_release nogil;
+      engine_->model().for_each_param_in_group(i, [&](const std::string& name, const at::Tensor& t) {
+        r.emplace_back(name, t);
+      });
       return r;
     });
   }
@@ -254,6 +253,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("dp_rank", &PyEngine::dp_rank)
       .def_property_readonly("dp_size", &PyEngine::dp_size)
       .def_property_readonly("sp_size", &PyEngine::sp_size)
+      .def_property_readonly("ep_size", &PyEngine::ep_size)
       .def_property_readonly("is_value_model", &PyEngine::is_value_model)
       .def_property_readonly("comm_name", &PyEngine::comm_name)
       .def_property_readonly("vocab_size", &PyEngine::vocab_size)

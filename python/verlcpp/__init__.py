@@ -11,7 +11,7 @@ is told `VERL_USE_EXTERNAL_MODULES=verlcpp`.
 """
 # The cpu platform first: importing verl.workers.engine already resolves the platform.
 from . import cpu_platform as _cpu_platform  # noqa: F401,E402  (registers at import)
-from .config import VerlcppEngineConfig  # noqa: F401,E402
+from .config import VerlcppEngineConfig, VerlcppVeOmniEngineConfig  # noqa: F401,E402
 from . import plugin as _plugin  # noqa: F401,E402  (registers the backend)
 
 

@@ -19,7 +19,12 @@ group. With ulysses_sequence_parallel_size = sp > 1 a DeviceMesh (dp = world / s
 ("dp", "sp") is built here, as verl builds it; the data-parallel rank / size / group verl's
 trainers see are its "dp" dimension (the ranks of an sp group are given the same data), and the
 outputs are collected from the first rank of each sp group (is_mp_src_rank_with_outputs). The C++
-side runs its collectives on these same groups (gloo for CPU tensors), resolved by their names.
+side runs its collectives on these same groups (gloo for CPU tensors), resolved by their names,
+through shared memory when every rank is on one host. With expert_parallel_size = ep > 1 (MoE models;
+VeOmni's field) the experts of each sparse layer are split over groups of ep consecutive ranks, as
+VeOmni's ("ep_fsdp", "ep") mesh: the C++ engine makes those groups itself (shared-memory sub-groups,
+like the shard / replica groups of hybrid sharding), and data parallelism stays world / sp.
+The engine config is either shape verl has (config.py): FSDPEngineConfig's or VeOmniEngineConfig's.
 """
 import json
 import os
@@ -60,6 +65,8 @@ def _optimizer_settings(opt) -> dict:
     FSDPEngine._build_lr_scheduler make of it); anything else is refused by name."""
     if opt is None:
         return {}
+    if hasattr(opt, "lr_decay_ratio"):
+        return _veomni_optimizer_settings(opt)
     name = str(getattr(opt, "optimizer", "AdamW"))
     impl = str(getattr(opt, "optimizer_impl", "torch.optim"))
     if name.lower() != "adamw" or impl != "torch.optim":
@@ -90,6 +97,39 @@ def _optimizer_settings(opt) -> dict:
         "min_lr_ratio": float(getattr(opt, "min_lr_ratio", None) or 0.0),
         "num_cycles": float(getattr(opt, "num_cycles", 0.5)),
         "zero_indexed_step": bool(getattr(opt, "zero_indexed_step", True)),
+    }
+
+
+def _veomni_optimizer_settings(opt) -> dict:
+    """verl's VeOmniOptimizerConfig -> the C++ AdamW: what verl's VeOmniEngine builds with VeOmni's
+    build_optimizer (torch AdamW, eps 1e-8, every parameter decayed) and build_lr_scheduler. Only the
+    constant schedule without warmup is taken; VeOmni's warmup (from lr_start) and decay schedules
+    (lr_min, lr_decay_ratio) are refused by name."""
+    name = str(opt.optimizer)
+    if name != "adamw":
+        raise ValueError(f"verlcpp engine: optim.optimizer={name!r} is not supported (adamw only)")
+    if dict(opt.override_optimizer_config or {}):
+        raise ValueError("verlcpp engine: optim.override_optimizer_config is not supported with the VeOmni "
+                         "optimizer config (verl's VeOmni engine does not read it either)")
+    sched = str(opt.lr_scheduler_type)
+    if sched != "constant":
+        raise ValueError(f"verlcpp engine: optim.lr_scheduler_type={sched!r}: VeOmni's decay schedules (lr_min, "
+                         "lr_decay_ratio) are not implemented; use constant, or optim=fsdp for verl's cosine")
+    warm = opt.lr_warmup_steps
+    if float(opt.lr_warmup_steps_ratio) != 0 or (warm is not None and int(warm) > 0):
+        raise ValueError("verlcpp engine: optim.lr_warmup_steps_ratio / lr_warmup_steps: VeOmni's warmup (from "
+                         "lr_start) is not implemented; use no warmup, or optim=fsdp for verl's warmup")
+    clip = float(opt.clip_grad)
+    if not clip > 0:
+        raise ValueError(f"verlcpp engine: clip_grad={clip}; use a positive norm")
+    return {
+        "lr": float(opt.lr),
+        "betas": [float(b) for b in list(opt.betas)],
+        "eps": 1e-8,
+        "weight_decay": float(opt.weight_decay),
+        "grad_clip": clip,
+        "lr_scheduler_type": "constant",
+        "total_training_steps": int(opt.total_training_steps),
     }
 
 
@@ -150,11 +190,16 @@ class VerlcppEngine(BaseEngine):
 
     def _init_device_mesh(self):
         """verl's FSDPEngine._init_device_mesh: the ("dp", "sp") mesh when sp > 1."""
-        sp = int(self.engine_config.ulysses_sequence_parallel_size or 1)
+        settings = vconfig.engine_settings(self.engine_config)
+        sp = settings["ulysses_sequence_parallel_size"]
+        sp_name = "ulysses_parallel_size" if vconfig.is_veomni(self.engine_config) else "ulysses_sequence_parallel_size"
         world = dist.get_world_size()
         if sp < 1 or world % sp != 0:
-            raise ValueError(f"verlcpp engine: ulysses_sequence_parallel_size={sp} must be >= 1 and divide the "
-                             f"world size ({world} ranks)")
+            raise ValueError(f"verlcpp engine: {sp_name}={sp} must be >= 1 and divide the world size ({world} ranks)")
+        ep = settings["expert_parallel_size"]
+        if ep < 1 or world % ep != 0:
+            raise ValueError(f"verlcpp engine: expert_parallel_size={ep} must be >= 1 and divide the world size "
+                             f"({world} ranks)")
         self.ulysses_sequence_parallel_size = sp
         self.ulysses_device_mesh = None
         if sp > 1:
@@ -177,18 +222,11 @@ class VerlcppEngine(BaseEngine):
             raise NotImplementedError(f"verlcpp engine: device '{device}': the engine computes on cpu or cuda")
         self._device = torch.device(device)
         ec = self.engine_config
-        settings = {
-            "device": device,
-            "param_dtype": vconfig.compute_dtype(ec),
-            "reshard_after_forward": bool(ec.reshard_after_forward),
-            "forward_prefetch": bool(ec.forward_prefetch),
-            "fsdp_size": int(ec.fsdp_size),
-            "forward_only": bool(ec.forward_only),
-        }
+        settings = vconfig.engine_settings(ec)
+        settings["device"] = device
         settings.update(_model_settings(self.model_config))
         if not ec.forward_only:
             settings.update(_optimizer_settings(self.optimizer_config))
-        settings["ulysses_sequence_parallel_size"] = self.ulysses_sequence_parallel_size
         sp_name = dp_name = ""
         if self.ulysses_device_mesh is not None:
             sp_name = self.ulysses_device_mesh.get_group(mesh_dim="sp").group_name
@@ -197,7 +235,8 @@ class VerlcppEngine(BaseEngine):
                                   sp_group_name=sp_name, dp_group_name=dp_name)
         if dist.get_rank() == 0:
             print(f"verlcpp engine: {dist.get_world_size()} ranks, ulysses sp={self._cpp.sp_size}, "
-                  f"dp={self._cpp.dp_size}, collectives {self._cpp.comm_name}", flush=True)
+                  f"dp={self._cpp.dp_size}, expert parallel ep={self._cpp.ep_size}, collectives {self._cpp.comm_name}",
+                  flush=True)
         if self._cpp.is_value_model != self.value_model:
             kind = "a value model (...ForTokenClassification, num_labels=1)" if self.value_model else "a causal LM"
             raise ValueError(f"verlcpp engine: {settings['model_path']} is not {kind}")
@@ -325,8 +364,9 @@ class VerlcppEngine(BaseEngine):
 
     # ---- weights out ----------------------------------------------------------------------
     def get_per_tensor_param(self, **kwargs):
-        """(generator of (HF name, full fp32 tensor), None): one FSDP unit is gathered at a time.
-        A collective: every rank must run the generator to the end."""
+        """(generator of (HF name, full fp32 tensor), None): one FSDP unit is gathered at a time (under
+        expert parallelism a layer's experts come from every rank of its ep group). A collective: every
+        rank must run the generator to the end."""
         cpp = self._cpp
 
         def gen():

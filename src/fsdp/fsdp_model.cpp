@@ -349,25 +349,27 @@ void FsdpModel::end_vision() {
 }
 
 void FsdpModel::for_each_param(const std::function<void(const std::string&, const at::Tensor&)>& fn) {
-  std::vector<FlatUnit*> dense{root_.get()};
-  for (auto& l : layers_) dense.push_back(l.get());
-  for (auto& v : vision_) dense.push_back(v.get());
-  for (FlatUnit* u : dense) {
+  for (int g = 0; g < num_param_groups(); ++g) for_each_param_in_group(g, fn);
+}
+
+void FsdpModel::for_each_param_in_group(int g, const std::function<void(const std::string&, const at::Tensor&)>& fn) {
+  const int L = static_cast<int>(layers_.size()), V = static_cast<int>(vision_.size());
+  if (g < 0 || g >= num_param_groups()) fail("parameter group ", g, " out of range (", num_param_groups(), " groups)");
+  if (g < 1 + L + V) {
+    FlatUnit* u = g == 0 ? root_.get() : g <= L ? layers_[g - 1].get() : vision_[g - 1 - L].get();
     at::Tensor full = u->gather_full_fp32();
     for (const auto& p : u->params()) fn(p.name, param_view(full, p));
+    return;
   }
   // Expert units: gathered inside the expert-data group, then every expert group's over ep.
-  for (size_t i = 0; i < experts_.size(); ++i) {
-    FlatUnit* e = experts_[i].get();
-    if (!e) continue;
-    const at::Tensor mine = e->gather_full_fp32();
-    const int ep = ep_->size();
-    at::Tensor all = at::empty({ep * mine.numel()}, mine.options());
-    all_gather_into(*ep_comm_, mine, all);
-    for (int j = 0; j < ep; ++j)
-      for (const auto& p : expert_layout(static_cast<int>(i), j))
-        fn(p.name, param_view(all.narrow(0, j * mine.numel(), mine.numel()), p));
-  }
+  const int i = g - 1 - L - V;
+  if (static_cast<size_t>(i) >= experts_.size() || !experts_[i]) return;
+  const at::Tensor mine = experts_[i]->gather_full_fp32();
+  const int ep = ep_->size();
+  at::Tensor all = at::empty({ep * mine.numel()}, mine.options());
+  all_gather_into(*ep_comm_, mine, all);
+  for (int j = 0; j < ep; ++j)
+    for (const auto& p : expert_layout(i, j)) fn(p.name, param_view(all.narrow(0, j * mine.numel(), mine.numel()), p));
 }
 
 }  // namespace verl

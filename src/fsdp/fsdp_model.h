@@ -94,6 +94,13 @@ class FsdpModel : public ParamProvider {
   void zero_grad();
   // Every parameter as a full fp32 tensor, one at a time, in HF names (a collective).
   void for_each_param(const std::function<void(const std::string& name, const at::Tensor& full)>& fn);
+  // The same in groups, one gathered unit at a time (verl's get_per_tensor_param generator): group 0
+  // is the root, 1..L the layers, then the V units of a vision tower, then L groups: each layer's
+  // expert unit under expert parallelism (every expert of the layer, gathered over the ep group;
+  // empty for dense layers and at ep = 1). A collective: every rank calls it for the same groups in
+  // the same order.
+  int num_param_groups() const { return 1 + 2 * static_cast<int>(layers_.size()) + static_cast<int>(vision_.size()); }
+  void for_each_param_in_group(int g, const std::function<void(const std::string& name, const at::Tensor& full)>& fn);
   int64_t num_parameters() const;
 
  private:

@@ -21,7 +21,7 @@
 # ulysses_sequence_parallel_size: the batch is split over the engine's data-parallel ranks, which the
 # ranks of a sequence-parallel group share, and outputs are gathered over its dp group), --engine-config MODULE:CLASS
 # (the engine config dataclass for a strategy other than fsdp/fsdp2; default for verlcpp:
-# verlcpp:VerlcppEngineConfig).
+# verlcpp:VerlcppEngineConfig), --ep N (expert_parallel_size, for a MoE fixture of make_moe_fixture.py).
 
 import argparse
 import importlib
@@ -99,6 +99,7 @@ def make_worker(args, model_type, path):
         use_torch_compile=False,
         seed=42,
         ulysses_sequence_parallel_size=args.sp,
+        **({"expert_parallel_size": args.ep} if args.ep != 1 else {}),
     )
     optimizer_config = FSDPOptimizerConfig(lr=1e-3, lr_warmup_steps=0, weight_decay=0.01, clip_grad=1.0)
     optimizer_config.total_training_steps = 10
@@ -253,6 +254,7 @@ def main():
     ap.add_argument("--engine-config", default=None, help="MODULE:CLASS of the engine config dataclass")
     ap.add_argument("--ppo-steps", type=int, default=2)
     ap.add_argument("--sp", type=int, default=1, help="ulysses_sequence_parallel_size")
+    ap.add_argument("--ep", type=int, default=1, help="expert_parallel_size (MoE fixtures; engine configs that have it)")
     args = ap.parse_args()
 
     t0 = time.time()
