@@ -32,7 +32,8 @@ EngineConfig engine_config_from_json(const nlohmann::json& j) {
       "forward_prefetch", "fsdp_size", "forward_only", "micro_batch_size_per_gpu", "use_dynamic_bsz",
       "max_token_len_per_gpu", "lr", "betas", "eps", "weight_decay", "grad_clip", "lr_scheduler_type",
       "total_training_steps", "lr_warmup_steps", "lr_warmup_steps_ratio", "min_lr_ratio", "num_cycles",
-      "zero_indexed_step", "temperature", "ulysses_sequence_parallel_size", "device", "expert_parallel_size"};
+      "zero_indexed_step", "temperature", "ulysses_sequence_parallel_size", "device", "expert_parallel_size",
+      "basic_modules"};
   for (const auto& [k, v] : j.items())
     if (!known.count(k)) fail("verlcpp engine config: unknown key '", k, "'");
   EngineConfig c;
@@ -77,6 +78,7 @@ EngineConfig engine_config_from_json(const nlohmann::json& j) {
   get("temperature", c.temperature);
   get("ulysses_sequence_parallel_size", c.ulysses_sequence_parallel_size);
   get("expert_parallel_size", c.fsdp.expert_parallel_size);
+  get("basic_modules", c.basic_modules);
   return c;
 }
 

@@ -42,8 +42,10 @@ attn_implementation eager, sdpa and the flash-attention names (SDPA inside each 
 the same math; native-sparse is refused), ckpt_manager (verl's only value, "dcp"; verl.cpp writes
 its own sharded layout, merged by `verlcpp merge --backend fsdp`), activation_offload_host_cache_
 limit_gb (read only with enable_async_activation_offload, which is refused). Every kernel selector
-(*_implementation) must be "eager" (qat_implementation "none"); basic_modules must be empty (the
-wrap units are fixed); load_checkpoint_path, enable_fsdp_offload, force_use_huggingface,
+(*_implementation) must be "eager" (qat_implementation "none"); basic_modules (extra FSDP units by
+class name, added to the model's own no-split units) may name only the model's decoder-layer class,
+already a unit, anything else is refused when the engine is built (it knows the model);
+load_checkpoint_path, enable_fsdp_offload, force_use_huggingface,
 enable_async_activation_offload and activation_offload_modules are refused when set.
 """
 from dataclasses import dataclass, fields
@@ -172,9 +174,6 @@ def _veomni_unsupported(cfg, bad):
     if list(cfg.activation_offload_modules or []):
         bad.append(f"activation_offload_modules={list(cfg.activation_offload_modules)!r}: activation offload "
                    "is not implemented in verl.cpp")
-    if list(cfg.basic_modules or []):
-        bad.append(f"basic_modules={list(cfg.basic_modules)!r}: extra FSDP wrap units are not implemented in the "
-                   "verl backend (the units are one per decoder layer + the root)")
     _positive_int(cfg, "ulysses_parallel_size", bad)
 
 
@@ -239,6 +238,8 @@ def engine_settings(cfg) -> dict:
         "forward_only": bool(cfg.forward_only),
         "ulysses_sequence_parallel_size": int(sp or 1),
         "expert_parallel_size": int(getattr(cfg, "expert_parallel_size", 1) or 1),
+        # checked against the model when the engine is built (engine_config.h check_basic_modules)
+        "basic_modules": [str(m) for m in (getattr(cfg, "basic_modules", None) or [])],
     }
 
 

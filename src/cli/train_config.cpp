@@ -111,6 +111,7 @@ const KeySpec kKeys[] = {
   {"expert_parallel_size", Sec::Engine, Kind::Int, "1", "[1,inf)", "MoE: experts split over groups of this many consecutive ranks (a divisor of the world and of num_experts; not with hybrid sharding)", "", kBoth, nullptr},
   // VeOmni's engine fields (verl's VeOmniEngineConfig), as far as they apply on the CPU.
   {"init_device", Sec::Engine, Kind::Str, "meta", "meta|cpu", "where parameters are built: meta and cpu both read each rank's shard straight from the safetensors files (no rank holds the model); cuda / npu are not available in this build", "", kBoth, nullptr},
+  {"basic_modules", Sec::Engine, Kind::Str, "", "", "extra FSDP wrap units by class name (a YAML list or A,B), added to the model's own no-split units: its decoder-layer class (e.g. Qwen3MoeDecoderLayer) is already a unit and accepted; any other class is refused", "", kBoth, nullptr},
   {"enable_full_shard", Sec::Engine, Kind::Bool, "true", "", "false: no sharding, every rank holds a whole replica and gradients are averaged (DDP; fsdp_size 1)", "", kBoth, nullptr},
   {"enable_reentrant", Sec::Engine, Kind::Bool, "true", "", "accepted: gradient checkpointing recomputes each layer in its backward either way (same numbers)", "", kBoth, nullptr},
   {"enable_fsdp_offload", Sec::Engine, Kind::Bool, "false", "", "accepted: parameters already live in host memory on the CPU", "", kBoth, nullptr},
@@ -442,6 +443,18 @@ void read_engine(const Values& v, const TrainSettings& s, EngineConfig& e) {
     e.fsdp.fsdp_size = 1;
   }
   e.fsdp.expert_parallel_size = static_cast<int>(v.integer("expert_parallel_size"));
+  {  // "A,B" (a YAML list arrives so), "[A, B]" from the command line, "" / "[]" / "null": none
+    std::string b = v.str("basic_modules"), item;
+    if (b == "null" || b == "None") b.clear();
+    for (char ch : b + ",") {
+      if (ch == ',') {
+        if (!item.empty()) e.basic_modules.push_back(item);
+        item.clear();
+      } else if (ch != '[' && ch != ']' && ch != ' ' && ch != '\'' && ch != '"') {
+        item += ch;
+      }
+    }
+  }
   e.fsdp.reshard_after_forward = v.flag("reshard_after_forward");
   e.fsdp.gradient_checkpointing = v.flag("enable_gradient_checkpointing");
   e.fsdp.forward_prefetch = v.flag("forward_prefetch");

@@ -38,6 +38,22 @@ void validate_optimizer(const EngineConfig& c) {
 
 }  // namespace
 
+void check_basic_modules(const ModelConfig& m, const std::vector<std::string>& names) {
+  // transformers' decoder-layer class of the family: Qwen3MoeForCausalLM -> Qwen3MoeDecoderLayer
+  std::string layer;
+  for (const char* head : {"ForCausalLM", "ForTokenClassification", "ForSequenceClassification"}) {
+    const std::string h = head;
+    if (m.architecture.size() > h.size() && m.architecture.compare(m.architecture.size() - h.size(), h.size(), h) == 0)
+      layer = m.architecture.substr(0, m.architecture.size() - h.size()) + "DecoderLayer";
+  }
+  for (const auto& n : names) {
+    if (!layer.empty() && n == layer) continue;
+    fail("basic_modules: '", n, "' as an extra FSDP unit is not implemented: the units are each decoder layer (",
+         layer.empty() ? m.architecture + "'s" : layer,
+         "), a sparse layer's experts under expert parallelism, and the root (embedding, final norm, head)");
+  }
+}
+
 void check_param_dtype(const std::string& d) {
   if (d == "fp16" || d == "float16")
     fail("param_dtype ", d, " is not implemented: use fp32, or bf16 (mixed precision with fp32 master weights)");

@@ -6,6 +6,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "engine/optim.h"
 #include "fsdp/fsdp_model.h"
@@ -31,6 +32,9 @@ struct EngineConfig {
   double grad_clip = 1.0;        // global gradient-norm clip; 0: no clipping (as HF's Trainer)
   LrScheduleOptions lr_schedule;
   double temperature = 1.0;
+  // VeOmni's basic_modules: extra FSDP wrap units by class name, added to the model's own
+  // no-split units. Only those classes are units here (see check_basic_modules).
+  std::vector<std::string> basic_modules;
 };
 
 // Throws an Error naming the field (by its EngineConfig / verl name) and what was expected:
@@ -39,6 +43,11 @@ struct EngineConfig {
 // use_dynamic_bsz, ulysses_sequence_parallel_size >= 1 dividing `world_size`, grad_clip finite >= 0, lr finite >= 0, betas in [0, 1), eps > 0,
 // weight_decay >= 0, the LR schedule's type and ratios, temperature > 0.
 void validate(const EngineConfig& c, int world_size);
+// basic_modules against the model (VeOmni takes the union with the model's _no_split_modules,
+// transformers' decoder-layer class <Family>DecoderLayer): that class is already a unit (each
+// decoder layer is one), so naming it changes nothing; any other class would be a unit inside a
+// layer or the root, which this engine does not make: an Error naming it.
+void check_basic_modules(const ModelConfig& model, const std::vector<std::string>& basic_modules);
 // The param_dtype part of validate(): fp32 / float32 / bf16 / bfloat16; fp16 is refused as not implemented.
 void check_param_dtype(const std::string& dtype);
 

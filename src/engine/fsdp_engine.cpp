@@ -57,6 +57,7 @@ FsdpEngine::FsdpEngine(const EngineConfig& cfg, Comm& world, UlyssesGroups group
   fo.compute_dtype = parse_engine_dtype(cfg.param_dtype);
   fo.device = parse_engine_device(cfg.device);
   const std::string cfg_dir = cfg.hf_config_path.empty() ? cfg.model_path : cfg.hf_config_path;
+  if (!cfg.basic_modules.empty()) check_basic_modules(load_model_config(cfg_dir), cfg.basic_modules);
   if (cfg.ulysses_sequence_parallel_size > 1) {
     check_ulysses(load_model_config(cfg_dir), cfg.ulysses_sequence_parallel_size);
     if (groups.sp || groups.dp) {

@@ -194,6 +194,11 @@ TEST_F(TrainCli, VeOmniEngineFields) {
   expect_refused("full_shard", "enable_full_shard=false fsdp_size=2", {"enable_full_shard", "fsdp_size 2"}, 2);
   expect_refused("ep_dense", "expert_parallel_size=2", {"expert_parallel_size = 2", "has no experts"}, 2);
   expect_refused("ep3", "expert_parallel_size=3", {"expert_parallel_size = 3", "divide the world size"}, 2);
+  // basic_modules: a class inside the decoder layer (or any other than the layer's) would be a unit this
+  // engine does not make; the message names it and the layer class (the fixture is a Qwen2)
+  expect_refused("basic_mlp", "basic_modules=[Qwen2MLP]", {"basic_modules", "'Qwen2MLP'", "Qwen2DecoderLayer"});
+  expect_refused("basic_two", "actor_rollout_ref.actor.fsdp_config.basic_modules=Qwen2DecoderLayer,Qwen2Attention",
+                 {"'Qwen2Attention'"});
 }
 
 TEST_F(TrainCli, DeviceIsCheckedBeforeAnyWork) {
@@ -206,13 +211,15 @@ TEST_F(TrainCli, DeviceIsCheckedBeforeAnyWork) {
 }
 
 TEST_F(TrainCli, EnableFullShardFalseIsDdpAndMatchesTorch) {
-  // Whole replicas on 2 ranks (gradients averaged), VeOmni's other fields set: transformers +
-  // torch AdamW's parameters, as with sharding.
+  // Whole replicas on 2 ranks (gradients averaged), VeOmni's other fields set (basic_modules naming
+  // transformers' Qwen2 _no_split_modules, already the unit): transformers + torch AdamW's
+  // parameters, as with sharding.
   const fs::path ref = reference("ddp_ref", "");
   std::string log;
   const Cli c = train("ddp", 2,
                       "lr=1e-3 enable_full_shard=false init_device=meta enable_reentrant=false moe_implementation=eager "
-                      "attn_implementation=flash_attention_2 enable_fsdp_offload=true micro_batch_size_per_gpu=2");
+                      "attn_implementation=flash_attention_2 enable_fsdp_offload=true micro_batch_size_per_gpu=2 "
+                      "basic_modules=[Qwen2DecoderLayer]");
   ASSERT_EQ(c.rc, 0) << c.out << c.err;
   const fs::path role = g_dir / "ddp" / "ck" / "global_step_3" / "actor";
   EXPECT_NE(read_text_file((role / "fsdp_config.json").string()).find("\"fsdp_size\": 1"), std::string::npos);

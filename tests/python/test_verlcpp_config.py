@@ -105,6 +105,7 @@ class ConfigTest(unittest.TestCase):
         "forward_prefetch", "entropy_from_logits_with_chunking", "entropy_from_logits_chunk_size",
         "use_torch_compile", "entropy_checkpointing", "seed", "full_determinism", "forward_only",
         "activation_offload_host_cache_limit_gb", "pad_to_length_bucket",
+        "basic_modules",  # checked against the model when the engine is built (run_ep.sh, case bad)
         # EngineConfig's, read by verl's workers and trainers (micro-batching) or meaningless here
         "dtype", "use_dynamic_bsz", "max_token_len_per_gpu", "micro_batch_size_per_gpu",
         "infer_max_token_len_per_gpu", "infer_micro_batch_size_per_gpu", "use_remove_padding",
@@ -135,7 +136,7 @@ class ConfigTest(unittest.TestCase):
                 VerlcppVeOmniEngineConfig(**{f.name: other})
             self.assertIn(f.name, str(cm.exception))
             refused.append(f.name)
-        for name in ("basic_modules", "load_checkpoint_path", "enable_fsdp_offload", "rms_norm_implementation",
+        for name in ("load_checkpoint_path", "enable_fsdp_offload", "rms_norm_implementation",
                      "router_replay", "param_offload", "enable_async_activation_offload", "qat_implementation"):
             self.assertIn(name, refused)
 
@@ -167,6 +168,8 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual(engine_settings(fsdp), engine_settings(veomni))
         self.assertEqual(engine_settings(veomni)["expert_parallel_size"], 2)
         self.assertEqual(engine_settings(veomni)["ulysses_sequence_parallel_size"], 2)
+        self.assertEqual(engine_settings(VerlcppVeOmniEngineConfig(basic_modules=["Qwen3MoeDecoderLayer"]))["basic_modules"],
+                         ["Qwen3MoeDecoderLayer"])
         # VeOmni's mixed_precision=true: bf16 compute over fp32 weights; enable_full_shard=false: a replica per rank
         s = engine_settings(VerlcppVeOmniEngineConfig(mixed_precision=True, enable_full_shard=False))
         self.assertEqual((s["param_dtype"], s["fsdp_size"]), ("bf16", 1))

@@ -14,7 +14,8 @@
 #   ep2         2 ranks, engine=verlcpp engine.expert_parallel_size=2 (the FSDP-shaped config)
 #   ep2_veomni  2 ranks, engine=verlcpp_veomni engine.expert_parallel_size=2 optim=veomni: verl's
 #               VeOmni-shaped engine and optimizer configs (VeOmniEngineConfig / VeOmniOptimizerConfig
-#               fields) driving the same engine
+#               fields) driving the same engine, with basic_modules naming the model's decoder-layer
+#               class (transformers' _no_split_modules, already a unit)
 #   worker_ep2  verl's TrainingWorker driven in-process (tests/verl/worker_driver.py --ep 2): actor
 #               log-probs / entropy and critic values vs transformers (1e-5), get_per_tensor_param right
 #               after initialisation == the HF weights (every expert on every rank), two PPO steps and a
@@ -22,8 +23,9 @@
 #               (rel <= 1e-4) and with the verlcpp engine at ep = 1 (rel <= 1e-5)
 #   ep2dp2      4 ranks, ep=2 x 2 expert-data ranks (each expert FSDP-sharded over 2 ranks), vs the
 #               2-rank fsdp2 reference (the same global batch)
-#   bad         expert_parallel_size=3 over 2 ranks; ep=2 on the dense fixture; a VeOmni field verl.cpp
-#               does not implement (basic_modules, init_device=cuda, a kernel selector): each run fails
+#   bad         expert_parallel_size=3 over 2 ranks; ep=2 on the dense fixture; a VeOmni setting verl.cpp
+#               does not implement (basic_modules naming a class inside the layer, init_device=cuda, a
+#               kernel selector): each run fails
 #               with one line naming the setting (checked here)
 set -euo pipefail
 if [ $# -ne 1 ]; then
@@ -93,10 +95,12 @@ for c in $CASES; do
       "$PY" "$HERE/compare.py" -q "$REF" "$OUT/ep2" ;;
     ep2_veomni)
       ref
-      # run_sft.sh's fp32 mixed_precision dict and use_torch_compile override apply to this shape too
+      # run_sft.sh's fp32 mixed_precision dict and use_torch_compile override apply to this shape too;
+      # basic_modules names the model's own no-split unit, as transformers declares it (VeOmni takes the union)
+      layer_cls=$("$PY" -c "import transformers; print(','.join(transformers.Qwen3MoeForCausalLM._no_split_modules))")
       "$HERE/run_sft.sh" verlcpp_veomni "$OUT/ep2_veomni" engine.expert_parallel_size=2 \
         optim=veomni optim.lr_scheduler_type=constant engine.init_device=meta engine.moe_implementation=eager \
-        engine.attn_implementation=sdpa > /dev/null
+        engine.attn_implementation=sdpa "engine.basic_modules=[$layer_cls]" > /dev/null
       check_layout "$OUT/ep2_veomni" "dp=2, expert parallel ep=2"
       "$PY" "$HERE/compare.py" -q "$REF" "$OUT/ep2_veomni" ;;
     worker_ep2)
@@ -119,7 +123,7 @@ for c in $CASES; do
         "$HERE/run_sft.sh" verlcpp "$OUT/bad/ep3" engine.expert_parallel_size=3
       expect_failure "$OUT/bad/dense" "has no experts" \
         VERL_FIXTURE="$DENSE" "$HERE/run_sft.sh" verlcpp "$OUT/bad/dense" engine.expert_parallel_size=2
-      expect_failure "$OUT/bad/basic_modules" "basic_modules=['Qwen3MoeSparseMoeBlock']" \
+      expect_failure "$OUT/bad/basic_modules" "basic_modules: 'Qwen3MoeSparseMoeBlock' as an extra FSDP unit is not implemented" \
         "$HERE/run_sft.sh" verlcpp_veomni "$OUT/bad/basic_modules" "engine.basic_modules=[Qwen3MoeSparseMoeBlock]"
       expect_failure "$OUT/bad/init_device" "init_device='cuda'" \
         "$HERE/run_sft.sh" verlcpp_veomni "$OUT/bad/init_device" engine.init_device=cuda
