@@ -18,10 +18,13 @@ verl's FSDP engine builds it; it must divide the world size and the model's atte
 checked when the engine is built), expert_parallel_size (experts split over groups of this many
 consecutive ranks, as VeOmni's ("ep_fsdp", "ep") mesh; it must divide the world size and the
 model's num_experts), param_offload / optimizer_offload (verl's BaseEngineCtx moves the engine
-through engine.to around each phase; the same in the VeOmni shape), and verl's micro-batching keys
-(through verl's own prepare_micro_batches).
-Accepted with no effect, because they change nothing in what verl.cpp computes: wrap_policy
-(the units are always one per decoder layer + the root), use_orig_params, use_torch_compile,
+through engine.to around each phase; the same in the VeOmni shape), verl's micro-batching keys
+(through verl's own prepare_micro_batches), and wrap_policy.transformer_layer_cls_to_wrap (verl's
+FSDP2 wraps those classes instead of the model's _no_split_modules; checked like VeOmni's
+basic_modules when the engine is built: only the decoder-layer class, the unit here, is accepted;
+wrap_policy.disable and unknown wrap_policy keys are refused; min_num_params is accepted, verl's
+FSDP2 does not read it either).
+Accepted with no effect, because they change nothing in what verl.cpp computes: use_orig_params, use_torch_compile,
 entropy_from_logits_with_chunking / entropy_from_logits_chunk_size / entropy_checkpointing (the
 LM head always works in row chunks and recomputes them in backward), forward_prefetch and
 use_no_sync_for_gradient_accumulation (collectives are blocking; gradients are reduced per
@@ -201,6 +204,13 @@ def unsupported_settings(cfg) -> list[str]:
         if cfg.mixed_precision:
             _mixed_precision_dict(cfg.mixed_precision, bad)
         _positive_int(cfg, "ulysses_sequence_parallel_size", bad)
+        wp = dict(cfg.wrap_policy or {})
+        if wp.get("disable", False):
+            bad.append("wrap_policy.disable=True: the whole model as one FSDP unit is not implemented (the units are "
+                       "each decoder layer and the root)")
+        extra = set(wp) - {"min_num_params", "transformer_layer_cls_to_wrap", "disable", "_target_"}
+        if extra:
+            bad.append(f"wrap_policy keys {sorted(extra)}: unknown (min_num_params, transformer_layer_cls_to_wrap, disable)")
     _positive_int(cfg, "expert_parallel_size", bad)
     return bad
 
@@ -239,8 +249,19 @@ def engine_settings(cfg) -> dict:
         "ulysses_sequence_parallel_size": int(sp or 1),
         "expert_parallel_size": int(getattr(cfg, "expert_parallel_size", 1) or 1),
         # checked against the model when the engine is built (engine_config.h check_basic_modules)
-        "basic_modules": [str(m) for m in (getattr(cfg, "basic_modules", None) or [])],
+        "basic_modules": _wrap_classes(cfg, veomni),
     }
+
+
+def _wrap_classes(cfg, veomni) -> list[str]:
+    """VeOmni's basic_modules, or FSDP's wrap_policy.transformer_layer_cls_to_wrap (a name or a list)."""
+    if veomni:
+        names = getattr(cfg, "basic_modules", None) or []
+    else:
+        names = dict(cfg.wrap_policy or {}).get("transformer_layer_cls_to_wrap") or []
+    if isinstance(names, str):
+        names = [names]
+    return [str(m) for m in names]
 
 
 def fsdp_field_names() -> list[str]:

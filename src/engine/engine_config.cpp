@@ -48,7 +48,8 @@ void check_basic_modules(const ModelConfig& m, const std::vector<std::string>& n
   }
   for (const auto& n : names) {
     if (!layer.empty() && n == layer) continue;
-    fail("basic_modules: '", n, "' as an extra FSDP unit is not implemented: the units are each decoder layer (",
+    fail("FSDP wrap unit '", n, "' (basic_modules / wrap_policy.transformer_layer_cls_to_wrap) is not implemented: "
+         "the units are each decoder layer (",
          layer.empty() ? m.architecture + "'s" : layer,
          "), a sparse layer's experts under expert parallelism, and the root (embedding, final norm, head)");
   }

@@ -44,9 +44,10 @@ struct EngineConfig {
 // weight_decay >= 0, the LR schedule's type and ratios, temperature > 0.
 void validate(const EngineConfig& c, int world_size);
 // basic_modules against the model (VeOmni takes the union with the model's _no_split_modules,
-// transformers' decoder-layer class <Family>DecoderLayer): that class is already a unit (each
-// decoder layer is one), so naming it changes nothing; any other class would be a unit inside a
-// layer or the root, which this engine does not make: an Error naming it.
+// transformers' decoder-layer class <Family>DecoderLayer; verl's FSDP2 wraps its
+// wrap_policy.transformer_layer_cls_to_wrap instead): that class is already a unit (each decoder
+// layer is one), so naming it changes nothing; any other class would be a unit inside a layer or
+// the root, which this engine does not make: an Error naming it.
 void check_basic_modules(const ModelConfig& model, const std::vector<std::string>& basic_modules);
 // The param_dtype part of validate(): fp32 / float32 / bf16 / bfloat16; fp16 is refused as not implemented.
 void check_param_dtype(const std::string& dtype);

@@ -72,6 +72,10 @@ class ConfigTest(unittest.TestCase):
         self.assertIn("reduce_dtype", str(cm.exception))
         with self.assertRaises(ValueError):
             VerlcppEngineConfig(strategy="fsdp2")
+        for wp, name in (({"disable": True}, "wrap_policy.disable"), ({"min_params": 3}, "min_params")):
+            with self.assertRaises(ValueError, msg=name) as cm:
+                VerlcppEngineConfig(wrap_policy=wp)
+            self.assertIn(name, str(cm.exception))
         # What is supported stays accepted (offload: BaseEngineCtx moves the engine with engine.to).
         VerlcppEngineConfig(param_offload=True, optimizer_offload=True)
         VerlcppEngineConfig(mixed_precision={"param_dtype": "bf16", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
@@ -170,6 +174,11 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual(engine_settings(veomni)["ulysses_sequence_parallel_size"], 2)
         self.assertEqual(engine_settings(VerlcppVeOmniEngineConfig(basic_modules=["Qwen3MoeDecoderLayer"]))["basic_modules"],
                          ["Qwen3MoeDecoderLayer"])
+        # FSDP's wrap_policy.transformer_layer_cls_to_wrap goes the same way (checked by the engine)
+        for cls in ("Qwen2DecoderLayer", ["Qwen2DecoderLayer"]):
+            wp = {"min_num_params": 0, "transformer_layer_cls_to_wrap": cls}
+            self.assertEqual(engine_settings(VerlcppEngineConfig(wrap_policy=wp))["basic_modules"], ["Qwen2DecoderLayer"])
+        self.assertEqual(engine_settings(VerlcppEngineConfig())["basic_modules"], [])
         # VeOmni's mixed_precision=true: bf16 compute over fp32 weights; enable_full_shard=false: a replica per rank
         s = engine_settings(VerlcppVeOmniEngineConfig(mixed_precision=True, enable_full_shard=False))
         self.assertEqual((s["param_dtype"], s["fsdp_size"]), ("bf16", 1))

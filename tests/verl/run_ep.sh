@@ -24,8 +24,8 @@
 #   ep2dp2      4 ranks, ep=2 x 2 expert-data ranks (each expert FSDP-sharded over 2 ranks), vs the
 #               2-rank fsdp2 reference (the same global batch)
 #   bad         expert_parallel_size=3 over 2 ranks; ep=2 on the dense fixture; a VeOmni setting verl.cpp
-#               does not implement (basic_modules naming a class inside the layer, init_device=cuda, a
-#               kernel selector): each run fails
+#               does not implement (basic_modules or FSDP's wrap_policy.transformer_layer_cls_to_wrap
+#               naming a class inside the layer, init_device=cuda, a kernel selector): each run fails
 #               with one line naming the setting (checked here)
 set -euo pipefail
 if [ $# -ne 1 ]; then
@@ -90,7 +90,11 @@ for c in $CASES; do
   case "$c" in
     ep2)
       ref
-      "$HERE/run_sft.sh" verlcpp "$OUT/ep2" engine.expert_parallel_size=2 > /dev/null
+      # wrap_policy names the model's own decoder-layer class, as transformers declares it (verl's FSDP2
+      # wraps exactly those; it is the unit here)
+      layer_cls=$("$PY" -c "import transformers; print(','.join(transformers.Qwen3MoeForCausalLM._no_split_modules))")
+      "$HERE/run_sft.sh" verlcpp "$OUT/ep2" engine.expert_parallel_size=2 \
+        "+engine.wrap_policy.transformer_layer_cls_to_wrap=[$layer_cls]" > /dev/null
       check_layout "$OUT/ep2" "dp=2, expert parallel ep=2"
       "$PY" "$HERE/compare.py" -q "$REF" "$OUT/ep2" ;;
     ep2_veomni)
@@ -123,8 +127,10 @@ for c in $CASES; do
         "$HERE/run_sft.sh" verlcpp "$OUT/bad/ep3" engine.expert_parallel_size=3
       expect_failure "$OUT/bad/dense" "has no experts" \
         VERL_FIXTURE="$DENSE" "$HERE/run_sft.sh" verlcpp "$OUT/bad/dense" engine.expert_parallel_size=2
-      expect_failure "$OUT/bad/basic_modules" "basic_modules: 'Qwen3MoeSparseMoeBlock' as an extra FSDP unit is not implemented" \
+      expect_failure "$OUT/bad/basic_modules" "FSDP wrap unit 'Qwen3MoeSparseMoeBlock' (basic_modules" \
         "$HERE/run_sft.sh" verlcpp_veomni "$OUT/bad/basic_modules" "engine.basic_modules=[Qwen3MoeSparseMoeBlock]"
+      expect_failure "$OUT/bad/wrap_policy" "FSDP wrap unit 'Qwen3MoeAttention' (basic_modules / wrap_policy" \
+        "$HERE/run_sft.sh" verlcpp "$OUT/bad/wrap_policy" "+engine.wrap_policy.transformer_layer_cls_to_wrap=[Qwen3MoeAttention]"
       expect_failure "$OUT/bad/init_device" "init_device='cuda'" \
         "$HERE/run_sft.sh" verlcpp_veomni "$OUT/bad/init_device" engine.init_device=cuda
       expect_failure "$OUT/bad/kernel" "rms_norm_implementation='triton'" \
