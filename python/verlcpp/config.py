@@ -37,7 +37,8 @@ fsdp_size, ulysses_parallel_size (= ulysses_sequence_parallel_size), expert_para
 mixed_precision (a bool there: true = bf16 compute over fp32 master weights, verl.cpp's bf16;
 false = VeOmni's pure-bf16 parameters, refused; verl.cpp also takes the FSDP shape's dict
 {param_dtype: fp32|bf16, ...} here, e.g. for fp32 runs), init_device (meta or cpu: both read
-each rank's shard straight from the safetensors files; cuda / npu refused in this CPU build),
+each rank's shard straight from the safetensors files onto the engine's device; cuda / npu are
+refused, as in `verlcpp train`),
 enable_full_shard (false: a whole replica per rank, gradients averaged, i.e. fsdp_size 1 as
 `verlcpp train` has it), enable_reentrant (gradient checkpointing recomputes each layer either
 way: same numbers), moe_implementation eager | fused (both run the one grouped implementation),
@@ -158,7 +159,8 @@ def _veomni_unsupported(cfg, bad):
         bad.append(f"mixed_precision={mp!r}: expected true/false or {{param_dtype: fp32|bf16}}")
     init = str(cfg.init_device)
     if init not in ("meta", "cpu"):
-        bad.append(f"init_device={init!r}: this build computes on the CPU (meta or cpu; both load each rank's shard)")
+        bad.append(f"init_device={init!r}: meta or cpu (both read each rank's shard straight from the safetensors "
+                   "files onto the engine's device; as in `verlcpp train`)")
     if not cfg.enable_full_shard and cfg.fsdp_size not in (-1, 1):
         bad.append(f"enable_full_shard=False (a whole replica per rank) contradicts fsdp_size={cfg.fsdp_size}")
     moe = str(cfg.moe_implementation)
