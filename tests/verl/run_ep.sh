@@ -64,26 +64,7 @@ check_layout() {  # $1 outdir, $2 expected "dp=N, expert parallel ep=M", $3 log 
   }
 }
 
-# $1 = outdir, $2 = the message expected on the failing run's error line, rest: env + run_sft.sh args
-expect_failure() {
-  local dir=$1 want=$2
-  shift 2
-  local status=0
-  env "$@" > "$dir.stdout" 2> "$dir.stderr" || status=$?
-  if [ $status -eq 0 ]; then
-    echo "run_ep.sh: expected the run in $dir to fail ($want)" >&2
-    exit 1
-  fi
-  # run_sft.sh prints the rank's exception as its last stderr line
-  local line
-  line=$(grep -E '(Error|Exception): ' "$dir.stderr" | tail -1 || true)
-  if [[ "$line" != *"$want"* ]]; then
-    echo "run_ep.sh: the failing run in $dir did not say '$want'; its error line: ${line:-<none>}" >&2
-    tail -5 "$dir.stderr" >&2
-    exit 1
-  fi
-  echo "run_ep.sh: refused as expected: ${line#*: }"
-}
+source "$HERE/expect_failure.sh"
 
 for c in $CASES; do
   t0=$(date +%s)
