@@ -32,7 +32,7 @@ void raw_copy(const at::Tensor& dst, const at::Tensor& src) {
 }
 
 // Runs `op` over raw pointers of (send, recv), staging device tensors through the host when the
-// comm takes host buffers only; `send_in`/`recv_in`: whether op reads each buffer.
+// comm takes host buffers only; `recv_in`: whether op reads recv too (in-place all-reduce).
 template <class Op>
 void run(Comm& c, const at::Tensor& send, const at::Tensor& recv, bool recv_in, Op op) {
   check_contiguous(send, "input");
