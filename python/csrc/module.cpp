@@ -146,8 +146,13 @@ class PyEngine {
   // engine's graph when grad mode is on. Under sp > 1 this rank runs its slice of the row (padded
   // to a multiple of sp as verl's ulysses_pad_and_slice_inputs pads it) and the outputs are
   // gathered back over the group (gather_outputs_and_unpad), as FSDPEngineWithLMHead does.
+  // Vision-language models: `multi_modal`, one dict of tensors per sequence (verl's non-tensor
+  // multi_modal_inputs: pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+  // second_per_grid_ts; empty for a text-only sequence), and position_ids [3 or 4, nnz] (verl's
+  // rows: the text positions, then the three mRoPE rows the model uses).
   py::dict forward_micro(const at::Tensor& input_ids, const at::Tensor& cu_seqlens, const at::Tensor& position_ids,
-                         const at::Tensor& temperature, bool calculate_entropy) {
+                         const at::Tensor& temperature, bool calculate_entropy,
+                         const std::vector<std::map<std::string, at::Tensor>>& multi_modal) {
     TokenOutputs out = guarded([&] {
       ModelInputs in;
       in.input_ids = check_1d(input_ids, "input_ids", at::kLong);
@@ -158,10 +163,29 @@ class PyEngine {
         fail("cu_seqlens: expected 0 ... ", nnz, " (the packed row's length)");
       for (size_t i = 1; i < in.cu_seqlens.size(); ++i)
         if (in.cu_seqlens[i] < in.cu_seqlens[i - 1]) fail("cu_seqlens: decreasing at ", i);
-      in.position_ids = check_1d(position_ids, "position_ids", at::kLong);
+      if (position_ids.defined() && position_ids.dim() == 2) {
+        // Multimodal rotary positions: the model's three mRoPE rows (verl prepends the text row).
+        if ((position_ids.size(0) != 3 && position_ids.size(0) != 4) || position_ids.size(1) != nnz)
+          fail("position_ids: expected [", nnz, "] or, for a vision-language model, [3 or 4, ", nnz, "]; got ",
+               position_ids.sizes());
+        in.mrope_position_ids = position_ids.narrow(0, position_ids.size(0) - 3, 3).to(at::kLong).cpu().contiguous();
+        in.position_ids = in.mrope_position_ids[0].clone();  // replaced by the mRoPE rows in the model's forward
+      } else {
+        in.position_ids = check_1d(position_ids, "position_ids", at::kLong);
+      }
       in.temperature = check_1d(temperature, "temperature", at::kFloat);
       if (in.position_ids.size(0) != nnz || in.temperature.size(0) != nnz)
         fail("position_ids / temperature: expected ", nnz, " values (one per token)");
+      if (!multi_modal.empty() && multi_modal.size() + 1 != in.cu_seqlens.size())
+        fail("multi_modal_inputs: ", multi_modal.size(), " entries for ", in.cu_seqlens.size() - 1, " sequences");
+      for (const auto& m : multi_modal) {
+        in.multi_modal_tensors.emplace_back();
+        for (const auto& [k, t] : m) {
+          if (!t.defined()) fail("multi_modal_inputs: '", k, "' is not a tensor");
+          in.multi_modal_tensors.back()[k] = t.cpu();
+        }
+      }
+      in.row_input_ids = in.input_ids;
       in.total_nnz = nnz;
       in.labels = at::roll(in.input_ids, {-1}, {0});
       if (const Ulysses* u = engine_->ulysses()) {
@@ -260,7 +284,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("comm_name", &PyEngine::comm_name)
       .def_property_readonly("vocab_size", &PyEngine::vocab_size)
       .def("forward_micro", &PyEngine::forward_micro, py::arg("input_ids"), py::arg("cu_seqlens"),
-           py::arg("position_ids"), py::arg("temperature"), py::arg("calculate_entropy") = false)
+           py::arg("position_ids"), py::arg("temperature"), py::arg("calculate_entropy") = false,
+           py::arg("multi_modal") = std::vector<std::map<std::string, at::Tensor>>{})
       .def("zero_grad", &PyEngine::zero_grad)
       .def("to", &PyEngine::to, py::arg("device"), py::arg("model") = true, py::arg("optimizer") = true)
       .def("optimizer_step", &PyEngine::optimizer_step)

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from tensordict import TensorDict
+from tensordict import NonTensorData, TensorDict
 
 from verl.utils import tensordict_utils as tu
 from verl.utils.dataset.dataset_utils import DatasetPadMode
@@ -159,6 +159,45 @@ def _per_token(value, lengths: torch.Tensor, what: str) -> torch.Tensor:
     return torch.full((int(lengths.sum()),), float(value), dtype=torch.float32)
 
 
+def _multi_modal_inputs(micro_batch: TensorDict, input_ids, token_ids) -> list:
+    """verl's per-sample multi_modal_inputs (the batch's non-tensor part; None or {} for a text-only
+    sample) as one dict of tensors per sample, for the C++ engine (which runs the vision tower on
+    them and places the features at the image / video tokens). `mm_token_type_ids` (transformers
+    >= 5.3 processors) only marks the image (1) and video (2) tokens the engine finds by id: it is
+    checked against the ids and not passed on. Returns [] when no sample has any."""
+    raw = micro_batch.get("multi_modal_inputs", None)
+    if raw is None:
+        return []
+    items = [x.data if isinstance(x, NonTensorData) else x for x in raw]
+    if len(items) != input_ids.size(0):
+        raise ValueError(f"verlcpp engine: multi_modal_inputs has {len(items)} entries for {input_ids.size(0)} samples")
+    out, any_media = [], False
+    for i, item in enumerate(items):
+        if item is None:
+            out.append({})
+            continue
+        if not isinstance(item, dict):
+            raise TypeError(f"verlcpp engine: multi_modal_inputs[{i}] is a {type(item).__name__}, expected a dict")
+        d = {}
+        for k, v in item.items():
+            if v is None:
+                continue
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"verlcpp engine: multi_modal_inputs[{i}]['{k}'] is a {type(v).__name__}, expected a tensor")
+            if k == "mm_token_type_ids":
+                ids = input_ids[i]
+                image_id, video_id = token_ids
+                want = (ids == image_id).to(torch.long) + 2 * (ids == video_id).to(torch.long)
+                if v.reshape(-1).numel() != ids.numel() or not torch.equal(v.reshape(-1).to(torch.long).cpu(), want.cpu()):
+                    raise ValueError(f"verlcpp engine: multi_modal_inputs[{i}]['mm_token_type_ids'] does not mark the "
+                                     f"image ({image_id}) and video ({video_id}) tokens of its input_ids")
+                continue
+            d[k] = v
+        any_media |= bool(d)
+        out.append(d)
+    return out if any_media else []
+
+
 class VerlcppEngineCtx(BaseEngineCtx):
     """train_mode / eval_mode: BaseEngineCtx (its offload and reload through engine.to), and in
     training the gradients are zeroed on exit as EngineTrainModeCtx does."""
@@ -183,6 +222,8 @@ class VerlcppEngine(BaseEngine):
         self.checkpoint_config = checkpoint_config
         self.mode = None
         self._cpp = None
+        hf = getattr(model_config, "hf_config", None)
+        self._image_token_ids = (getattr(hf, "image_token_id", None), getattr(hf, "video_token_id", None))
         if not dist.is_initialized():
             raise RuntimeError("verlcpp engine: torch.distributed is not initialised (verl's trainers do this; "
                                "under torchrun call torch.distributed.init_process_group first)")
@@ -308,19 +349,19 @@ class VerlcppEngine(BaseEngine):
         for key in ("calculate_sum_pi_squared", "distillation_use_topk", "distillation_only"):
             if tu.get_non_tensor_data(data=micro_batch, key=key, default=False):
                 raise NotImplementedError(f"verlcpp engine: {key}=True is not implemented yet")
-        if len(micro_batch.get("multi_modal_inputs", [])):
-            raise NotImplementedError("verlcpp engine: multi-modal inputs are not supported yet")
         calculate_entropy = bool(tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False))
         input_ids = micro_batch["input_ids"]
         position_ids = micro_batch["position_ids"]
-        if position_ids.dim() == 3:
-            raise NotImplementedError("verlcpp engine: 3-D (multi-modal rope) position_ids are not supported yet")
         cu_seqlens = input_ids.offsets().to(torch.int64)
         lengths = cu_seqlens.diff()
+        # Vision-language samples: verl's position_ids are [bsz, 4, j] (text row + 3 mRoPE rows),
+        # packed here to [4, nnz] as FSDPEngineWithLMHead.prepare_model_inputs packs them.
+        positions = position_ids.values()
+        multi_modal = _multi_modal_inputs(micro_batch, input_ids, self._image_token_ids)
         temperature = micro_batch["temperature"] if "temperature" in micro_batch.keys() else 1.0
         out = self._cpp.forward_micro(
-            input_ids.values(), cu_seqlens, position_ids.values(), _per_token(temperature, lengths, "temperature"),
-            calculate_entropy and not self.value_model,
+            input_ids.values(), cu_seqlens, positions, _per_token(temperature, lengths, "temperature"),
+            calculate_entropy and not self.value_model, multi_modal,
         )
         nested = lambda t: torch.nested.nested_tensor_from_jagged(t, cu_seqlens)  # noqa: E731
         if self.value_model:

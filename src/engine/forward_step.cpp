@@ -101,9 +101,12 @@ TokenOutputs model_forward(const Transformer& model, ParamProvider& params, cons
     if (!m.is_null() && !(m.is_object() && m.empty()))
       fail(mc.architecture, mc.vision ? ": multi_modal_inputs must hold tensors (pixel_values, image_grid_thw)"
                                       : " is a text-only model, but the batch carries multi_modal_inputs");
-  if (!mc.vision)
+  if (!mc.vision) {
     for (const auto& m : in.multi_modal_tensors)
       if (!m.empty()) fail(mc.architecture, " is a text-only model, but the batch carries multi_modal_inputs");
+    if (in.mrope_position_ids.defined())
+      fail(mc.architecture, " is a text-only model, but the batch carries multimodal (3-row) position_ids");
+  }
   const Ulysses* sp = in.sp_size > 1 ? in.ulysses : nullptr;
   if (in.sp_size > 1 && (!sp || sp->size() != in.sp_size || sp->rank() != in.sp_rank))
     fail("internal: a sequence-parallel micro-batch (sp=", in.sp_size, ") without its group's exchange");
@@ -118,6 +121,13 @@ TokenOutputs model_forward(const Transformer& model, ParamProvider& params, cons
     const int64_t n = in.input_ids.size(0);
     vision = prepare_vision_row(mc, in.row_input_ids, in.cu_seqlens, in.multi_modal_tensors, in.sp_rank * n, n,
                                 in.total_nnz + in.pad_size);
+    if (in.mrope_position_ids.defined()) {
+      const at::Tensor& p = in.mrope_position_ids;
+      if (p.dim() != 2 || p.size(0) != 3 || p.size(1) != in.total_nnz)
+        fail("mRoPE position_ids: expected [3, ", in.total_nnz, "], got ", p.sizes());
+      const at::Tensor pad = at::arange(in.pad_size, at::kLong).expand({3, in.pad_size});
+      vision.position_ids = at::cat({p.to(at::kLong).cpu(), pad}, 1).narrow(1, in.sp_rank * n, n).contiguous();
+    }
     row.position_ids = vision.position_ids;
     row.vision = &vision.inputs;
   }

@@ -32,6 +32,10 @@ struct ModelInputs : PackedRow {
   // image_grid_thw; the batch's tensor_dicts) and the whole row before any padding or slicing.
   std::vector<TensorDict> multi_modal_tensors;
   at::Tensor row_input_ids;
+  // Vision-language models: the caller's mRoPE position ids of the whole row, [3, total_nnz]
+  // (verl's position_ids rows 1..3); undefined: computed from the images as transformers'
+  // get_rope_index does. Padded (0, 1, 2, ... per row) and sliced like the row under sp.
+  at::Tensor mrope_position_ids;
 };
 
 // `temperature`: used when the micro-batch has no per-sample "temperature" tensor.
