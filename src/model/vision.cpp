@@ -219,14 +219,15 @@ at::Tensor VisionTower::forward(ParamProvider& p, const at::Tensor& pixel_values
     fail("vision tower: ", pixel_values.size(0), " rows of pixel_values for image grids of ", n, " patches");
 
   const VisionRootParams r = p.vision_root();
+  const at::Device dev = r.patch.device();  // the pixels come from the host batch
   // Conv3d with stride = kernel over each patch = a linear map of its flattened pixels.
-  at::Tensor h = at::linear(pixel_values.to(dtype_), r.patch.reshape({W, -1}));
+  at::Tensor h = at::linear(pixel_values.to(dev, dtype_), r.patch.reshape({W, -1}));
   // 2-D rotary embedding: (row, column) of each patch.
-  at::Tensor rot = (patch_positions(grids, m).to(at::kFloat).unsqueeze(-1) * inv_freq_).flatten(1);
+  at::Tensor rot = (patch_positions(grids, m).to(dev, at::kFloat).unsqueeze(-1) * inv_freq_.to(dev)).flatten(1);
   if (vc_.qwen2_5) {  // windows: patches reordered window by window (in merge-block units)
     std::vector<int64_t> idx;
     window_index(grids, vc_, &idx, &ctx.window_cu);
-    const at::Tensor wi = at::tensor(idx, at::kLong);
+    const at::Tensor wi = at::tensor(idx, at::kLong).to(dev);
     h = h.reshape({n / unit, unit, W}).index_select(0, wi).reshape({n, W});
     rot = rot.reshape({n / unit, unit, rot.size(1)}).index_select(0, wi).reshape({n, rot.size(1)});
     // The merged outputs go back to image order below.
@@ -253,10 +254,11 @@ at::Tensor VisionTower::forward(ParamProvider& p, const at::Tensor& pixel_values
 at::Tensor VisionTower::embed(ParamProvider& p, const at::Tensor& h, const VisionInputs* in) const {
   if (!in || !in->pixel_values.defined()) {
     const at::Tensor f = forward(p, at::empty({0, vc_.patch_dim()}, h.options()), at::empty({0, 3}, at::kLong));
-    return h.index_put({at::empty({0}, at::kLong)}, f.to(h.scalar_type()));  // keeps the tower in the graph
+    return h.index_put({at::empty({0}, h.options().dtype(at::kLong))}, f.to(h.scalar_type()));  // keeps the tower in the graph
   }
   const at::Tensor f = forward(p, in->pixel_values, in->grid_thw);
-  return h.index_put({in->token_index}, f.index_select(0, in->feature_index).to(h.scalar_type()));
+  return h.index_put({in->token_index.to(h.device())},
+                     f.index_select(0, in->feature_index.to(f.device())).to(h.scalar_type()));
 }
 
 void mrope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& position_ids, const std::vector<int>& section,
