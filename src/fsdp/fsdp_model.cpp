@@ -124,6 +124,44 @@ struct CheckpointFn : public torch::autograd::Function<CheckpointFn> {
   }
 };
 
+// The same for a block of the vision tower: forward keeps the block's input, backward gathers
+// its unit, recomputes the block with grad and back-propagates through it.
+struct VisionCheckpointFn : public torch::autograd::Function<VisionCheckpointFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t provider, int64_t block, int64_t tower,
+                            const at::Tensor& anchor, const at::Tensor& cos, const at::Tensor& sin,
+                            std::vector<int64_t> full_cu, std::vector<int64_t> window_cu) {
+    auto* fm = reinterpret_cast<FsdpModel*>(provider);
+    ctx->save_for_backward({x, cos, sin, anchor});
+    ctx->saved_data["provider"] = provider;
+    ctx->saved_data["block"] = block;
+    ctx->saved_data["tower"] = tower;
+    ctx->saved_data["full_cu"] = full_cu;
+    ctx->saved_data["window_cu"] = window_cu;
+    const VisionContext vc{cos, sin, std::move(full_cu), std::move(window_cu)};
+    const int i = static_cast<int>(block);
+    return reinterpret_cast<const VisionTower*>(tower)->block_forward(fm->vision_block_params_of(i, nullptr), i, x, vc);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    auto* fm = reinterpret_cast<FsdpModel*>(ctx->saved_data["provider"].toInt());
+    const int i = static_cast<int>(ctx->saved_data["block"].toInt());
+    const auto* tower = reinterpret_cast<const VisionTower*>(ctx->saved_data["tower"].toInt());
+    auto saved = ctx->get_saved_variables();
+    const VisionContext vc{saved[1], saved[2], ctx->saved_data["full_cu"].toIntVector(),
+                           ctx->saved_data["window_cu"].toIntVector()};
+    fm->vision_block_unit(i)->unshard();
+    at::Tensor x = saved[0].detach().requires_grad_(true);
+    at::Tensor out;
+    {
+      at::AutoGradMode on(true);
+      out = tower->block_forward(fm->vision_block_params_of(i, &saved[3]), i, x, vc);
+    }
+    torch::autograd::backward({out}, {g[0]});
+    variable_list r(9);
+    r[0] = x.grad();
+    return r;
+  }
+};
+
 // The constant input of every UnshardFn: requires grad, so autograd records the functions.
 const at::Tensor& anchor() {
   static const at::Tensor a = at::empty({0}, at::kFloat).requires_grad_(true);  // never read: any device
@@ -251,6 +289,11 @@ DecoderLayer FsdpModel::layer_params_of(int i, const at::Tensor* anchor) {
   return l;
 }
 
+VisionBlock FsdpModel::vision_block_params_of(int i, const at::Tensor* anchor) {
+  FlatUnit* u = vision_block_unit(i);
+  return vision_block_params(anchor ? unshard_slots(u, *anchor) : slot_views(u->params(), u->full()));
+}
+
 FsdpModel::~FsdpModel() = default;
 
 std::vector<FlatUnit*> FsdpModel::units() {
@@ -334,13 +377,18 @@ VisionRootParams FsdpModel::vision_root() {
 }
 
 at::Tensor FsdpModel::run_vision_block(const VisionTower& tower, int i, const at::Tensor& h, const VisionContext& ctx) {
-  FlatUnit* u = vision_.at(i + 1).get();
+  FlatUnit* u = vision_block_unit(i);
   const bool grad = vision_grad();
   u->unshard();
-  at::Tensor out = tower.block_forward(vision_block_params(grad ? unshard_slots(u, anchor()) : slot_views(u->params(), u->full())),
-                                       i, h, ctx);
-  if (grad) out = PreBackwardFn::apply(out, reinterpret_cast<int64_t>(u));
-  if (!grad || opt_.reshard_after_forward) u->reshard();
+  at::Tensor out;
+  if (grad && opt_.gradient_checkpointing) {  // as the decoder layers: recomputed in backward
+    out = VisionCheckpointFn::apply(h, reinterpret_cast<int64_t>(this), i, reinterpret_cast<int64_t>(&tower), anchor(),
+                                    ctx.cos, ctx.sin, ctx.full_cu, ctx.window_cu);
+  } else {
+    out = tower.block_forward(vision_block_params_of(i, grad ? &anchor() : nullptr), i, h, ctx);
+    if (grad) out = PreBackwardFn::apply(out, reinterpret_cast<int64_t>(u));
+  }
+  if (!grad || opt_.reshard_after_forward || opt_.gradient_checkpointing) u->reshard();
   return out;
 }
 

@@ -21,6 +21,7 @@
 namespace verl {
 
 class Comm;
+struct VisionBlock;
 
 struct FsdpOptions {
   at::ScalarType compute_dtype = at::kFloat;  // bf16: mixed precision (fp32 master + fp32 grad reduction)
@@ -90,6 +91,9 @@ class FsdpModel : public ParamProvider {
   void unshard_layer(int i);
   void reshard_layer(int i);
   DecoderLayer layer_params_of(int i, const at::Tensor* anchor);
+  // The same for block i of the vision tower (its unit must be gathered).
+  VisionBlock vision_block_params_of(int i, const at::Tensor* anchor);
+  FlatUnit* vision_block_unit(int i) { return vision_.at(i + 1).get(); }
 
   void zero_grad();
   // Every parameter as a full fp32 tensor, one at a time, in HF names (a collective).
