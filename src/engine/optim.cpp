@@ -43,8 +43,13 @@ void AdamW::step() {
     ParamState& st = state_[i];
     if (!st.step.defined()) {
       st.step = at::scalar_tensor(0.0, at::TensorOptions().dtype(at::kFloat));
-      st.exp_avg = at::zeros_like(param, at::MemoryFormat::Preserve);
-      st.exp_avg_sq = at::zeros_like(param, at::MemoryFormat::Preserve);
+      if (param.is_contiguous()) {  // outside malloc's heap on the host (fsdp/buffer_pool.h)
+        st.exp_avg = long_lived_zeros(param.sizes(), param.scalar_type(), param.device());
+        st.exp_avg_sq = long_lived_zeros(param.sizes(), param.scalar_type(), param.device());
+      } else {
+        st.exp_avg = at::zeros_like(param, at::MemoryFormat::Preserve);
+        st.exp_avg_sq = at::zeros_like(param, at::MemoryFormat::Preserve);
+      }
     }
     st.step.add_(1);
     if (wd != 0) param.mul_(1 - lr * wd);
@@ -55,7 +60,7 @@ void AdamW::step() {
     const double bias_correction2 = 1 - std::pow(beta2, step);
     const double step_size = lr / bias_correction1;
     const double bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
-    at::Tensor denom = (st.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps);
+    at::Tensor denom = st.exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps);  // one temporary
     param.addcdiv_(st.exp_avg, denom, -step_size);
   }
 }

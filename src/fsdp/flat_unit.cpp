@@ -24,8 +24,8 @@ FlatUnit::FlatUnit(std::string name, const std::vector<WeightSpec>& specs, Comm*
   shard_ = (numel_ + n - 1) / n;
   padded_ = shard_ * n;
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device_);
-  shard_t_ = at::zeros({shard_}, f32);
-  grad_t_ = at::zeros({shard_}, f32);
+  shard_t_ = long_lived_zeros({shard_}, at::kFloat, device_);
+  grad_t_ = long_lived_zeros({shard_}, at::kFloat, device_);
   full_ = at::empty({padded_}, f32.dtype(dtype_));
   reshard();
 }
@@ -78,19 +78,47 @@ void FlatUnit::to(c10::Device d) {
   reshard();
 }
 
-void FlatUnit::reduce_grad(const at::Tensor& full_grad) {
-  if (!full_grad.defined()) return;
-  at::Tensor g = full_grad.reshape({-1}).to(at::kFloat);
-  if (g.numel() != padded_) {
-    if (g.numel() != numel_) fail("fsdp unit ", name_, ": gradient of ", g.numel(), " elements, expected ", numel_);
-    g = at::constant_pad_nd(g, {0, padded_ - numel_});
+void FlatUnit::reduce_grad(std::vector<at::Tensor>& grads, const std::vector<int64_t>& offsets) {
+  if (grads.size() != offsets.size()) fail("fsdp unit ", name_, ": ", grads.size(), " gradients for ", offsets.size(), " slots");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (!grads[i].defined()) continue;
+    if (offsets[i] < 0 || offsets[i] + grads[i].numel() > numel_)
+      fail("fsdp unit ", name_, ": a gradient of ", grads[i].numel(), " elements at ", offsets[i], " overruns ", numel_);
+    grads[i] = grads[i].reshape({-1});  // a view (a copy only if not contiguous), read chunk by chunk
   }
-  g = g.to(device_).contiguous();
-  at::Tensor out = pool_tensor(shard_, at::kFloat, device_);
-  reduce_scatter_into(*comm_, g, out, ReduceOp::Avg);
-  if (replicate_) all_reduce_(*replicate_, out, ReduceOp::Avg);
-  if (grad_scale_ != 1.0) out.mul_(grad_scale_);
-  grad_t_.add_(out);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device_);
+  // [begin, begin + len) of the flat (padded) gradient into dst (zero where no gradient).
+  auto fill = [&](int64_t begin, int64_t len, at::Tensor dst) {
+    dst.zero_();
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (!grads[i].defined()) continue;
+      const int64_t off = offsets[i], lo = std::max(begin, off), hi = std::min(begin + len, off + grads[i].numel());
+      if (lo < hi) dst.narrow(0, lo - begin, hi - lo).copy_(grads[i].narrow(0, lo - off, hi - lo));
+    }
+  };
+  auto reduce = [&](const at::Tensor& in, at::Tensor out, int64_t at_) {
+    reduce_scatter_into(*comm_, in, out, ReduceOp::Avg);
+    if (replicate_) all_reduce_(*replicate_, out, ReduceOp::Avg);
+    if (grad_scale_ != 1.0) out.mul_(grad_scale_);
+    grad_t_.narrow(0, at_, out.numel()).add_(out);
+  };
+  if (!device_.is_cpu()) {  // one flat buffer: the device's caching allocator pools it
+    at::Tensor flat = at::empty({padded_}, f32);
+    fill(0, padded_, flat);
+    grads.clear();
+    reduce(flat, at::empty({shard_}, f32), 0);
+    return;
+  }
+  const int64_t n = comm_->size(), chunk = std::min<int64_t>(shard_, int64_t(1) << 20);
+  at::Tensor in = pool_tensor(n * chunk, at::kFloat), out = pool_tensor(chunk, at::kFloat);
+  for (int64_t c = 0; c < shard_; c += chunk) {
+    const int64_t len = std::min(chunk, shard_ - c);
+    at::Tensor src = in.narrow(0, 0, n * len);
+    for (int64_t r = 0; r < n; ++r) fill(r * shard_ + c, len, src.narrow(0, r * len, len));
+    reduce(src, out.narrow(0, 0, len), c);
+  }
+  grads.clear();
+  pool_give_tensor(std::move(in));
   pool_give_tensor(std::move(out));
 }
 

@@ -6,7 +6,7 @@
 // precision does) into the full buffer, whose storage is freed again by reshard() — the
 // parameter views handed to the model keep pointing at the same storage object, so tensors
 // that autograd saved during forward see the data again once backward re-gathers it.
-// reduce_grad() reduce-scatters a full fp32 gradient (mean over the shard group, then over
+// reduce_grad() reduce-scatters the full gradient (mean over the shard group, then over
 // replica groups for hybrid sharding) and accumulates this rank's slice.
 // Every buffer lives on the unit's device (the CPU, or a CUDA device: shards, gradients and
 // the gathered parameters on the GPU, collectives through fsdp/tensor_comm.h).
@@ -55,9 +55,13 @@ class FlatUnit {
   // The full flat buffer [padded] (valid while unsharded); param_view() cuts parameters out.
   const at::Tensor& full() const { return full_; }
 
-  // Accumulates this rank's slice of the mean (over every data-parallel rank) of a full
-  // flat gradient [padded or unpadded], any floating dtype.
-  void reduce_grad(const at::Tensor& full_grad);
+  // Accumulates this rank's slice of the mean (over every data-parallel rank) of the unit's
+  // full gradient, given per parameter (`grads[i]` at flat offset `offsets[i]`; undefined: zero;
+  // any floating dtype); releases `grads`. On the host the flat gradient is never built: the
+  // reduce-scatter runs chunk by chunk over [ranks × chunk] gathered from the parameters'
+  // gradients (the same sums, element by element), so a unit's backward holds ~12 MiB
+  // instead of the full fp32 flat gradient and its reduced copy.
+  void reduce_grad(std::vector<at::Tensor>& grads, const std::vector<int64_t>& offsets);
   // A factor on every reduced gradient (expert parallelism: 1 / ep, since an expert unit's
   // shard group holds W / ep ranks but its gradient sums the tokens of all W).
   void set_grad_scale(double s) { grad_scale_ = s; }

@@ -52,13 +52,7 @@ struct UnshardFn : public torch::autograd::Function<UnshardFn> {
   static variable_list backward(AutogradContext* ctx, variable_list g) {
     FlatUnit* u = unit_of(ctx);
     const std::vector<int64_t> offsets = ctx->saved_data["offsets"].toIntVector();
-    at::Tensor flat = pool_tensor(u->padded_numel(), at::kFloat);
-    flat.zero_();
-    for (size_t i = 0; i < g.size(); ++i)
-      if (g[i].defined()) flat.narrow(0, offsets[i], g[i].numel()).view(g[i].sizes()).copy_(g[i]);
-    g.clear();
-    u->reduce_grad(flat);
-    pool_give_tensor(std::move(flat));
+    u->reduce_grad(g, offsets);  // releases g
     u->reshard();
     return {at::Tensor(), at::Tensor()};
   }

@@ -25,7 +25,8 @@ using torch::autograd::variable_list;
 
 namespace {
 
-constexpr int64_t kLogitBytes = int64_t(32) << 20;  // fp32 logits per forward chunk / backward block
+constexpr int64_t kLogitBytes = int64_t(32) << 20;      // fp32 logits per forward chunk
+constexpr int64_t kBlockBytes = int64_t(8) << 20;       // fp32 logits per backward block (z, p, dz live together)
 constexpr int64_t kMaxGroupRows = 8192;              // backward rows per group
 
 int64_t rows_per_chunk(int64_t vocab, int64_t want) {
@@ -135,7 +136,7 @@ struct ChunkedHeadFn : public torch::autograd::Function<ChunkedHeadFn> {
         g.ge = ge.narrow(0, r0, r);
         g.ez = ez.narrow(0, r0, r).unsqueeze(1);
       }
-      const int64_t Vb = blocks[2] > 0 ? blocks[2] : std::clamp<int64_t>(kLogitBytes / 4 / r, 64, V);
+      const int64_t Vb = blocks[2] > 0 ? blocks[2] : std::clamp<int64_t>(kBlockBytes / 4 / r, 64, V);
       at::Tensor dh_acc = at::zeros({r, H}, h.options().dtype(at::kFloat));
       for (int64_t v0 = 0; v0 < V; v0 += Vb) {
         const int64_t vb = std::min(Vb, V - v0);
