@@ -43,13 +43,8 @@ void AdamW::step() {
     ParamState& st = state_[i];
     if (!st.step.defined()) {
       st.step = at::scalar_tensor(0.0, at::TensorOptions().dtype(at::kFloat));
-      if (param.is_contiguous()) {  // outside malloc's heap on the host (fsdp/buffer_pool.h)
-        st.exp_avg = long_lived_zeros(param.sizes(), param.scalar_type(), param.device());
-        st.exp_avg_sq = long_lived_zeros(param.sizes(), param.scalar_type(), param.device());
-      } else {
-        st.exp_avg = at::zeros_like(param, at::MemoryFormat::Preserve);
-        st.exp_avg_sq = at::zeros_like(param, at::MemoryFormat::Preserve);
-      }
+      st.exp_avg = at::zeros_like(param, at::MemoryFormat::Preserve);
+      st.exp_avg_sq = at::zeros_like(param, at::MemoryFormat::Preserve);
     }
     st.step.add_(1);
     if (wd != 0) param.mul_(1 - lr * wd);

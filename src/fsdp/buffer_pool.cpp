@@ -3,17 +3,10 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
-#include <c10/util/accumulate.h>
-#include <sys/mman.h>
-
-#include <cerrno>
-#include <cstring>
 
 #include <map>
 #include <mutex>
 #include <vector>
-
-#include "core/error.h"
 
 namespace verl {
 
@@ -71,15 +64,6 @@ void pool_give_tensor(at::Tensor t) {
   const size_t nbytes = st.nbytes();
   pool_give(st.set_data_ptr(c10::GetCPUAllocator()->allocate(0)), nbytes);
   st.set_nbytes(0);
-}
-
-at::Tensor long_lived_zeros(at::IntArrayRef sizes, at::ScalarType dtype, c10::Device device) {
-  const auto opts = at::TensorOptions().dtype(dtype).device(device);
-  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
-  if (!device.is_cpu() || nbytes < kMinBytes) return at::zeros(sizes, opts);
-  void* p = ::mmap(nullptr, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);  // zero pages
-  if (p == MAP_FAILED) fail("out of memory: cannot map ", nbytes >> 20, " MiB for the engine's state (", std::strerror(errno), ")");
-  return at::from_blob(p, sizes, [nbytes](void* q) { ::munmap(q, nbytes); }, opts);
 }
 
 at::Tensor offload_copy(const at::Tensor& t, c10::Device device) {

@@ -26,14 +26,6 @@ void pool_give(c10::DataPtr p, size_t nbytes);
 at::Tensor pool_tensor(int64_t numel, at::ScalarType dtype, c10::Device device = c10::Device(c10::kCPU));
 void pool_give_tensor(at::Tensor t);
 
-// A zero-filled contiguous tensor for state that lives as long as the engine (master and
-// gradient shards, AdamW moments). On the host, each block of 1 MiB or more gets its own
-// anonymous mapping, outside malloc's heap: long-lived blocks interleaved with the activations'
-// short-lived ones pin the heap, so memory freed after every micro-batch stayed resident
-// (measured inside verl's sft_trainer: 270-370 MiB per rank of ~100M-parameter bf16 training).
-// Allocated once, so the page faults are paid once. Elsewhere: at::zeros.
-at::Tensor long_lived_zeros(at::IntArrayRef sizes, at::ScalarType dtype, c10::Device device = c10::Device(c10::kCPU));
-
 // `t` on `device`; a device tensor coming to the host lands in pinned (page-locked) memory, so
 // that moving it back (offload / reload around a rollout) is one fast DMA copy.
 at::Tensor offload_copy(const at::Tensor& t, c10::Device device);

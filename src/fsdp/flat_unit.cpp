@@ -24,8 +24,8 @@ FlatUnit::FlatUnit(std::string name, const std::vector<WeightSpec>& specs, Comm*
   shard_ = (numel_ + n - 1) / n;
   padded_ = shard_ * n;
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device_);
-  shard_t_ = long_lived_zeros({shard_}, at::kFloat, device_);
-  grad_t_ = long_lived_zeros({shard_}, at::kFloat, device_);
+  shard_t_ = at::zeros({shard_}, f32);
+  grad_t_ = at::zeros({shard_}, f32);
   full_ = at::empty({padded_}, f32.dtype(dtype_));
   reshard();
 }
