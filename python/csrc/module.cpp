@@ -16,6 +16,7 @@
 #include "engine/engine_config.h"
 #include "engine/forward_step.h"
 #include "engine/fsdp_engine.h"
+#include "fsdp/buffer_pool.h"
 #include "fsdp/ulysses.h"
 #include "model/weights.h"
 
@@ -117,6 +118,7 @@ class PyEngine {
       // all-reduce, ~250 ms for one 28 MB unit gradient over 2 ranks (see dist/shm_comm.h).
       // A CUDA engine's tensors go over the group's NCCL backend as they are.
       const bool host = cfg.device == "cpu";
+      if (host) install_host_block_cache();
       auto comm = [&](const std::string& name) {
         std::unique_ptr<Comm> c = make_c10d_comm(name, timeout_s);
         return host ? make_shm_comm(std::move(c), timeout_s) : std::move(c);

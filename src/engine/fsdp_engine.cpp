@@ -79,6 +79,7 @@ FsdpEngine::FsdpEngine(const EngineConfig& cfg, Comm& world, UlyssesGroups group
       names.push_back(u->name());
     }
     opt_ = std::make_unique<AdamW>(params, cfg.adamw, names);
+    opt_->reserve_state();
     sched_ = std::make_unique<LrScheduler>(cfg.adamw.lr, cfg.lr_schedule);
     opt_->set_lr(sched_->lr());
   }

@@ -32,6 +32,15 @@ AdamW::AdamW(std::vector<at::Tensor> params, AdamWOptions o, std::vector<std::st
   state_.resize(params_.size());
 }
 
+void AdamW::reserve_state() {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    ParamState& st = state_[i];
+    if (st.exp_avg.defined()) continue;
+    st.exp_avg = at::zeros_like(params_[i], at::MemoryFormat::Preserve);
+    st.exp_avg_sq = at::zeros_like(params_[i], at::MemoryFormat::Preserve);
+  }
+}
+
 void AdamW::step() {
   c10::NoGradGuard no_grad;
   const double lr = o_.lr, beta1 = o_.beta1, beta2 = o_.beta2, eps = o_.eps, wd = o_.weight_decay;
@@ -43,8 +52,10 @@ void AdamW::step() {
     ParamState& st = state_[i];
     if (!st.step.defined()) {
       st.step = at::scalar_tensor(0.0, at::TensorOptions().dtype(at::kFloat));
-      st.exp_avg = at::zeros_like(param, at::MemoryFormat::Preserve);
-      st.exp_avg_sq = at::zeros_like(param, at::MemoryFormat::Preserve);
+      if (!st.exp_avg.defined()) {  // else reserved by reserve_state(), still zero
+        st.exp_avg = at::zeros_like(param, at::MemoryFormat::Preserve);
+        st.exp_avg_sq = at::zeros_like(param, at::MemoryFormat::Preserve);
+      }
     }
     st.step.add_(1);
     if (wd != 0) param.mul_(1 - lr * wd);
@@ -98,7 +109,13 @@ void AdamW::load_state_dict(const std::map<std::string, at::Tensor>& sd) {
     const std::string keys[3] = {names_[i] + ".exp_avg", names_[i] + ".exp_avg_sq", names_[i] + ".step"};
     int found = 0;
     for (const auto& k : keys) found += sd.count(k) ? 1 : 0;
-    if (found == 0) continue;
+    if (found == 0) {  // no state: keeps the reserved moments (reserve_state), zeroed
+      if (state_[i].exp_avg.defined()) {
+        fresh[i].exp_avg = state_[i].exp_avg;
+        fresh[i].exp_avg_sq = state_[i].exp_avg_sq;
+      }
+      continue;
+    }
     for (const auto& k : keys)
       if (!sd.count(k)) fail("AdamW state: '", k, "' is missing (the parameter's other state is present)");
     const at::Tensor& p = params_[i];
@@ -117,6 +134,11 @@ void AdamW::load_state_dict(const std::map<std::string, at::Tensor>& sd) {
   }
   for (const auto& [k, v] : sd)
     if (!used.count(k)) fail("AdamW state: unexpected key '", k, "' (no parameter of that name)");
+  for (ParamState& st : fresh)
+    if (!st.step.defined() && st.exp_avg.defined()) {
+      st.exp_avg.zero_();
+      st.exp_avg_sq.zero_();
+    }
   state_ = std::move(fresh);
 }
 

@@ -36,6 +36,11 @@ class AdamW {
   // `names`: state_dict keys (default "0", "1", …); must be unique.
   explicit AdamW(std::vector<at::Tensor> params, AdamWOptions o = {}, std::vector<std::string> names = {});
 
+  // Allocates the zero moments of every parameter now (not at its first step), so that this
+  // long-lived state sits with the parameters and not among the first step's transient buffers
+  // (glibc's heap cannot give such holes back: ~300 MiB per rank of the bf16 verl benchmark).
+  // A parameter still has no state (state_dict) until its first step.
+  void reserve_state();
   // torch.optim.AdamW.step(): a parameter without a gradient is skipped (and gets no state).
   void step();
   // torch.optim.Optimizer.zero_grad(set_to_none): drop (or zero) every parameter's gradient.

@@ -26,6 +26,19 @@ void pool_give(c10::DataPtr p, size_t nbytes);
 at::Tensor pool_tensor(int64_t numel, at::ScalarType dtype, c10::Device device = c10::Device(c10::kCPU));
 void pool_give_tensor(at::Tensor t);
 
+// Process-wide host memory for large tensors, for an engine that runs inside a Python process
+// (verl's trainers), where glibc's defaults apply: blocks of >= 1 MiB, of whatever size, are
+// served from their own anonymous mappings, rounded up to one of 8 size classes per power of two
+// (untouched pages cost nothing), and a freed block is kept for reuse by its class (no page
+// faults on the next micro-batch's activations) up to an eighth of the bytes in use in blocks
+// (at least 64 MiB) idle in all, the least recently freed given back to the kernel first. glibc's heap instead splits and
+// coalesces these blocks among the long-lived ones and cannot return its holes: in the bf16
+// verl benchmark ~300 MiB per rank sat free but resident at the peak. Installs itself as torch's
+// CPU allocator once (later calls do nothing); tensors allocated before keep their own deleters.
+// With it installed, the pool above keeps nothing (the cache does). VERLCPP_HOST_CACHE_MIB sets
+// a fixed cap instead (0: no caching, every block mapped and unmapped).
+void install_host_block_cache();
+
 // `t` on `device`; a device tensor coming to the host lands in pinned (page-locked) memory, so
 // that moving it back (offload / reload around a rollout) is one fast DMA copy.
 at::Tensor offload_copy(const at::Tensor& t, c10::Device device);
