@@ -16,6 +16,7 @@
 #include <map>
 #include <unordered_map>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "core/error.h"
@@ -173,11 +174,13 @@ void install_host_block_cache() {
   static std::once_flag once;
   std::call_once(once, [] {
     size_t cap = SIZE_MAX;
-    if (const char* s = std::getenv("VERLCPP_HOST_CACHE_MIB")) {
+    const char* env = std::getenv("VERLCPP_HOST_CACHE_MIB");
+    if (env && std::string(env) == "off") return;  // glibc's malloc, as without the engine
+    if (const char* s = env) {
       char* end = nullptr;
       const long long v = std::strtoll(s, &end, 10);
       if (!end || end == s || *end || v < 0 || v > (1LL << 30))
-        fail("VERLCPP_HOST_CACHE_MIB='", s, "': expected a whole number of MiB >= 0");
+        fail("VERLCPP_HOST_CACHE_MIB='", s, "': expected a whole number of MiB >= 0, or off");
       cap = static_cast<size_t>(v) << 20;
     }
     // Never destroyed: tensors freed during static destruction still come back to it.

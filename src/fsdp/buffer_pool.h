@@ -36,7 +36,7 @@ void pool_give_tensor(at::Tensor t);
 // verl benchmark ~300 MiB per rank sat free but resident at the peak. Installs itself as torch's
 // CPU allocator once (later calls do nothing); tensors allocated before keep their own deleters.
 // With it installed, the pool above keeps nothing (the cache does). VERLCPP_HOST_CACHE_MIB sets
-// a fixed cap instead (0: no caching, every block mapped and unmapped).
+// a fixed cap instead (0: no caching, every block mapped and unmapped; off: not installed).
 void install_host_block_cache();
 
 // `t` on `device`; a device tensor coming to the host lands in pinned (page-locked) memory, so

@@ -1,8 +1,8 @@
 // test_host_cache.cpp — install_host_block_cache (src/fsdp/buffer_pool.*), the CPU allocator the
 // Python engine installs in verl's process: torch tensors of every size keep their values, a
 // freed block is reused by the next request of its size class, oneDNN's raw buffers (bf16
-// matmuls) go through it, the pool keeps nothing behind it, a forked child can allocate, and a
-// bad VERLCPP_HOST_CACHE_MIB is refused. Each GoogleTest case runs in its own process (one CTest
+// matmuls) go through it, the pool keeps nothing behind it, a forked child can allocate, a
+// bad VERLCPP_HOST_CACHE_MIB is refused and `off` leaves torch's allocator. Each GoogleTest case runs in its own process (one CTest
 // test per case), so installing the allocator here does not leak into other tests.
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
@@ -109,6 +109,15 @@ TEST(HostBlockCache, BadCapIsRefused) {
   at::Tensor t = at::arange(3000000, at::TensorOptions().dtype(at::kDouble));
   EXPECT_EQ(t.sum().item<double>(), arange_sum(3000000));
   ::unsetenv("VERLCPP_HOST_CACHE_MIB");
+}
+
+TEST(HostBlockCache, OffLeavesTorchsAllocator) {
+  c10::Allocator* before = c10::GetCPUAllocator();
+  ::setenv("VERLCPP_HOST_CACHE_MIB", "off", 1);
+  install_host_block_cache();
+  ::unsetenv("VERLCPP_HOST_CACHE_MIB");
+  install_host_block_cache();  // decided once per process
+  EXPECT_EQ(c10::GetCPUAllocator(), before);
 }
 
 }  // namespace
