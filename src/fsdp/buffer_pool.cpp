@@ -166,7 +166,9 @@ std::atomic<HostBlockCache*> g_cache{nullptr};
 
 void HostBlockCache::free_ptr(void* p) { g_cache.load()->give(p); }
 
-bool host_block_cache_installed() { return g_cache.load() != nullptr; }
+std::atomic<bool> g_installed{false};
+
+bool host_block_cache_installed() { return g_installed.load(); }
 
 }  // namespace
 
@@ -190,6 +192,8 @@ void install_host_block_cache() {
                      [] { g_cache.load()->unlock(); });
     g_cache.store(c);
     c10::SetCPUAllocator(c, /*priority=*/1);
+    // Not when an allocator of higher priority was set before (then the pool stays in use).
+    g_installed.store(c10::GetCPUAllocator() == c);
   });
 }
 
