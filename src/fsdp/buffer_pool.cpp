@@ -187,10 +187,10 @@ void install_host_block_cache() {
     }
     // Never destroyed: tensors freed during static destruction still come back to it.
     auto* c = new HostBlockCache(c10::GetCPUAllocator(), cap);
+    g_cache.store(c);
     // A fork (a data-loader worker) must not copy the lock while another thread holds it.
     ::pthread_atfork([] { g_cache.load()->lock(); }, [] { g_cache.load()->unlock(); },
                      [] { g_cache.load()->unlock(); });
-    g_cache.store(c);
     c10::SetCPUAllocator(c, /*priority=*/1);
     // Not when an allocator of higher priority was set before (then the pool stays in use).
     g_installed.store(c10::GetCPUAllocator() == c);
