@@ -77,6 +77,20 @@ std::vector<SlotView> unshard_slots(FlatUnit* u, const at::Tensor& anchor) {
   return slots;
 }
 
+// The backward of a recomputed block: `forward` runs again with grad on a fresh leaf of the saved
+// input, `g` is back-propagated through it; returns the input's gradient.
+template <class F>
+at::Tensor recompute_backward(const at::Tensor& saved_x, const at::Tensor& g, F&& forward) {
+  at::Tensor x = saved_x.detach().requires_grad_(true);
+  at::Tensor out;
+  {
+    at::AutoGradMode on(true);
+    out = forward(x);
+  }
+  torch::autograd::backward({out}, {g});
+  return x.grad();
+}
+
 // A layer whose forward keeps nothing but its input; backward gathers the layer's units,
 // recomputes the layer with grad and back-propagates through it (reentrant checkpointing).
 struct CheckpointFn : public torch::autograd::Function<CheckpointFn> {
@@ -105,15 +119,10 @@ struct CheckpointFn : public torch::autograd::Function<CheckpointFn> {
                           reinterpret_cast<const SeqParallelAttention*>(ctx->saved_data["sp"].toInt()),
                           reinterpret_cast<MoeAux*>(ctx->saved_data["moe"].toInt())};
     fm->unshard_layer(layer);
-    at::Tensor x = saved[0].detach().requires_grad_(true);
-    at::Tensor out;
-    {
-      at::AutoGradMode on(true);
-      out = model->layer_forward(fm->layer_params_of(layer, &saved[3]), x, lc);
-    }
-    torch::autograd::backward({out}, {g[0]});
     variable_list r(10);
-    r[0] = x.grad();
+    r[0] = recompute_backward(saved[0], g[0], [&](const at::Tensor& x) {
+      return model->layer_forward(fm->layer_params_of(layer, &saved[3]), x, lc);
+    });
     return r;
   }
 };
@@ -143,15 +152,10 @@ struct VisionCheckpointFn : public torch::autograd::Function<VisionCheckpointFn>
     const VisionContext vc{saved[1], saved[2], ctx->saved_data["full_cu"].toIntVector(),
                            ctx->saved_data["window_cu"].toIntVector()};
     fm->vision_block_unit(i)->unshard();
-    at::Tensor x = saved[0].detach().requires_grad_(true);
-    at::Tensor out;
-    {
-      at::AutoGradMode on(true);
-      out = tower->block_forward(fm->vision_block_params_of(i, &saved[3]), i, x, vc);
-    }
-    torch::autograd::backward({out}, {g[0]});
     variable_list r(9);
-    r[0] = x.grad();
+    r[0] = recompute_backward(saved[0], g[0], [&](const at::Tensor& x) {
+      return tower->block_forward(fm->vision_block_params_of(i, &saved[3]), i, x, vc);
+    });
     return r;
   }
 };
