@@ -17,16 +17,10 @@ FAMILY=$1
 OUT=$2
 shift 2
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-VENV=${VERLCPP_VENV:-/opt/verlcpp/venv}
-PY=$VENV/bin/python
+NO_TEXT_FIXTURE=1 source "$HERE/common.sh"
 ORACLE=$ROOT/tests/oracle/vlm_train_ref.py
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-FIX=$OUT/fixture
-export VERL_PLATFORM=cpu VERL_USE_EXTERNAL_MODULES=verlcpp TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export PYTHONPATH=${VERLCPP_PYTHONPATH:-$ROOT/${BUILD_DIR:-build}/python}${PYTHONPATH:+:$PYTHONPATH}
+FIX=$OUT/fixture  # the VLM fixture, made below
+export HF_HUB_OFFLINE=1
 run() {  # $1 log name, rest: command; shows the log's tail on failure
   local name=$1
   shift
